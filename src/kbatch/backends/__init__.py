@@ -1,0 +1,5 @@
+"""Where jobs run: one small interface, a local and a Kubernetes implementation."""
+
+from kbatch.backends.base import Backend
+
+__all__ = ["Backend"]

@@ -1,0 +1,52 @@
+"""The interface every backend implements.
+
+The server authenticates and authorizes; a backend only runs jobs.  Methods
+take the owning user explicitly and never check permissions themselves.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Collection
+
+from kbatch.models import Job, JobSpec, JobState
+
+__all__ = ["Backend"]
+
+
+class Backend(abc.ABC):
+    """Runs jobs.  Chosen by the server's configuration (``backend = "local"``)."""
+
+    name: str = "base"
+
+    async def start(self) -> None:
+        """Open resources and recover state after a restart."""
+
+    async def stop(self) -> None:
+        """Release resources.  Running jobs keep running."""
+
+    @abc.abstractmethod
+    async def validate(self, user: str, spec: JobSpec) -> None:
+        """Raise :class:`kbatch.errors.SpecError` if this backend cannot run ``spec``."""
+
+    @abc.abstractmethod
+    async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
+        """Create the job; the same ``(user, idempotency_key)`` returns the same job."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> Job:
+        """The job, or :class:`kbatch.errors.NotFound`."""
+
+    @abc.abstractmethod
+    async def list(
+        self, *, user: str | None, states: Collection[JobState] | None = None
+    ) -> list[Job]:
+        """Jobs of ``user`` (everyone's with ``None``), oldest first."""
+
+    @abc.abstractmethod
+    async def cancel(self, job_id: str) -> Job:
+        """Stop the job (SIGTERM, then SIGKILL after a grace period); it stays visible."""
+
+    @abc.abstractmethod
+    def logs(self, job_id: str, *, follow: bool, stream: str = "output") -> AsyncIterator[bytes]:
+        """The job's output; with ``follow``, until the job has ended."""

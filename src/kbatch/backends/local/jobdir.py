@@ -1,0 +1,114 @@
+"""The files a job's supervisor and the server share, in ``<state>/jobs/<id>/``.
+
+The server writes ``launch.json`` and the script, and holds ``lock`` open
+across the spawn; the supervisor keeps the lock for its whole life, writes
+``started.json`` once the job runs and ``result.json`` when it ends.  The
+server asks for cancellation by creating ``cancel``.  Because the result is a
+file written by the supervisor, a job's true end is known even when the server
+was down at the time; because the lock is an ``flock``, the server can tell a
+live supervisor from a dead one without trusting process ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from kbatch.models import JobState
+
+__all__ = ["JobDir", "LaunchSpec", "Result", "Started"]
+
+T = TypeVar("T")
+
+
+class LaunchSpec(msgspec.Struct, kw_only=True):
+    job_id: str
+    argv: list[str]
+    environment: dict[str, str]
+    workdir: str
+    output: str
+    error: str | None
+    open_mode: str = "truncate"
+    memory: int | None = None
+    time_limit: int | None = None
+    kill_grace: float = 10.0
+    memory_limiter: str = "auto"
+    notify_socket: str | None = None
+
+
+class Started(msgspec.Struct, kw_only=True):
+    pid: int
+    pgid: int
+    started: float
+    limiter: str
+
+
+class Result(msgspec.Struct, kw_only=True):
+    state: JobState
+    exit_code: int | None
+    reason: str | None
+    started: float | None
+    finished: float
+
+
+class JobDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    launch = property(lambda self: self.path / "launch.json")
+    script = property(lambda self: self.path / "script")
+    lock = property(lambda self: self.path / "lock")
+    started = property(lambda self: self.path / "started.json")
+    result = property(lambda self: self.path / "result.json")
+    cancel = property(lambda self: self.path / "cancel")
+    log = property(lambda self: self.path / "supervisor.log")
+
+    def write(self, path: Path, value: msgspec.Struct) -> None:
+        """Atomically: a reader sees the whole file or none of it."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(msgspec.json.encode(value))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def read_started(self) -> Started | None:
+        return self._read(self.started, Started)
+
+    def read_result(self) -> Result | None:
+        return self._read(self.result, Result)
+
+    def read_launch(self) -> LaunchSpec:
+        return msgspec.json.decode(self.launch.read_bytes(), type=LaunchSpec)
+
+    @staticmethod
+    def _read(path: Path, type: type[T]) -> T | None:
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=type)
+        except FileNotFoundError:
+            return None
+        except msgspec.DecodeError:
+            return None  # a torn write cannot happen (rename), but never crash the server
+
+    def supervisor_alive(self) -> bool:
+        """True while a supervisor holds the lock (or the server holds it across a spawn)."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing also drops a lock we took
+        return False
+
+    def request_cancel(self) -> None:
+        with contextlib.suppress(FileExistsError):
+            self.cancel.touch(exist_ok=False)

@@ -1,0 +1,226 @@
+"""The per-job supervisor: ``python -m kbatch.backends.local.supervisor JOB_DIR LOCK_FD``.
+
+The server starts one per job in a new session.  It forks once so the server
+is not its parent (the server may die; the job must not), prints its pid, and
+then, detached from every terminal:
+
+1. puts a memory limit in place (:mod:`kbatch.backends.local.limits`);
+2. starts the script in a process group of its own, stdout and stderr going to
+   the job's output files, so that ``tail -f`` shows them as they come;
+3. every tick: checks the time limit, the memory limit and a cancel request;
+   to stop the job it sends SIGTERM to the whole process group, then SIGKILL
+   after the grace period;
+4. when the script ends, kills what it left behind in its group, writes
+   ``result.json`` (state, exit code, reason) and pokes the server's socket.
+
+It holds the job directory's ``lock`` until it exits, so the server knows it
+lives.  It imports nothing from the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result, Started
+from kbatch.backends.local.limits import MemoryLimiter, memory_limiter, process_group_members
+from kbatch.models import JobState
+
+__all__ = ["main", "outcome"]
+
+TICK = 0.1  # seconds between checks of time, memory and cancellation
+
+
+def outcome(
+    status: int, *, cancelled: bool, timed_out: bool, oom: bool
+) -> tuple[JobState, int | None, str | None]:
+    """State, exit code and reason from a wait status and why the job was stopped."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        exit_code = 128 + signum
+        try:
+            signame = signal.Signals(signum).name
+        except ValueError:
+            signame = f"signal {signum}"
+        reason: str | None = f"Signal {signum} ({signame})"
+    else:
+        exit_code = os.WEXITSTATUS(status)
+        reason = None if exit_code == 0 else "NonZeroExitCode"
+    if oom:
+        return JobState.OUT_OF_MEMORY, exit_code, "OutOfMemory: the job went over its --mem limit"
+    if timed_out:
+        return JobState.TIMEOUT, exit_code, "TimeLimit"
+    if cancelled:
+        return JobState.CANCELLED, exit_code, "CancelledByUser"
+    if exit_code == 0:
+        return JobState.COMPLETED, 0, None
+    return JobState.FAILED, exit_code, reason
+
+
+class Supervisor:
+    def __init__(self, jobdir: JobDir, spec: LaunchSpec) -> None:
+        self.jobdir = jobdir
+        self.spec = spec
+        self.cancel_signalled = False
+        self.limiter: MemoryLimiter = MemoryLimiter()
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.cancel_signalled = True
+
+    def _open_output(self, path: str) -> int:
+        flags = (
+            os.O_WRONLY
+            | os.O_CREAT
+            | (os.O_APPEND if self.spec.open_mode == "append" else os.O_TRUNC)
+        )
+        return os.open(path, flags, 0o644)
+
+    def _start_job(self) -> int:
+        out_fd = self._open_output(self.spec.output)
+        err_fd = self._open_output(self.spec.error) if self.spec.error else out_fd
+        null_fd = os.open(os.devnull, os.O_RDONLY)
+        pid = os.fork()
+        if pid == 0:  # the job
+            try:
+                os.setpgid(0, 0)
+                self.limiter.enter(os.getpid())
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.dup2(null_fd, 0)
+                os.dup2(out_fd, 1)
+                os.dup2(err_fd, 2)
+                os.chdir(self.spec.workdir)
+                os.execve(self.spec.argv[0], self.spec.argv, self.spec.environment)  # noqa: S606
+            except BaseException as exc:  # noqa: BLE001 - the forked child must never return
+                with contextlib.suppress(Exception):
+                    os.write(2, f"kbatch: cannot start the job: {exc}\n".encode())
+                os._exit(127)
+        os.close(null_fd)
+        os.close(out_fd)
+        if err_fd != out_fd:
+            os.close(err_fd)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.setpgid(pid, pid)  # also from the parent: no race with the first signal
+        return pid
+
+    def _signal_group(self, pgid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+    def run(self) -> Result:
+        spec = self.spec
+        self.limiter = memory_limiter(spec.memory, f"kbatch-job-{spec.job_id}", spec.memory_limiter)
+        started = time.time()
+        pid = self._start_job()
+        pgid = pid
+        self.jobdir.write(
+            self.jobdir.started,
+            Started(pid=pid, pgid=pgid, started=started, limiter=self.limiter.kind),
+        )
+        notify(spec.notify_socket, spec.job_id)
+        pidfd = os.pidfd_open(pid)
+        deadline = None if spec.time_limit is None else time.monotonic() + spec.time_limit
+        stop_reason: str | None = None  # "cancel", "timeout" or "oom"
+        kill_at: float | None = None
+        status = 0
+        while True:
+            ready, _, _ = select.select([pidfd], [], [], TICK)
+            if ready:
+                _, status = os.waitpid(pid, 0)
+                break
+            now = time.monotonic()
+            if stop_reason is None:
+                if self.cancel_signalled or self.jobdir.cancel.exists():
+                    stop_reason = "cancel"
+                elif deadline is not None and now >= deadline:
+                    stop_reason = "timeout"
+                elif self.limiter.check(pgid):
+                    stop_reason = "oom"
+                if stop_reason == "oom":
+                    self._signal_group(pgid, signal.SIGKILL)
+                elif stop_reason is not None:
+                    self._signal_group(pgid, signal.SIGTERM)
+                    kill_at = now + spec.kill_grace
+            elif kill_at is not None and now >= kill_at:
+                self._signal_group(pgid, signal.SIGKILL)
+                self.limiter.kill_all()
+                kill_at = None
+        os.close(pidfd)
+        # Like Slurm, the job ends when its script does: nothing it started outlives it.
+        self._signal_group(pgid, signal.SIGKILL)
+        self.limiter.kill_all()
+        self._reap_group(pgid)
+        state, exit_code, reason = outcome(
+            status,
+            cancelled=stop_reason == "cancel",
+            timed_out=stop_reason == "timeout",
+            oom=stop_reason == "oom" or self.limiter.oom_killed(),
+        )
+        self.limiter.cleanup()
+        return Result(
+            state=state, exit_code=exit_code, reason=reason, started=started, finished=time.time()
+        )
+
+    def _reap_group(self, pgid: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while process_group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def notify(socket_path: str | None, job_id: str) -> None:
+    """Wake the server (best effort: it also finds results by itself)."""
+    if not socket_path:
+        return
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(job_id.encode(), socket_path)
+
+
+def _daemonize() -> None:
+    """Fork so that the server's child exits at once and the supervisor is nobody's child."""
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    jobdir = JobDir(Path(args[0]))
+    lock_fd = int(args[1])
+    _daemonize()
+    os.set_inheritable(lock_fd, False)  # the job must not keep the lock alive
+    log = os.open(jobdir.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 2)
+    os.close(log)
+    spec = jobdir.read_launch()
+    supervisor = Supervisor(jobdir, spec)
+    signal.signal(signal.SIGTERM, supervisor._on_sigterm)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = supervisor.run()
+    except Exception as exc:  # noqa: BLE001 - any failure must still leave a result
+        traceback.print_exc()
+        result = Result(
+            state=JobState.FAILED,
+            exit_code=None,
+            reason=f"LaunchFailed: {exc}",
+            started=None,
+            finished=time.time(),
+        )
+    jobdir.write(jobdir.result, result)
+    notify(spec.notify_socket, spec.job_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Entry points: argument parsing and the one error handler of the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from kbatch import __version__
+from kbatch.errors import KbatchError
+
+__all__ = ["kqueue_main", "main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+DESCRIPTION = """\
+sbatch and squeue for JupyterHub: submit scripts as batch jobs that outlive
+your session, on Kubernetes or on this machine.
+
+  kbatch submit train.sh          submit a script (#SBATCH lines are honoured)
+  kbatch submit --wrap "CMD"      submit a one-line command
+  kqueue                          your pending and running jobs (kbatch queue)
+  kbatch logs -f ID               follow a job's output
+  kbatch cancel ID                stop a job
+"""
+
+
+def _lazy(module: str, function: str) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        handler: Handler = getattr(importlib.import_module(module), function)
+        return handler(args)
+
+    return run
+
+
+def _add_queue_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-a", "--all", action="store_true", help="include finished jobs")
+    parser.add_argument(
+        "-t",
+        "--states",
+        metavar="STATE[,STATE]",
+        help="only jobs in these states (e.g. RUNNING,PENDING)",
+    )
+    parser.add_argument(
+        "-u", "--all-users", action="store_true", help="every user's jobs (admins only)"
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.set_defaults(handler=_lazy("kbatch.cli.queue", "queue"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kbatch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"kbatch {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    submit = commands.add_parser(
+        "submit", help="submit a batch script (see kbatch submit --help)", add_help=False
+    )
+    submit.add_argument("words", nargs=argparse.REMAINDER)
+    submit.set_defaults(handler=_lazy("kbatch.cli.submit", "submit"))
+
+    queue = commands.add_parser("queue", help="list your jobs, like squeue (also: kqueue)")
+    _add_queue_options(queue)
+
+    show = commands.add_parser("show", help="show one job in detail")
+    show.add_argument("job_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(handler=_lazy("kbatch.cli.queue", "show"))
+
+    logs = commands.add_parser("logs", help="print a job's output")
+    logs.add_argument("job_id", metavar="ID")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+    logs.add_argument("-e", "--error", action="store_true", help="the error file (with submit -e)")
+    logs.set_defaults(handler=_lazy("kbatch.cli.jobs", "logs"))
+
+    cancel = commands.add_parser("cancel", help="cancel jobs, like scancel")
+    cancel.add_argument("job_ids", metavar="ID", nargs="+")
+    cancel.set_defaults(handler=_lazy("kbatch.cli.jobs", "cancel"))
+
+    configure = commands.add_parser("configure", help="point the client at a server")
+    configure.add_argument(
+        "--url", help="the server's URL, e.g. https://hub.example.org/services/kbatch"
+    )
+    configure.add_argument("--token", help="an API token (default: KBATCH_TOKEN, or none)")
+    configure.add_argument("--show", action="store_true", help="show what the client would use")
+    configure.set_defaults(handler=_lazy("kbatch.cli.configure", "configure"))
+
+    whoami = commands.add_parser("whoami", help="who the server thinks you are")
+    whoami.set_defaults(handler=_lazy("kbatch.cli.configure", "whoami"))
+
+    server = commands.add_parser(
+        "server", help="run the kbatch server (foreground unless --background)"
+    )
+    server.add_argument(
+        "action",
+        nargs="?",
+        choices=["run", "stop", "status", "add-token"],
+        default="run",
+        help="run (default), stop or status of the server, or add-token USER",
+    )
+    server.add_argument("user", nargs="?", help="with add-token: the user the token is for")
+    server.add_argument("--admin", action="store_true", help="with add-token: an admin token")
+    server.add_argument(
+        "--background", "-b", action="store_true", help="detach and return once it answers"
+    )
+    server.add_argument("--config", help="a TOML config file")
+    server.add_argument(
+        "--state-dir", help="where jobs and tokens are kept (default ~/.local/state/kbatch)"
+    )
+    server.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    server.add_argument(
+        "--port", type=int, help="port (default: any free one, written to server.json)"
+    )
+    server.add_argument(
+        "--backend", choices=["local", "kubernetes"], help="where jobs run (default local)"
+    )
+    server.add_argument("--cpus", type=int, help="local backend: CPUs to use (default: all)")
+    server.add_argument("--memory", help="local backend: memory to use, e.g. 16G (default: all)")
+    server.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    server.set_defaults(handler=_lazy("kbatch.cli.server", "server"))
+    return parser
+
+
+def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    if argv[:1] == ["submit"]:
+        # sbatch's grammar (options, SCRIPT, the script's own arguments) is parsed
+        # by kbatch.directives, with the same table as #SBATCH lines.
+        return _lazy("kbatch.cli.submit", "submit")(argparse.Namespace(words=list(argv[1:])))
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    return handler(args)
+
+
+def _guarded(body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except KbatchError as exc:
+        print(f"kbatch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `kbatch logs ID | head`: the reader left; that is fine.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    return _guarded(lambda: run(words, build_parser()))
+
+
+def kqueue_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kqueue", description="Your pending and running kbatch jobs."
+    )
+    _add_queue_options(parser)
+    words = list(sys.argv[1:] if argv is None else argv)
+    return _guarded(lambda: run(words, parser))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Printing jobs: the squeue-style table, scontrol-style detail, JSON."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+
+from kbatch.models import Job
+from kbatch.units import format_duration, format_memory
+
+__all__ = ["elapsed", "print_job", "print_json", "print_table"]
+
+
+def elapsed(job: Job, now: datetime | None = None) -> float:
+    if job.started is None:
+        return 0.0
+    end = job.finished or now or datetime.now(UTC)
+    return max(0.0, (end - job.started).total_seconds())
+
+
+def _reason(job: Job) -> str:
+    if job.reason:
+        return job.reason
+    if job.state.is_terminal and job.exit_code not in (None, 0):
+        return f"ExitCode {job.exit_code}"
+    return ""
+
+
+def print_table(jobs: Sequence[Job], *, show_user: bool = False) -> None:
+    headers = ["JOBID", *(["USER"] if show_user else []), "NAME", "STATE", "TIME", "REASON"]
+    now = datetime.now(UTC)
+    rows = [
+        [
+            job.id,
+            *([job.user] if show_user else []),
+            job.name if len(job.name) <= 24 else job.name[:23] + "…",
+            job.state.value,
+            format_duration(elapsed(job, now)),
+            _reason(job),
+        ]
+        for job in jobs
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    out = sys.stdout
+    for row in [headers, *rows]:
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            + "\n"
+        )
+
+
+def print_job(job: Job) -> None:
+    fields = {
+        "JobId": job.id,
+        "JobName": job.name,
+        "User": job.user,
+        "State": job.state.value,
+        "Reason": job.reason or "None",
+        "ExitCode": "" if job.exit_code is None else str(job.exit_code),
+        "SubmitTime": job.submitted.isoformat(timespec="seconds"),
+        "StartTime": job.started.isoformat(timespec="seconds") if job.started else "Unknown",
+        "EndTime": job.finished.isoformat(timespec="seconds") if job.finished else "Unknown",
+        "RunTime": format_duration(elapsed(job)),
+        "TimeLimit": format_duration(job.time_limit),
+        "CPUs": str(job.cpus),
+        "Memory": format_memory(job.memory),
+        "GPUs": str(job.gpus),
+        "WorkDir": job.workdir or "",
+        "StdOut": job.output or "",
+        "StdErr": job.error or job.output or "",
+        "Comment": job.comment or "",
+        "Backend": job.backend,
+    }
+    width = max(len(k) for k in fields)
+    for key, value in fields.items():
+        print(f"{key.rjust(width)}: {value}")
+
+
+def print_json(value: object) -> None:
+    sys.stdout.write(msgspec.json.format(msgspec.json.encode(value)).decode() + "\n")

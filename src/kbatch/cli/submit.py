@@ -1,0 +1,117 @@
+"""``kbatch submit``: sbatch's options and directives in, a job id out."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kbatch.directives import ParsedOptions, Support, help_lines, parse_tokens
+from kbatch.errors import SpecError
+
+__all__ = ["submit"]
+
+USAGE = "usage: kbatch submit [OPTIONS] SCRIPT [ARGS...]\n       kbatch submit [OPTIONS] --wrap COMMAND\n"
+
+
+def _help() -> str:
+    lines = [USAGE, "Submit a batch script.  #SBATCH and #KBATCH lines at the top of the script"]
+    lines.append("are read as options; options given here override them.\n")
+    for title, supports in (
+        ("job options", [Support.HONOURED]),
+        ("submit options", [Support.CLI]),
+    ):
+        lines.append(f"{title}:")
+        for flags, text in help_lines(supports):
+            lines.append(f"  {flags:<34} {text}")
+        lines.append("")
+    ignored = ", ".join(
+        f"--{flags.split('--')[1].split()[0]}" for flags, _ in help_lines([Support.IGNORED])
+    )
+    lines.append(f"accepted and ignored (they only mean something on a cluster): {ignored}")
+    lines.append(
+        "Arrays, dependencies and --hold are not supported yet; they are refused, not dropped."
+    )
+    return "\n".join(lines)
+
+
+def _read_script(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(2 * 1024 * 1024)
+    except FileNotFoundError:
+        raise SpecError(f"no such script: {path}") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path} is a directory; give a script file") from None
+    except PermissionError:
+        raise SpecError(f"cannot read {path}: permission denied") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not a text script (it is not UTF-8)") from None
+
+
+def submit(args: argparse.Namespace) -> int:
+    words: list[str] = args.words
+    if "-h" in words[:1] or "--help" in words:
+        # --help after the script is the script's own argument
+        cut = next((i for i, w in enumerate(words) if not w.startswith("-")), len(words))
+        if "-h" in words[:cut] or "--help" in words[:cut]:
+            print(_help())
+            return 0
+    cli = parse_tokens([w for w in words if w not in ("-h",)])
+    return submit_parsed(cli)
+
+
+def submit_parsed(cli: ParsedOptions) -> int:
+    from kbatch.client import Client
+    from kbatch.spec import build_spec, default_job_name, wrap_script
+
+    wrap = cli.get("wrap")
+    if wrap is not None:
+        if cli.positionals:
+            raise SpecError(
+                f"give either a script or --wrap, not both (got script {cli.positionals[0]!r})"
+            )
+        script_path = None
+        script = wrap_script(wrap.value or "")
+        script_args: list[str] = []
+    else:
+        if not cli.positionals:
+            raise SpecError("no script given; use kbatch submit SCRIPT or kbatch submit --wrap CMD")
+        script_path, *script_args = cli.positionals
+        script = _read_script(script_path)
+    submission = build_spec(
+        script,
+        cli=cli,
+        args=script_args,
+        cwd=os.getcwd(),
+        environ=os.environ,
+        default_name=default_job_name(script_path),
+        ignore_unknown=cli.flag("ignore_unknown"),
+    )
+    for warning in submission.warnings:
+        print(f"kbatch: warning: {warning}", file=sys.stderr)
+    with Client.from_config() as client:
+        job = client.submit(submission.spec, dry_run=cli.flag("test_only"))
+        if cli.flag("test_only"):
+            from kbatch.cli.output import print_job
+
+            print("kbatch: the job is valid; nothing was submitted (--test-only)", file=sys.stderr)
+            print_job(job)
+            return 0
+        if cli.flag("json"):
+            from kbatch.cli.output import print_json
+
+            print_json(job)
+        elif cli.flag("parsable"):
+            print(job.id)
+        else:
+            print(f"Submitted batch job {job.id}")
+        sys.stdout.flush()
+        if cli.flag("wait"):
+            final = client.wait(job.id)
+            if final.exit_code is None:
+                return 1 if final.state.value != "COMPLETED" else 0
+            return final.exit_code if final.state.value != "COMPLETED" else 0
+    return 0

@@ -1,0 +1,115 @@
+"""Pure request building and response parsing, shared by every client.
+
+No I/O here: a :class:`Request` says what to send, :func:`parse` turns a status
+and body into a model or the matching :mod:`kbatch.errors` exception.  The sync
+client (and any async one) only moves bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import quote, urlencode
+
+import msgspec
+
+from kbatch.errors import ApiError, api_error_for_status
+from kbatch.models import API_PREFIX, ErrorBody, JobList, JobSpec, SubmitRequest
+
+__all__ = [
+    "Request",
+    "cancel_job",
+    "get_job",
+    "job_logs",
+    "list_jobs",
+    "parse",
+    "submit_job",
+    "whoami",
+]
+
+T = TypeVar("T")
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str  # below the server's base URL, with the query string
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    idempotent: bool = True  # safe to send again after a connection error
+
+
+def _path(*parts: str, query: dict[str, str] | None = None) -> str:
+    path = API_PREFIX + "".join("/" + quote(part, safe="") for part in parts)
+    return f"{path}?{urlencode(query)}" if query else path
+
+
+def submit_job(spec: JobSpec, *, idempotency_key: str, dry_run: bool = False) -> Request:
+    """POST a job.  The idempotency key makes a retried submission return the same job."""
+    return Request(
+        "POST",
+        _path("jobs", query={"dry_run": "true"} if dry_run else None),
+        _encoder.encode(SubmitRequest(spec=spec)),
+        {"Content-Type": "application/json", "Idempotency-Key": idempotency_key},
+    )
+
+
+def get_job(job_id: str) -> Request:
+    return Request("GET", _path("jobs", job_id))
+
+
+def list_jobs(
+    *, states: Sequence[str] = (), include_finished: bool = False, all_users: bool = False
+) -> Request:
+    query: dict[str, str] = {}
+    if states:
+        query["state"] = ",".join(states)
+    if include_finished:
+        query["all"] = "true"
+    if all_users:
+        query["all_users"] = "true"
+    return Request("GET", _path("jobs", query=query))
+
+
+def cancel_job(job_id: str) -> Request:
+    return Request("POST", _path("jobs", job_id, "cancel"), b"", {"Content-Length": "0"})
+
+
+def job_logs(job_id: str, *, follow: bool = False, stream: str = "output") -> Request:
+    query = {"stream": stream}
+    if follow:
+        query["follow"] = "true"
+    return Request("GET", _path("jobs", job_id, "logs", query=query))
+
+
+def whoami() -> Request:
+    return Request("GET", _path("whoami"))
+
+
+def error_from(status: int, body: bytes) -> ApiError:
+    """The exception for an error response; the server's message when it sent one."""
+    cls = api_error_for_status(status)
+    try:
+        detail = msgspec.json.decode(body, type=ErrorBody).error
+    except msgspec.DecodeError:
+        text = body.decode(errors="replace").strip()[:200]
+        return cls(f"server answered HTTP {status}" + (f": {text}" if text else ""), status=status)
+    return cls(detail.message, status=status, code=detail.code, field=detail.field)
+
+
+def parse(status: int, body: bytes, type: type[T]) -> T:
+    if status >= 400:
+        raise error_from(status, body)
+    try:
+        return msgspec.json.decode(body, type=type)
+    except msgspec.DecodeError as exc:
+        raise ApiError(
+            f"the server's answer could not be read ({exc}); is the URL a kbatch server?",
+            status=status,
+            code="bad_response",
+        ) from exc
+
+
+__all__ += ["JobList", "error_from"]

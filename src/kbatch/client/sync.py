@@ -1,0 +1,195 @@
+"""The blocking client, on the standard library's ``http.client``.
+
+``http.client`` keeps the CLI's start-up small (see NOTES.md: it costs a
+fraction of httpx's import time); TLS is imported only for ``https`` URLs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from kbatch.client import requests as rq
+from kbatch.client.config import ClientConfig, discover_config
+from kbatch.errors import ConfigError, ServiceUnavailable, TransportError
+from kbatch.models import Identity, Job, JobList, JobSpec
+
+__all__ = ["Client"]
+
+T = TypeVar("T")
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class Client:
+    """A connection to one kbatch server.
+
+    Requests that are safe to repeat (every GET, cancel, and submit, which
+    carries an idempotency key) are retried on connection errors and 502/503/504
+    until ``retry_for`` seconds have passed, so a server restart is invisible.
+    """
+
+    def __init__(
+        self, url: str, token: str | None = None, *, timeout: float = 30.0, retry_for: float = 10.0
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"server URL {url!r} must start with http:// or https:// and name a host"
+            )
+        self.url = url.rstrip("/")
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self._base_path = parts.path.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._retry_for = retry_for
+        self._conn: http.client.HTTPConnection | None = None
+
+    @classmethod
+    def from_config(cls, config: ClientConfig | None = None, **kwargs: float) -> Client:
+        config = config or discover_config()
+        return cls(config.url, config.token, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- the API -------------------------------------------------------------
+
+    def submit(
+        self, spec: JobSpec, *, idempotency_key: str | None = None, dry_run: bool = False
+    ) -> Job:
+        key = idempotency_key or uuid.uuid4().hex
+        return self._call(rq.submit_job(spec, idempotency_key=key, dry_run=dry_run), Job)
+
+    def get(self, job_id: str) -> Job:
+        return self._call(rq.get_job(job_id), Job)
+
+    def list(
+        self, *, states: Sequence[str] = (), include_finished: bool = False, all_users: bool = False
+    ) -> list[Job]:
+        request = rq.list_jobs(
+            states=states, include_finished=include_finished, all_users=all_users
+        )
+        return self._call(request, JobList).jobs
+
+    def cancel(self, job_id: str) -> Job:
+        return self._call(rq.cancel_job(job_id), Job)
+
+    def whoami(self) -> Identity:
+        return self._call(rq.whoami(), Identity)
+
+    def logs(self, job_id: str, *, follow: bool = False, stream: str = "output") -> Iterator[bytes]:
+        """The job's output as it arrives; with ``follow`` until the job ends."""
+        response = self._send(rq.job_logs(job_id, follow=follow, stream=stream))
+        if response.status >= 400:
+            raise rq.error_from(response.status, response.read())
+        try:
+            while chunk := response.read1(65536):
+                yield chunk
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise TransportError(
+                f"lost the connection to {self.url} while reading logs: {exc}"
+            ) from exc
+        finally:
+            response.close()
+            self.close()  # the streamed connection is not reused
+
+    def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None) -> Job:
+        """Poll until the job has ended; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.state.is_terminal:
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
+            time.sleep(poll)
+
+    # -- transport -----------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._scheme == "https":
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    self._host, self._port, timeout=self._timeout
+                )
+        return self._conn
+
+    def _send(self, request: rq.Request) -> http.client.HTTPResponse:
+        headers = {"Accept": "application/json", "User-Agent": "kbatch-client", **request.headers}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        deadline = time.monotonic() + self._retry_for
+        delay = 0.05
+        while True:
+            try:
+                conn = self._connection()
+                conn.request(request.method, self._base_path + request.path, request.body, headers)
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if request.idempotent and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise TransportError(
+                    f"cannot reach the kbatch server at {self.url}: {_reason(exc)}"
+                ) from exc
+            if (
+                response.status in RETRY_STATUSES
+                and request.idempotent
+                and time.monotonic() + delay < deadline
+            ):
+                response.read()
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            return response
+
+    def _call(self, request: rq.Request, type: type[T]) -> T:
+        response = self._send(request)
+        try:
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise TransportError(f"lost the connection to {self.url}: {_reason(exc)}") from exc
+        if response.will_close:
+            self.close()
+        try:
+            return rq.parse(response.status, body, type)
+        except ServiceUnavailable:
+            raise
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return (
+            "connection refused (is the server running? start it with 'kbatch server --background')"
+        )
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

@@ -1,0 +1,132 @@
+"""The wire schema shared by the server, the client library and the CLI.
+
+These msgspec structs are the only description of a job on the wire: the
+server validates requests against them, the client decodes responses with
+them, and the OpenAPI document is generated from them.  Adding a field with a
+default is a compatible change; that is how arrays, dependencies, uploads and
+schedules will arrive (see DESIGN.md, roadmap items 5 and 6).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated
+
+import msgspec
+
+__all__ = [
+    "ACTIVE_STATES",
+    "API_PREFIX",
+    "TERMINAL_STATES",
+    "ErrorBody",
+    "ErrorDetail",
+    "Identity",
+    "Job",
+    "JobList",
+    "JobSpec",
+    "JobState",
+    "SubmitRequest",
+]
+
+API_PREFIX = "/api/v1"
+
+
+class JobState(enum.StrEnum):
+    """Slurm's vocabulary for where a job stands."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMEOUT = "TIMEOUT"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
+    NODE_FAIL = "NODE_FAIL"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+ACTIVE_STATES = frozenset({JobState.PENDING, JobState.RUNNING})
+TERMINAL_STATES = frozenset(set(JobState) - ACTIVE_STATES)
+
+# Limits that are part of the schema itself; admins tighten them with policy.
+MAX_SCRIPT_BYTES = 1024 * 1024
+NameStr = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+PatternStr = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a user asks for: everything needed to run one batch job.
+
+    Sizes are bytes, durations seconds.  ``script`` is the whole batch script
+    (directives included); ``args`` are passed to it as ``$1 $2 ...``.
+    """
+
+    script: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SCRIPT_BYTES)]
+    args: list[str] = []
+    name: NameStr | None = None
+    workdir: str | None = None
+    output: PatternStr | None = None
+    error: PatternStr | None = None
+    open_mode: Annotated[str, msgspec.Meta(pattern="^(truncate|append)$")] = "truncate"
+    cpus: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    memory: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    gpus: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
+    time_limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    environment: dict[str, str] = {}
+    comment: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    image: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+
+
+class SubmitRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    spec: JobSpec
+
+
+class Job(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """A job as the server reports it."""
+
+    id: str
+    user: str
+    name: str
+    state: JobState
+    reason: str | None = None
+    exit_code: int | None = None
+    submitted: datetime
+    started: datetime | None = None
+    finished: datetime | None = None
+    workdir: str | None = None
+    output: str | None = None
+    error: str | None = None
+    cpus: int = 1
+    memory: int | None = None
+    gpus: int = 0
+    time_limit: int | None = None
+    comment: str | None = None
+    backend: str = ""
+
+
+class JobList(msgspec.Struct, kw_only=True):
+    jobs: list[Job]
+
+
+class Identity(msgspec.Struct, kw_only=True, frozen=True):
+    """Who is calling: returned by ``GET /api/v1/whoami``."""
+
+    name: str
+    admin: bool = False
+    groups: tuple[str, ...] = ()
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """The one shape of every error response."""
+
+    error: ErrorDetail

@@ -1,0 +1,207 @@
+"""Running the server: in the foreground, in the background, and stopping it.
+
+The standalone server writes ``server.json`` (its URL and pid) and a token
+readable only by its owner into the state directory; the client finds both
+there without configuration.  One server per state directory, enforced with a
+lock file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import getpass
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from starlette.applications import Starlette
+
+from kbatch.backends.base import Backend
+from kbatch.client.config import SERVER_FILE, TOKEN_FILE
+from kbatch.errors import ConfigError
+from kbatch.paths import write_private
+from kbatch.server.app import create_app
+from kbatch.server.auth.base import Authenticator
+from kbatch.server.auth.tokens import TokenFileAuthenticator, add_token, hash_token
+from kbatch.server.config import ServerConfig
+
+__all__ = ["build_app", "serve", "start_background", "stop_server"]
+
+log = logging.getLogger("kbatch.server")
+TOKENS_FILE = "tokens.json"
+
+
+def build_backend(config: ServerConfig) -> Backend:
+    if config.backend == "local":
+        from kbatch.backends.local.backend import LocalBackend
+
+        return LocalBackend(config.local_config())
+    raise ConfigError("the kubernetes backend is not available in this build")
+
+
+def build_authenticator(config: ServerConfig) -> Authenticator:
+    if config.auth == "token":
+        return TokenFileAuthenticator(config.state_dir / TOKENS_FILE)
+    raise ConfigError("JupyterHub authentication is not available in this build")
+
+
+def build_app(config: ServerConfig) -> Starlette:
+    return create_app(
+        build_backend(config), build_authenticator(config), config.policy, prefix=config.prefix
+    )
+
+
+def ensure_owner_token(state_dir: Path) -> None:
+    """The token of the account running the server, where the client looks for it."""
+    token_path = state_dir / TOKEN_FILE
+    tokens_path = state_dir / TOKENS_FILE
+    with contextlib.suppress(OSError, ValueError):
+        token = token_path.read_text().strip()
+        if hash_token(token) in json.loads(tokens_path.read_text()):
+            return
+    token = add_token(tokens_path, getpass.getuser(), admin=True)
+    write_private(token_path, token + "\n")
+
+
+def _lock(state_dir: Path) -> int:
+    fd = os.open(state_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        info = read_server_file(state_dir)
+        where = f" at {info.get('url')} (pid {info.get('pid')})" if info else ""
+        raise ConfigError(
+            f"a kbatch server is already running for {state_dir}{where}; "
+            "stop it with 'kbatch server stop' or use another --state-dir"
+        ) from None
+    return fd
+
+
+def read_server_file(state_dir: Path) -> dict[str, object]:
+    try:
+        data = json.loads((state_dir / SERVER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(config: ServerConfig) -> int:
+    """Run in the foreground until SIGINT or SIGTERM."""
+    import uvicorn
+
+    _configure_logging(config.log_level)
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_fd = _lock(config.state_dir)
+    if config.auth == "token":
+        ensure_owner_token(config.state_dir)
+    app = build_app(config)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {config.host}:{config.port}: {exc.strerror}; choose another --port"
+        ) from exc
+    sock.listen(1024)
+    sock.set_inheritable(False)
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    url = f"http://{url_host}:{port}{config.prefix}"
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=3
+        )
+    )
+    write_private(
+        config.state_dir / SERVER_FILE,
+        json.dumps({"url": url, "pid": os.getpid(), "backend": config.backend}) + "\n",
+    )
+    log.info("kbatch server listening on %s (state in %s)", url, config.state_dir)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    finally:
+        if read_server_file(config.state_dir).get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                (config.state_dir / SERVER_FILE).unlink()
+        os.close(lock_fd)
+    return 0
+
+
+def _healthy(url: str) -> bool:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=1)
+        conn.request("GET", parts.path.rstrip("/") + "/api/v1/health")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def start_background(args: list[str], state_dir: Path, timeout: float = 30.0) -> str:
+    """Start ``kbatch server ARGS`` detached; return its URL once it answers."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = state_dir / "server.log"
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kbatch.cli.main", "server", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+            env={**os.environ, "KBATCH_STATE_DIR": str(state_dir)},
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = read_server_file(state_dir)
+        if info.get("pid") == proc.pid and _healthy(str(info.get("url"))):
+            return str(info["url"])
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise ConfigError(f"the server did not start: {tail[0]} (log: {log_path})")
+        time.sleep(0.05)
+    proc.terminate()
+    raise ConfigError(f"the server did not answer within {timeout:.0f} s (log: {log_path})")
+
+
+def stop_server(state_dir: Path, timeout: float = 15.0) -> int | None:
+    """SIGTERM the server of this state directory and wait for it; its pid, or None."""
+    info = read_server_file(state_dir)
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        (state_dir / SERVER_FILE).unlink(missing_ok=True)
+        return None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        time.sleep(0.05)
+    raise ConfigError(f"the server (pid {pid}) did not stop within {timeout:.0f} s")

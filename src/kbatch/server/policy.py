@@ -1,0 +1,90 @@
+"""The admin's policy, checked on the server for every submission.
+
+Nothing a user sends reaches a backend before :func:`check` has passed it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from kbatch.errors import SpecError
+from kbatch.models import JobSpec
+from kbatch.spec import SECRET_ENVIRONMENT
+from kbatch.units import format_duration, format_memory
+
+__all__ = ["Policy", "check"]
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_cpus: int | None = None
+    max_memory: int | None = None  # bytes
+    max_gpus: int | None = None
+    max_time: int | None = None  # seconds
+    default_time: int | None = None  # applied when the user gives no --time
+    allowed_images: tuple[str, ...] = ()  # glob patterns; empty: any image
+    max_script_bytes: int = 1024 * 1024
+    max_env_bytes: int = 256 * 1024
+    admin_groups: tuple[str, ...] = field(default=())
+
+
+def check(spec: JobSpec, policy: Policy) -> JobSpec:
+    """The spec with policy defaults applied, or :class:`SpecError` naming the rule broken."""
+    if policy.max_cpus is not None and spec.cpus > policy.max_cpus:
+        raise SpecError(
+            f"the job asks for {spec.cpus} CPUs; the limit (policy max_cpus) is {policy.max_cpus}",
+            field="cpus",
+        )
+    if policy.max_memory is not None and (spec.memory or 0) > policy.max_memory:
+        raise SpecError(
+            f"the job asks for {format_memory(spec.memory)} of memory; the limit (policy "
+            f"max_memory) is {format_memory(policy.max_memory)}",
+            field="memory",
+        )
+    if policy.max_gpus is not None and spec.gpus > policy.max_gpus:
+        raise SpecError(
+            f"the job asks for {spec.gpus} GPUs; the limit (policy max_gpus) is {policy.max_gpus}",
+            field="gpus",
+        )
+    time_limit = spec.time_limit if spec.time_limit is not None else policy.default_time
+    if policy.max_time is not None:
+        if time_limit is None:
+            time_limit = policy.max_time
+        elif time_limit > policy.max_time:
+            raise SpecError(
+                f"the job asks for a time limit of {format_duration(spec.time_limit)}; the limit "
+                f"(policy max_time) is {format_duration(policy.max_time)}",
+                field="time_limit",
+            )
+    if (
+        spec.image is not None
+        and policy.allowed_images
+        and not any(fnmatch.fnmatchcase(spec.image, p) for p in policy.allowed_images)
+    ):
+        raise SpecError(
+            f"image {spec.image!r} is not allowed (policy allowed_images: "
+            f"{', '.join(policy.allowed_images)})",
+            field="image",
+        )
+    if len(spec.script.encode()) > policy.max_script_bytes:
+        raise SpecError(
+            f"the script is over the {policy.max_script_bytes}-byte limit (policy max_script_bytes)",
+            field="script",
+        )
+    env_size = sum(len(k) + len(v) for k, v in spec.environment.items())
+    if env_size > policy.max_env_bytes:
+        raise SpecError(
+            f"the environment is {env_size} bytes, over the {policy.max_env_bytes}-byte limit "
+            "(policy max_env_bytes); use --export=NONE or a list of variables",
+            field="environment",
+        )
+    for name in spec.environment:
+        if "=" in name or "\x00" in name or not name:
+            raise SpecError(f"environment variable name {name!r} is not valid", field="environment")
+    environment = {k: v for k, v in spec.environment.items() if k not in SECRET_ENVIRONMENT}
+    if time_limit == spec.time_limit and environment == spec.environment:
+        return spec
+    import msgspec
+
+    return msgspec.structs.replace(spec, time_limit=time_limit, environment=environment)
