@@ -102,6 +102,37 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _previous_port(state_dir: Path) -> int | None:
+    """The port the last server of this state directory used (clients may still hold its URL)."""
+    from urllib.parse import urlsplit
+
+    url = read_server_file(state_dir).get("url")
+    try:
+        return urlsplit(url).port if isinstance(url, str) else None
+    except ValueError:
+        return None
+
+
+def _listen(host: str, port: int, previous: int | None) -> socket.socket:
+    """A listening socket; with port 0, the previous port if it is free, else any."""
+    candidates = [port] if port else [p for p in (previous, 0) if p is not None]
+    for index, candidate in enumerate(candidates):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, candidate))
+        except OSError as exc:
+            sock.close()
+            if index + 1 < len(candidates):
+                continue
+            raise ConfigError(
+                f"cannot listen on {host}:{candidate}: {exc.strerror}; choose another --port"
+            ) from exc
+        sock.listen(1024)
+        return sock
+    raise AssertionError("unreachable")
+
+
 def serve(config: ServerConfig) -> int:
     """Run in the foreground until SIGINT or SIGTERM."""
     import uvicorn
@@ -112,15 +143,7 @@ def serve(config: ServerConfig) -> int:
     if config.auth == "token":
         ensure_owner_token(config.state_dir)
     app = build_app(config)
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((config.host, config.port))
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot listen on {config.host}:{config.port}: {exc.strerror}; choose another --port"
-        ) from exc
-    sock.listen(1024)
+    sock = _listen(config.host, config.port, _previous_port(config.state_dir))
     sock.set_inheritable(False)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host

@@ -1,0 +1,52 @@
+import pytest
+
+from kbatch.errors import SpecError
+from kbatch.models import JobSpec
+from kbatch.patterns import expand_pattern, resolve_output
+from kbatch.server.policy import Policy, check
+
+
+def test_patterns() -> None:
+    assert (
+        expand_pattern("%x-%j.%u.out", job_id="42", name="train", user="ana") == "train-42.ana.out"
+    )
+    assert expand_pattern("%5j_%A_%a%%", job_id="42", name="n", user="u") == "00042_42_0%"
+    assert (
+        resolve_output(None, workdir="/home/u", job_id="7", name="n", user="u")
+        == "/home/u/kbatch-7.out"
+    )
+    assert resolve_output("/abs/%j", workdir="/home/u", job_id="7", name="n", user="u") == "/abs/7"
+    with pytest.raises(SpecError, match="%q is not known"):
+        expand_pattern("%q", job_id="1", name="n", user="u")
+
+
+SCRIPT = "#!/bin/sh\n"
+
+
+def test_policy_limits_name_the_rule() -> None:
+    policy = Policy(
+        max_cpus=2, max_memory=1024, max_gpus=0, max_time=60, allowed_images=("quay.io/jupyter/*",)
+    )
+    for spec, rule in [
+        (JobSpec(script=SCRIPT, cpus=3), "max_cpus"),
+        (JobSpec(script=SCRIPT, memory=2048), "max_memory"),
+        (JobSpec(script=SCRIPT, gpus=1), "max_gpus"),
+        (JobSpec(script=SCRIPT, time_limit=61), "max_time"),
+        (JobSpec(script=SCRIPT, image="docker.io/evil"), "allowed_images"),
+    ]:
+        with pytest.raises(SpecError, match=rule):
+            check(spec, policy)
+    ok = check(JobSpec(script=SCRIPT, image="quay.io/jupyter/scipy-notebook"), policy)
+    assert ok.time_limit == 60  # the maximum applies when no limit is given
+
+
+def test_policy_strips_credentials() -> None:
+    spec = check(
+        JobSpec(script=SCRIPT, environment={"JUPYTERHUB_API_TOKEN": "t", "A": "1"}), Policy()
+    )
+    assert spec.environment == {"A": "1"}
+
+
+def test_policy_environment_size() -> None:
+    with pytest.raises(SpecError, match="max_env_bytes"):
+        check(JobSpec(script=SCRIPT, environment={"A": "x" * 300_000}), Policy())
