@@ -7,7 +7,7 @@ import re
 
 from kbatch.errors import SpecError
 
-__all__ = ["DEFAULT_OUTPUT", "expand_pattern", "resolve_output"]
+__all__ = ["DEFAULT_OUTPUT", "check_pattern", "expand_pattern", "resolve_output"]
 
 DEFAULT_OUTPUT = "kbatch-%j.out"
 _TOKEN = re.compile(r"%(\d*)([a-zA-Z%])")
@@ -54,6 +54,3 @@ def resolve_output(pattern: str | None, *, workdir: str, job_id: str, name: str,
 def check_pattern(pattern: str) -> None:
     """Raise :class:`SpecError` for an unknown ``%`` token, before anything is created."""
     expand_pattern(pattern, job_id="1", name="x", user="u")
-
-
-__all__ += ["check_pattern"]

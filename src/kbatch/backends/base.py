@@ -7,17 +7,44 @@ take the owning user explicitly and never check permissions themselves.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import AsyncIterator, Collection
 
 from kbatch.models import Job, JobSpec, JobState
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "JobHooks"]
+
+log = logging.getLogger("kbatch.backends")
+
+
+class JobHooks:
+    """What the server adds around every job's life, whatever the backend.
+
+    A backend calls :meth:`environment` right before a job starts (its result is
+    added to the job's environment, e.g. a JupyterHub token made for this job)
+    and :meth:`finished` once after the job has ended, even when the end was
+    noticed only after a server restart.  The defaults do nothing.
+    """
+
+    async def environment(self, job: Job) -> dict[str, str]:
+        return {}
+
+    async def finished(self, job: Job) -> None:
+        return None
 
 
 class Backend(abc.ABC):
     """Runs jobs.  Chosen by the server's configuration (``backend = "local"``)."""
 
     name: str = "base"
+    hooks: JobHooks = JobHooks()
+
+    async def notify_finished(self, job: Job) -> None:
+        """Run the ``finished`` hook; its failure is logged, never raised into the backend."""
+        try:
+            await self.hooks.finished(job)
+        except Exception:
+            log.exception("the end-of-job hook failed for job %s", job.id)
 
     async def start(self) -> None:
         """Open resources and recover state after a restart."""

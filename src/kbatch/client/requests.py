@@ -15,11 +15,12 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from kbatch.errors import ApiError, api_error_for_status
-from kbatch.models import API_PREFIX, ErrorBody, JobList, JobSpec, SubmitRequest
+from kbatch.models import API_PREFIX, ErrorBody, JobSpec, SubmitRequest
 
 __all__ = [
     "Request",
     "cancel_job",
+    "error_from",
     "get_job",
     "job_logs",
     "list_jobs",
@@ -110,6 +111,3 @@ def parse(status: int, body: bytes, type: type[T]) -> T:
             status=status,
             code="bad_response",
         ) from exc
-
-
-__all__ += ["JobList", "error_from"]

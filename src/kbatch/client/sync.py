@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from kbatch.client import requests as rq
 from kbatch.client.config import ClientConfig, discover_config
-from kbatch.errors import ConfigError, ServiceUnavailable, TransportError
+from kbatch.errors import ConfigError, TransportError
 from kbatch.models import Identity, Job, JobList, JobSpec
 
 __all__ = ["Client"]
@@ -179,10 +179,7 @@ class Client:
             raise TransportError(f"lost the connection to {self.url}: {_reason(exc)}") from exc
         if response.will_close:
             self.close()
-        try:
-            return rq.parse(response.status, body, type)
-        except ServiceUnavailable:
-            raise
+        return rq.parse(response.status, body, type)
 
 
 def _reason(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
 from kbatch.errors import NotFound, SpecError
-from kbatch.models import ACTIVE_STATES, Job, JobSpec, JobState
+from kbatch.models import Job, JobSpec, JobState
 from kbatch.patterns import check_pattern, resolve_output
 from kbatch.units import format_memory
 
@@ -221,6 +221,7 @@ class LocalBackend(Backend):
                 reason="CancelledByUser",
                 finished=time.time(),
             )
+            await self.notify_finished(self._record(record.id).to_job())
         elif record.state is JobState.RUNNING:
             self._jobdir(record.id).request_cancel()
             self._wake.set()
@@ -253,7 +254,7 @@ class LocalBackend(Backend):
             running = store.list(states=[JobState.RUNNING])
             still_running: list[JobRecord] = []
             for record in running:
-                if not self._check_running(record):
+                if not await self._check_running(record):
                     still_running.append(record)
             pending = store.list(states=[JobState.PENDING])
             decision = schedule(
@@ -263,12 +264,13 @@ class LocalBackend(Backend):
             )
             by_id = {r.id: r for r in pending}
             for job_id in decision.start:
-                self._launch(by_id[job_id])
+                if not await self._launch(by_id[job_id]):
+                    break  # keep the order: nothing overtakes a job that could not start
             for job_id, reason in decision.waiting.items():
                 if by_id[job_id].reason != reason:
                     store.update(job_id, reason=reason)
 
-    def _check_running(self, record: JobRecord) -> bool:
+    async def _check_running(self, record: JobRecord) -> bool:
         """Finish the record if its job has ended; True if it did."""
         jobdir = self._jobdir(record.id)
         result = jobdir.read_result()
@@ -293,6 +295,7 @@ class LocalBackend(Backend):
             finished=result.finished,
         )
         log.info("job %s %s (exit code %s)", record.id, result.state, result.exit_code)
+        await self.notify_finished(self._record(record.id).to_job())
         return True
 
     def _supervisor_lost(self, record: JobRecord, jobdir: JobDir) -> Result | None:
@@ -317,8 +320,15 @@ class LocalBackend(Backend):
             finished=time.time(),
         )
 
-    def _launch(self, record: JobRecord) -> None:
+    async def _launch(self, record: JobRecord) -> bool:
+        """Start the job's supervisor; False if it must wait (a hook could not run)."""
         spec = record.spec
+        try:
+            extra_env = await self.hooks.environment(record.to_job())
+        except Exception as exc:  # noqa: BLE001 - any hook failure: retry on the next tick
+            log.warning("job %s: cannot prepare its start, will retry: %s", record.id, exc)
+            self.store.update(record.id, reason="JobSetupPending")
+            return False
         jobdir = self._jobdir(record.id)
         if jobdir.path.exists():
             shutil.rmtree(jobdir.path)  # left by an interrupted launch
@@ -328,7 +338,7 @@ class LocalBackend(Backend):
         launch = LaunchSpec(
             job_id=str(record.id),
             argv=[str(jobdir.script), *spec.args],
-            environment=self._job_environment(record, spec),
+            environment={**self._job_environment(record, spec), **extra_env},
             workdir=spec.workdir or "/",
             output=record.output,
             error=record.error,
@@ -351,7 +361,7 @@ class LocalBackend(Backend):
                 started=time.time(),
             )
             self._spawned.append(
-                subprocess.Popen(
+                subprocess.Popen(  # noqa: ASYNC220 - fork and exec only; the child detaches at once
                     [
                         self.config.python,
                         "-m",
@@ -377,6 +387,7 @@ class LocalBackend(Backend):
             )
         finally:
             os.close(lock_fd)
+        return True
 
     def _job_environment(self, record: JobRecord, spec: JobSpec) -> dict[str, str]:
         env = dict(spec.environment)
@@ -434,6 +445,3 @@ def _read_from(path: str, offset: int, size: int = 65536) -> bytes:
             return handle.read(size)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         return b""
-
-
-__all__ += ["ACTIVE_STATES"]
