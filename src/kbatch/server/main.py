@@ -44,7 +44,13 @@ def build_backend(config: ServerConfig) -> Backend:
         from kbatch.backends.local.backend import LocalBackend
 
         return LocalBackend(config.local_config())
-    raise ConfigError("the kubernetes backend is not available in this build")
+    try:
+        from kbatch.backends.kubernetes.backend import KubernetesBackend
+    except ImportError as exc:
+        raise ConfigError(
+            f"the kubernetes backend needs the kubernetes extra: pip install 'kbatch[kubernetes]' ({exc})"
+        ) from exc
+    return KubernetesBackend.from_config(config.extra.get("kubernetes", {}))
 
 
 def build_authenticator(config: ServerConfig) -> Authenticator:

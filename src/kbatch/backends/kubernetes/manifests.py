@@ -1,0 +1,264 @@
+"""Pure builders: a JobSpec and its context in, Kubernetes manifests (dicts) out.
+
+A job is three objects: the Job, a ConfigMap holding the script and the
+entrypoint, and a Secret holding the environment.  The Job is the record:
+labels say whose job it is, annotations hold its name, the spec the user
+sent (without script and environment) and any cancellation.  The ConfigMap
+and the Secret are owned by the Job, so deleting the Job cleans them up.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any
+
+import msgspec
+
+from kbatch.backends.kubernetes import names
+from kbatch.backends.kubernetes.notebook import NotebookDefaults
+from kbatch.errors import SpecError
+from kbatch.models import JobSpec
+
+__all__ = [
+    "GPU_RESOURCE",
+    "JobContext",
+    "Manifests",
+    "build_manifests",
+    "check_pod_security",
+    "merge",
+    "owner_reference",
+]
+
+GPU_RESOURCE = "nvidia.com/gpu"
+SCRIPT_DIR = "/kbatch"
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+ENTRYPOINT = files("kbatch.backends.kubernetes").joinpath("entrypoint.sh").read_text()
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Everything besides the user's spec that a job's manifests depend on."""
+
+    job_id: str
+    user: str
+    namespace: str
+    default_image: str
+    output: str | None = None  # resolved output file path in the job's file system
+    error: str | None = None
+    ttl_seconds: int | None = None
+    notebook: NotebookDefaults | None = None
+    template: dict[str, Any] = field(default_factory=dict)  # admin's Job template, merged in
+    extra_environment: dict[str, str] = field(default_factory=dict)  # from job hooks
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifests:
+    job: dict[str, Any]
+    config_map: dict[str, Any]
+    secret: dict[str, Any]
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: dicts merge key by key, lists of named items merge by name, else override wins."""
+    result = copy.deepcopy(base)
+    for key, value in override.items():
+        current = result.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            result[key] = merge(current, value)
+        elif (
+            isinstance(current, list)
+            and isinstance(value, list)
+            and all(isinstance(i, dict) and "name" in i for i in current + value)
+        ):
+            by_name = {item["name"]: item for item in current}
+            for item in value:
+                by_name[item["name"]] = merge(by_name.get(item["name"], {}), item)
+            result[key] = list(by_name.values())
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _resources(spec: JobSpec) -> dict[str, Any]:
+    quantities: dict[str, str] = {"cpu": str(spec.cpus)}
+    if spec.memory:
+        quantities["memory"] = str(spec.memory)
+    limits = dict(quantities)
+    if spec.gpus:
+        limits[GPU_RESOURCE] = str(spec.gpus)
+    return {"requests": quantities, "limits": limits}
+
+
+def _environment(spec: JobSpec, ctx: JobContext, name: str) -> dict[str, str]:
+    env: dict[str, str] = dict(ctx.notebook.environment) if ctx.notebook else {}
+    env.update(spec.environment)
+    env.update(
+        {
+            "KBATCH_JOB_ID": ctx.job_id,
+            "KBATCH_JOB_NAME": name,
+            "SLURM_JOB_ID": ctx.job_id,
+            "SLURM_JOBID": ctx.job_id,
+            "SLURM_JOB_NAME": name,
+            "SLURM_CPUS_PER_TASK": str(spec.cpus),
+            "SLURM_NTASKS": "1",
+            "SLURM_JOB_NUM_NODES": "1",
+            "KBATCH_OPEN_MODE": spec.open_mode,
+        }
+    )
+    if spec.workdir:
+        env["KBATCH_SUBMIT_DIR"] = env["SLURM_SUBMIT_DIR"] = spec.workdir
+    if spec.memory:
+        env["SLURM_MEM_PER_NODE"] = str(spec.memory // (1024 * 1024))
+    if ctx.output:
+        env["KBATCH_OUTPUT"] = ctx.output
+    if ctx.error:
+        env["KBATCH_ERROR"] = ctx.error
+    env.update(ctx.extra_environment)
+    # Secret keys are stricter than shell names; exported shell functions
+    # (BASH_FUNC_x%%) cannot be carried and are not wanted in a job.
+    return {k: v for k, v in env.items() if _SECRET_KEY.match(k)}
+
+
+def _public_spec(spec: JobSpec) -> str:
+    """The spec as recorded on the Job: without the script and the environment."""
+    return msgspec.json.encode(msgspec.structs.replace(spec, script="-", environment={})).decode()
+
+
+def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
+    name = names.job_object_name(ctx.job_id)
+    job_name = spec.name or "job"
+    notebook = ctx.notebook or NotebookDefaults()
+    image = spec.image or notebook.image or ctx.default_image
+    labels = {
+        names.LABEL_MANAGED: names.MANAGED_BY,
+        names.LABEL_JOB_ID: ctx.job_id,
+        names.LABEL_USER: names.safe_slug(ctx.user, max_length=63),
+    }
+    annotations = {
+        names.ANNOTATION_USER: ctx.user,
+        names.ANNOTATION_NAME: job_name,
+        names.ANNOTATION_SPEC: _public_spec(spec),
+    }
+    if ctx.idempotency_key:
+        annotations[names.ANNOTATION_IDEMPOTENCY] = ctx.idempotency_key
+    if ctx.output:
+        annotations[names.ANNOTATION_OUTPUT] = ctx.output
+    if ctx.error:
+        annotations[names.ANNOTATION_ERROR] = ctx.error
+    container: dict[str, Any] = {
+        "name": "job",
+        "image": image,
+        "command": ["/bin/sh", f"{SCRIPT_DIR}/entrypoint", f"{SCRIPT_DIR}/script", *spec.args],
+        "envFrom": [{"secretRef": {"name": name}}],
+        "resources": _resources(spec),
+        "volumeMounts": [
+            {"name": "kbatch-script", "mountPath": SCRIPT_DIR, "readOnly": True},
+            *notebook.volume_mounts,
+        ],
+    }
+    if spec.workdir:
+        container["workingDir"] = spec.workdir
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [
+            {"name": "kbatch-script", "configMap": {"name": name, "defaultMode": 0o755}},
+            *notebook.volumes,
+        ],
+    }
+    if notebook.node_selector:
+        pod_spec["nodeSelector"] = notebook.node_selector
+    if notebook.tolerations:
+        pod_spec["tolerations"] = notebook.tolerations
+    if notebook.security_context:
+        pod_spec["securityContext"] = notebook.security_context
+    check_pod_security(pod_spec)
+    job_spec: dict[str, Any] = {
+        "suspend": True,  # the ConfigMap and Secret are made before it runs
+        "backoffLimit": 0,
+        "podFailurePolicy": {
+            "rules": [
+                # a pod lost to node failure or preemption is retried, not a failure
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+    }
+    if spec.time_limit:
+        job_spec["activeDeadlineSeconds"] = spec.time_limit
+    if ctx.ttl_seconds is not None:
+        job_spec["ttlSecondsAfterFinished"] = ctx.ttl_seconds
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": ctx.namespace,
+            "labels": labels,
+            "annotations": annotations,
+        },
+        "spec": job_spec,
+    }
+    if ctx.template:
+        job = merge(job, ctx.template)
+    meta = {"name": name, "namespace": ctx.namespace, "labels": dict(labels)}
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {"script": spec.script, "entrypoint": ENTRYPOINT},
+    }
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": copy.deepcopy(meta),
+        "type": "Opaque",
+        "stringData": _environment(spec, ctx, job_name),
+    }
+    return Manifests(job=job, config_map=config_map, secret=secret)
+
+
+def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
+    """An ownerReference to a created Job (it needs the uid the API server gave it)."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"],
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
+_FORBIDDEN_POD = {
+    "hostNetwork": "host network",
+    "hostPID": "host PID namespace",
+    "hostIPC": "host IPC namespace",
+    "serviceAccountName": "a service account",
+    "serviceAccount": "a service account",
+}
+
+
+def check_pod_security(pod_spec: dict[str, Any]) -> None:
+    """Refuse what no job built from a user's request may have: host access, privilege,
+    a service account.  Everything users send is a JobSpec field, so this is a
+    last guard against defaults (e.g. copied from a notebook) that would grant them."""
+    for key, what in _FORBIDDEN_POD.items():
+        if pod_spec.get(key):
+            raise SpecError(f"jobs may not use {what} ({key})")
+    for volume in pod_spec.get("volumes") or []:
+        if "hostPath" in volume:
+            raise SpecError(f"jobs may not mount host paths (volume {volume.get('name')})")
+    for container in pod_spec.get("containers") or []:
+        context = container.get("securityContext") or {}
+        if context.get("privileged") or context.get("allowPrivilegeEscalation"):
+            raise SpecError("jobs may not run privileged containers")
+        added = (context.get("capabilities") or {}).get("add") or []
+        if added:
+            raise SpecError(f"jobs may not add capabilities ({', '.join(added)})")

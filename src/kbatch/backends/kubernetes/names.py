@@ -1,0 +1,87 @@
+"""Safe, collision-free Kubernetes names for any JupyterHub user name.
+
+Follows KubeSpawner's ``safe_slug``: a name that is already a valid DNS label
+is used as it is; any other is lowercased, stripped to ``[a-z0-9-]`` and given
+a hash of the original, so that two different users never share a slug.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import string
+
+__all__ = [
+    "ANNOTATION_CANCELLED",
+    "ANNOTATION_ERROR",
+    "ANNOTATION_IDEMPOTENCY",
+    "ANNOTATION_NAME",
+    "ANNOTATION_OUTPUT",
+    "ANNOTATION_SPEC",
+    "ANNOTATION_USER",
+    "LABEL_JOB_ID",
+    "LABEL_MANAGED",
+    "LABEL_USER",
+    "MANAGED_BY",
+    "is_dns_label",
+    "job_object_name",
+    "namespace_for",
+    "new_job_id",
+    "safe_slug",
+]
+
+PREFIX = "kbatch.jupyter.org"
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+LABEL_JOB_ID = f"{PREFIX}/job-id"
+LABEL_USER = f"{PREFIX}/user"
+ANNOTATION_USER = f"{PREFIX}/username"
+ANNOTATION_NAME = f"{PREFIX}/job-name"
+ANNOTATION_SPEC = f"{PREFIX}/spec"
+ANNOTATION_CANCELLED = f"{PREFIX}/cancelled"
+ANNOTATION_IDEMPOTENCY = f"{PREFIX}/idempotency-key"
+ANNOTATION_OUTPUT = f"{PREFIX}/output"
+ANNOTATION_ERROR = f"{PREFIX}/error"
+MANAGED_BY = "kbatch"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_UNSAFE = re.compile(r"[^a-z0-9]+")
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def is_dns_label(name: str, max_length: int = 63) -> bool:
+    return len(name) <= max_length and bool(_DNS_LABEL.match(name))
+
+
+def _hash(name: str, length: int = 8) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:length]
+
+
+def safe_slug(name: str, max_length: int = 40) -> str:
+    """A DNS-label slug of ``name``: ``name`` itself when safe, else ``<clean>---<hash>``."""
+    if is_dns_label(name, max_length) and "--" not in name:
+        return name
+    clean = _UNSAFE.sub("-", name.lower()).strip("-")
+    if not clean or not clean[0].isalpha():
+        clean = "x-" + clean if clean else "x"
+    suffix = _hash(name)
+    clean = clean[: max_length - len(suffix) - 3].strip("-")
+    return f"{clean}---{suffix}"
+
+
+def new_job_id() -> str:
+    """A short, unique job id: a letter and 7 lowercase letters or digits."""
+    first = secrets.choice(string.ascii_lowercase)
+    return first + "".join(secrets.choice(_ID_ALPHABET) for _ in range(7))
+
+
+def job_object_name(job_id: str) -> str:
+    return f"kbatch-{job_id}"
+
+
+def namespace_for(user: str, template: str) -> str:
+    """The namespace of a user's jobs: ``template`` with ``{username}`` as a safe slug."""
+    name = template.format(username=safe_slug(user, max_length=40))
+    if not is_dns_label(name):
+        raise ValueError(f"namespace template {template!r} gives an invalid name {name!r}")
+    return name
