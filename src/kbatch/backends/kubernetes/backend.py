@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
+import httpx2 as httpx  # lightkube is built on httpx2, a fork of httpx
 from lightkube import ALL_NS, ApiError, AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.resources.batch_v1 import Job as K8sJob
@@ -122,7 +122,7 @@ class KubernetesBackend(Backend):
         self._pods_by_job: dict[str, dict[str, dict[str, Any]]] = {}
         self._job_keys: dict[str, tuple[str, str]] = {}  # job id -> (namespace, name)
         self._models: dict[str, Job] = {}
-        self._finished_notified: set[str] = set()
+        self._finishing: set[str] = set()
         self._namespaces: set[str] = set()
 
     @classmethod
@@ -211,14 +211,28 @@ class KubernetesBackend(Backend):
 
     def _refresh(self, job_id: str) -> None:
         assert self._jobs is not None
-        obj = self._jobs.objects.get(self._job_keys[job_id])
+        key = self._job_keys[job_id]
+        obj = self._jobs.objects.get(key)
         if obj is None:
             return
         model = job_from_objects(obj, list(self._pods_by_job.get(job_id, {}).values()))
         self._models[job_id] = model
-        if model.state.is_terminal and job_id not in self._finished_notified:
-            self._finished_notified.add(job_id)
-            asyncio.get_running_loop().create_task(self.notify_finished(model))
+        finalized = names.ANNOTATION_FINALIZED in (obj["metadata"].get("annotations") or {})
+        if model.state.is_terminal and not finalized and job_id not in self._finishing:
+            self._finishing.add(job_id)
+            asyncio.get_running_loop().create_task(self._finish(model, key))
+
+    async def _finish(self, job: Job, key: tuple[str, str]) -> None:
+        """Run the end hook once per job, and record on the Job that it ran."""
+        await self.notify_finished(job)
+        patch = {
+            "metadata": {"annotations": {names.ANNOTATION_FINALIZED: datetime.now(UTC).isoformat()}}
+        }
+        try:
+            await self.client.patch(K8sJob, key[1], patch, namespace=key[0])
+        except (ApiError, httpx.HTTPError) as exc:
+            log.warning("job %s: cannot record that it was finalized: %s", job.id, exc)
+            self._finishing.discard(job.id)
 
     # -- the interface -------------------------------------------------------------
 
@@ -467,11 +481,59 @@ class KubernetesBackend(Backend):
             if not follow or job.state.is_terminal:
                 return
             await asyncio.sleep(0.5)
-        pod_name = started[-1]["metadata"]["name"]
+        pod = started[-1]
+        pod_name = pod["metadata"]["name"]
+        ended = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+        if not follow or ended:
+            try:
+                async for line in self.client.log(pod_name, namespace=namespace, container="job"):
+                    yield line.encode()
+            except (ApiError, httpx.HTTPError) as exc:
+                raise api_error(exc, "read the job's log") from exc
+            return
+        async for chunk in self._follow(job_id, pod_name, namespace):
+            yield chunk
+
+    async def _follow(self, job_id: str, pod_name: str, namespace: str) -> AsyncIterator[bytes]:
+        """Follow a running pod's log until the job has ended and the log is quiet.
+
+        A kubelet ends the stream when the container exits; this does not rely
+        on it, so a stream that stays open cannot keep ``kbatch logs -f`` waiting.
+        """
+        lines: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for line in self.client.log(
+                    pod_name, namespace=namespace, container="job", follow=True
+                ):
+                    await lines.put(line.encode())
+                await lines.put(None)
+            except (ApiError, httpx.HTTPError) as exc:
+                await lines.put(exc)
+
+        reader = asyncio.create_task(read())
+        quiet_after_end = 0
         try:
-            async for line in self.client.log(
-                pod_name, namespace=namespace, container="job", follow=follow
-            ):
-                yield line.encode()
-        except (ApiError, httpx.HTTPError) as exc:
-            raise api_error(exc, "read the job's log") from exc
+            while True:
+                try:
+                    item = await asyncio.wait_for(lines.get(), timeout=0.5)
+                except TimeoutError:
+                    if (await self.get(job_id)).state.is_terminal:
+                        quiet_after_end += 1
+                        if quiet_after_end >= 2:  # a second of silence after the end
+                            return
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise api_error(
+                        item if isinstance(item, Exception) else RuntimeError(item),
+                        "follow the job's log",
+                    )
+                quiet_after_end = 0
+                yield item
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader

@@ -15,6 +15,7 @@ import string
 __all__ = [
     "ANNOTATION_CANCELLED",
     "ANNOTATION_ERROR",
+    "ANNOTATION_FINALIZED",
     "ANNOTATION_IDEMPOTENCY",
     "ANNOTATION_NAME",
     "ANNOTATION_OUTPUT",
@@ -39,6 +40,7 @@ ANNOTATION_USER = f"{PREFIX}/username"
 ANNOTATION_NAME = f"{PREFIX}/job-name"
 ANNOTATION_SPEC = f"{PREFIX}/spec"
 ANNOTATION_CANCELLED = f"{PREFIX}/cancelled"
+ANNOTATION_FINALIZED = f"{PREFIX}/finalized"  # the end-of-job hook has run
 ANNOTATION_IDEMPOTENCY = f"{PREFIX}/idempotency-key"
 ANNOTATION_OUTPUT = f"{PREFIX}/output"
 ANNOTATION_ERROR = f"{PREFIX}/error"

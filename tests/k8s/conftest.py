@@ -1,0 +1,120 @@
+"""A real control plane for the Kubernetes tests, and the kbatch chart's RBAC installed on it.
+
+The backend under test authenticates as the ServiceAccount the Helm chart
+creates, with exactly the RBAC the chart grants: never as the cluster admin.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.k8s_cluster import K8sCluster, k8s_cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "kbatch"
+SYSTEM_NS = "kbatch-system"
+SHARED_NS = "kbatch-jobs"
+HUB_NS = "hub"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[K8sCluster]:
+    with k8s_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    out = subprocess.run(
+        ["bash", str(REPO / "tools" / "helm" / "build.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def render_chart(helm: Path, release: str, *values: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [
+            str(helm),
+            "template",
+            release,
+            str(CHART),
+            "--namespace",
+            SYSTEM_NS,
+            "--set",
+            "jupyterhub.apiToken=test-token",
+            *values,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@dataclass
+class Installed:
+    release: str
+    kubeconfig: Path
+    documents: list[dict[str, Any]]
+
+
+def _install(cluster: K8sCluster, helm: Path, release: str, *values: str) -> Installed:
+    docs = render_chart(helm, release, *values)
+    namespaces = {SYSTEM_NS, SHARED_NS, HUB_NS}
+    cluster.apply(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+                    for ns in sorted(namespaces)
+                ],
+            }
+        )
+    )
+    # The chart's ServiceAccount and RBAC, for real; the rest is dry-run tested elsewhere.
+    rbac = [
+        d
+        for d in docs
+        if d["kind"]
+        in ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    ]
+    cluster.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}))
+    for ns in sorted(namespaces):
+        cluster.wait_for_default_service_account(ns)
+    kubeconfig = cluster.service_account_kubeconfig(
+        release, SYSTEM_NS, create=False, duration="24h"
+    )
+    return Installed(release, kubeconfig, docs)
+
+
+@pytest.fixture(scope="session")
+def shared(cluster: K8sCluster, helm: Path) -> Installed:
+    """The chart in shared mode: every job in SHARED_NS, notebooks looked up in HUB_NS."""
+    return _install(
+        cluster,
+        helm,
+        "kbatch",
+        "--set",
+        f"kubernetes.namespace={SHARED_NS}",
+        "--set",
+        f"kubernetes.notebookNamespace={HUB_NS}",
+    )
+
+
+@pytest.fixture(scope="session")
+def per_user(cluster: K8sCluster, helm: Path) -> Installed:
+    """The chart in per-user mode: a namespace per user, created on demand."""
+    return _install(cluster, helm, "kbatch-pu", "--set", "kubernetes.namespaceMode=per-user")
