@@ -467,3 +467,31 @@ def test_entrypoint_passes_sigterm_to_the_script(tmp_path: Path) -> None:
     assert proc.returncode == 143
     assert "got TERM" in out.read_text()
     assert time.monotonic() - start < 5
+
+
+# -- API server errors to user-facing errors ---------------------------------------------------
+
+
+def test_api_errors_become_clear_statuses() -> None:
+    import httpx2
+    from lightkube import ApiError
+    from lightkube.models.meta_v1 import Status
+
+    from kbatch.backends.kubernetes.backend import api_error
+
+    def status(code: int, message: str) -> ApiError:
+        return ApiError(status=Status(code=code, message=message))
+
+    cases = [
+        (status(403, 'secrets "x" is forbidden: exceeded quota: q'), 403, "quota_exceeded"),
+        (status(403, "jobs.batch is forbidden: User cannot create"), 403, "forbidden"),
+        (status(404, "not found"), 404, "not_found"),
+        (status(409, "already exists"), 409, "conflict"),
+        (status(422, "Job.batch is invalid"), 422, "invalid_spec"),
+        (status(500, "etcd timeout"), 503, "kubernetes_unavailable"),
+        (httpx2.ConnectError("connection refused"), 503, "kubernetes_unavailable"),
+    ]
+    for exc, code, kind in cases:
+        error = api_error(exc, "create the job")
+        assert (error.status, error.code) == (code, kind), exc
+        assert "create the job" in error.message or code in (404, 422)
