@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.k8s_cluster import K8sCluster, k8s_cluster
+from tests.support.k8s_cluster import DEFAULT_POD_LOG, K8sCluster, k8s_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "kbatch"
@@ -27,8 +27,15 @@ HUB_NS = "hub"
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[K8sCluster]:
-    with k8s_cluster() as c:
+    with k8s_cluster(nodes=2) as c:
         yield c
+
+
+@pytest.fixture
+def pod_log(cluster: K8sCluster) -> Iterator[Callable[[str], None]]:
+    """Set what every container's log says (kwok serves one text); restored afterwards."""
+    yield cluster.write_pod_log
+    cluster.write_pod_log(DEFAULT_POD_LOG)
 
 
 @pytest.fixture(scope="session")

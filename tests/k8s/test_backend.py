@@ -161,8 +161,8 @@ async def test_unschedulable_job_is_pending_with_the_reason(shared: Installed) -
         assert (await final(backend, job.id)).state is JobState.CANCELLED
 
 
-async def test_logs(cluster: K8sCluster, shared: Installed) -> None:
-    cluster.write_pod_log("line one\nline two\n")
+async def test_logs(cluster: K8sCluster, shared: Installed, pod_log: Callable[[str], None]) -> None:
+    pod_log("line one\nline two\n")
     async with started(shared) as backend:
         job = await backend.submit("alice", spec(), idempotency_key=None)
         await final(backend, job.id)

@@ -8,36 +8,26 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(_REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(_REPO_ROOT))
-
-from tests.support.k8s_cluster import (  # noqa: E402
+from tests.support.k8s_cluster import (
     DEFAULT_POD_LOG,
     DURATION_ANNOTATION,
     EXIT_CODE_ANNOTATION,
     OUTCOME_LABEL,
     REASON_ANNOTATION,
     K8sCluster,
-    ensure_binaries,
+    KubectlError,
 )
 
+pytestmark = pytest.mark.kubernetes
+
 K8S_VERSION = "v1.33.13"
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Iterator[K8sCluster]:
-    with K8sCluster(ensure_binaries(), nodes=2) as c:
-        yield c
 
 
 @pytest.fixture
@@ -55,6 +45,7 @@ def job_manifest(
     labels: dict[str, str] | None = None,
     annotations: dict[str, str] | None = None,
     backoff_limit: int = 0,
+    ttl_seconds: int = 600,
 ) -> str:
     return json.dumps(
         {
@@ -63,7 +54,7 @@ def job_manifest(
             "metadata": {"name": name},
             "spec": {
                 "backoffLimit": backoff_limit,
-                "ttlSecondsAfterFinished": 600,
+                "ttlSecondsAfterFinished": ttl_seconds,
                 "template": {
                     "metadata": {"labels": labels or {}, "annotations": annotations or {}},
                     "spec": {
@@ -87,9 +78,16 @@ def create_job(cluster: K8sCluster, namespace: str, name: str, **kwargs: Any) ->
     cluster.kubectl("create", "-n", namespace, "-f", "-", input=job_manifest(name, **kwargs))
 
 
-def wait_job(cluster: K8sCluster, namespace: str, name: str, condition: str, timeout: int = 60) -> dict[str, Any]:
+def wait_job(
+    cluster: K8sCluster, namespace: str, name: str, condition: str, timeout: int = 60
+) -> dict[str, Any]:
     cluster.kubectl(
-        "wait", "-n", namespace, f"--for=condition={condition}", f"job/{name}", f"--timeout={timeout}s",
+        "wait",
+        "-n",
+        namespace,
+        f"--for=condition={condition}",
+        f"job/{name}",
+        f"--timeout={timeout}s",
         timeout=timeout + 30,
     )
     job: dict[str, Any] = cluster.kubectl_json("get", "-n", namespace, f"job/{name}")
@@ -134,7 +132,12 @@ def test_job_completes(cluster: K8sCluster, namespace: str) -> None:
     ],
 )
 def test_job_fails(
-    cluster: K8sCluster, namespace: str, outcome: str, annotations: dict[str, str], exit_code: int, reason: str
+    cluster: K8sCluster,
+    namespace: str,
+    outcome: str,
+    annotations: dict[str, str],
+    exit_code: int,
+    reason: str,
 ) -> None:
     create_job(cluster, namespace, "bad", labels={OUTCOME_LABEL: outcome}, annotations=annotations)
     job = wait_job(cluster, namespace, "bad", "Failed")
@@ -151,7 +154,13 @@ def test_run_duration(cluster: K8sCluster, namespace: str) -> None:
     start = time.monotonic()
     create_job(cluster, namespace, "slow", annotations={DURATION_ANNOTATION: "3s"})
     cluster.kubectl(
-        "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Running", "pod", "-l", "job-name=slow",
+        "wait",
+        "-n",
+        namespace,
+        "--for=jsonpath={.status.phase}=Running",
+        "pod",
+        "-l",
+        "job-name=slow",
         "--timeout=30s",
     )
     assert cluster.kubectl_json("get", "-n", namespace, "job/slow")["status"].get("active") == 1
@@ -159,14 +168,27 @@ def test_run_duration(cluster: K8sCluster, namespace: str) -> None:
     assert time.monotonic() - start >= 3
 
 
+def test_ttl_after_finished(cluster: K8sCluster, namespace: str) -> None:
+    create_job(cluster, namespace, "ttl", ttl_seconds=0)
+    cluster.kubectl("wait", "-n", namespace, "--for=delete", "job/ttl", "--timeout=60s")
+
+
 def test_other_outcome_keeps_running(cluster: K8sCluster, namespace: str) -> None:
     create_job(cluster, namespace, "forever", labels={OUTCOME_LABEL: "running"})
     cluster.kubectl(
-        "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Running", "pod", "-l", "job-name=forever",
+        "wait",
+        "-n",
+        namespace,
+        "--for=jsonpath={.status.phase}=Running",
+        "pod",
+        "-l",
+        "job-name=forever",
         "--timeout=30s",
     )
     # Nothing ends it; deleting the Job (as scancel would) removes its pod.
-    cluster.kubectl("delete", "-n", namespace, "job/forever", "--cascade=foreground", "--timeout=60s")
+    cluster.kubectl(
+        "delete", "-n", namespace, "job/forever", "--cascade=foreground", "--timeout=60s"
+    )
     pods = cluster.kubectl_json("get", "pods", "-n", namespace, "-l", "job-name=forever")["items"]
     assert pods == []
 
@@ -179,7 +201,9 @@ def test_pod_logs(cluster: K8sCluster, namespace: str) -> None:
     cluster.write_pod_log("line one\nline two\n")
     try:
         assert cluster.kubectl("logs", "-n", namespace, "job/logs").stdout == "line one\nline two\n"
-        assert cluster.kubectl("logs", "-n", namespace, "job/logs", "--tail=1").stdout == "line two\n"
+        assert (
+            cluster.kubectl("logs", "-n", namespace, "job/logs", "--tail=1").stdout == "line two\n"
+        )
     finally:
         cluster.write_pod_log(DEFAULT_POD_LOG)
 
@@ -190,14 +214,27 @@ def test_service_account_rbac(cluster: K8sCluster, namespace: str) -> None:
     try:
         sa_kubeconfig = cluster.service_account_kubeconfig("submitter", namespace)
         cluster.kubectl(
-            "create", "role", "jobs", "-n", namespace, "--verb=get,list,watch,create,delete", "--resource=jobs",
+            "create",
+            "role",
+            "jobs",
+            "-n",
+            namespace,
+            "--verb=get,list,watch,create,delete",
+            "--resource=jobs",
         )
         cluster.kubectl(
-            "create", "rolebinding", "jobs", "-n", namespace, "--role=jobs",
+            "create",
+            "rolebinding",
+            "jobs",
+            "-n",
+            namespace,
+            "--role=jobs",
             f"--serviceaccount={namespace}:submitter",
         )
         who = cluster.kubectl_json("auth", "whoami", kubeconfig=sa_kubeconfig)
-        assert who["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:submitter"
+        assert (
+            who["status"]["userInfo"]["username"] == f"system:serviceaccount:{namespace}:submitter"
+        )
 
         # allowed inside the Role's namespace (the kubeconfig's default namespace)
         cluster.kubectl("create", "-f", "-", input=job_manifest("sa-job"), kubeconfig=sa_kubeconfig)
@@ -213,13 +250,17 @@ def test_service_account_rbac(cluster: K8sCluster, namespace: str) -> None:
         for proc in denied:
             assert proc.returncode != 0
             assert "forbidden" in proc.stderr.lower(), proc.stderr
-        can_i = cluster.kubectl("auth", "can-i", "create", "jobs", "-n", other, kubeconfig=sa_kubeconfig, check=False)
+        can_i = cluster.kubectl(
+            "auth", "can-i", "create", "jobs", "-n", other, kubeconfig=sa_kubeconfig, check=False
+        )
         assert can_i.stdout.strip() == "no"
     finally:
         cluster.kubectl("delete", "namespace", other, "--wait=false", check=False)
 
 
 def test_kubectl_failure_is_reported(cluster: K8sCluster) -> None:
-    with pytest.raises(subprocess.CalledProcessError) as info:
+    with pytest.raises(KubectlError) as info:
         cluster.kubectl("get", "job", "does-not-exist", "-n", "default")
+    assert isinstance(info.value, subprocess.CalledProcessError)
     assert "NotFound" in info.value.stderr
+    assert "NotFound" in str(info.value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,9 +45,9 @@ def jobs_in(cluster: K8sCluster) -> int:
 
 
 def test_submit_queue_show_logs_cancel(
-    cluster: K8sCluster, k8s_server: KbatchServer, tmp_path: Path
+    cluster: K8sCluster, k8s_server: KbatchServer, tmp_path: Path, pod_log: Callable[[str], None]
 ) -> None:
-    cluster.write_pod_log("hello from the pod\n")
+    pod_log("hello from the pod\n")
     result = k8s_server.cli("submit", "-J", "k8s-demo", "--wrap", "echo hi", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.split()[-1]

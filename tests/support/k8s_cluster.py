@@ -44,8 +44,9 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, IO
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -57,7 +58,9 @@ BUILD_SCRIPT = REPO_ROOT / "tools" / "k8s" / "build.sh"
 DEFAULT_STAGES_FILE = Path(__file__).with_name("kwok_stages.yaml")
 
 # Pod label / annotations understood by kwok_stages.yaml.
-OUTCOME_LABEL = "kwok.x-k8s.io/test-outcome"  # "succeed" (default) | "oom" | "fail" | other: stays Running
+OUTCOME_LABEL = (
+    "kwok.x-k8s.io/test-outcome"  # "succeed" (default) | "oom" | "fail" | other: stays Running
+)
 EXIT_CODE_ANNOTATION = "kwok.x-k8s.io/test-exit-code"
 REASON_ANNOTATION = "kwok.x-k8s.io/test-reason"
 MESSAGE_ANNOTATION = "kwok.x-k8s.io/test-message"
@@ -70,11 +73,25 @@ SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 DEFAULT_NODE_CAPACITY: Mapping[str, str] = {"cpu": "16", "memory": "64Gi", "pods": "110"}
 DEFAULT_POD_LOG = "hello from kwok\n"
 
-_BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok")
+_BINARIES = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+)
 
 
 class ClusterStartError(RuntimeError):
     """The control plane did not come up; the message carries log tails."""
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl run; unlike its base class, str() includes kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr: {self.stderr}"
 
 
 # --------------------------------------------------------------------------- binaries
@@ -145,7 +162,7 @@ class _KeyPair:
 def _make_ca(common_name: str) -> _KeyPair:
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -171,7 +188,9 @@ def _make_ca(common_name: str) -> _KeyPair:
             critical=True,
         )
         .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     return _KeyPair(cert, key)
@@ -190,7 +209,7 @@ def _make_leaf(
     key = _new_key()
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     usages = []
     if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
@@ -222,7 +241,9 @@ def _make_leaf(
         )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
     )
     if dns_names or ips:
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_names]
@@ -269,7 +290,10 @@ def kubeconfig_text(
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
-            {"name": "kbatch-test", "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)}}
+            {
+                "name": "kbatch-test",
+                "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)},
+            }
         ],
         "users": [{"name": user, "user": user_entry}],
         "contexts": [{"name": user, "context": context}],
@@ -311,7 +335,6 @@ class _Process:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
-    log_file: IO[bytes]
 
     def running(self) -> bool:
         return self.popen.poll() is None
@@ -327,7 +350,7 @@ def _tail(path: Path, lines: int) -> str:
 
 def _cri_log(text: str, stream: str = "stdout") -> str:
     """``text`` as CRI container log lines, the format kwok's kubelet server reads."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
     return "".join(f"{stamp} {stream} F {line}\n" for line in text.splitlines())
 
 
@@ -356,17 +379,20 @@ class K8sCluster:
         keep_workdir: bool | None = None,
     ) -> None:
         """
-        bin_dir        directory with etcd, kube-*, kubectl, kwok (see ensure_binaries)
-        workdir        where certs, etcd data, configs and logs go (default: a new temp dir)
-        nodes          number of fake Nodes (kwok-node-0, ...)
-        node_capacity  capacity/allocatable of each Node
-        stages_file    kwok Stage YAML; None gives kwok's built-in default stages, but
-                       only if extra_stages has no Pod stage (any Pod stage replaces them)
-        extra_stages   more kwok Stage (or other kwok config) YAML documents, appended
-        pod_log        text every container "logs" (kwok ClusterLogs); None: no logs
-                       configured, and `kubectl logs` fails
-        keep_workdir   keep workdir after stop (default: $KBATCH_K8S_KEEP=1, or a
-                       caller-given workdir)
+        bin_dir          directory with etcd, kube-*, kubectl, kwok (see ensure_binaries)
+        workdir          certs, etcd data, configs and logs (default: a new temp dir)
+        nodes            number of fake Nodes (kwok-node-0, ...)
+        node_capacity    capacity/allocatable of each Node
+        stages_file      kwok Stage YAML; None gives kwok's built-in default stages, but
+                         only if extra_stages has no Pod stage (any Pod stage replaces them)
+        extra_stages     more kwok Stage (or other kwok config) YAML documents, appended;
+                         a Pod stage must not match the same pods as another, or kwok
+                         picks one of them at random
+        pod_log          text every container "logs" (kwok ClusterLogs); None: no logs
+                         configured, and `kubectl logs` fails with BadRequest
+        startup_timeout  seconds for the whole start (one deadline for all waits)
+        keep_workdir     keep workdir after stop (default: $KBATCH_K8S_KEEP=1, or a
+                         caller-given workdir)
         """
         self.bin_dir = Path(bin_dir)
         self._given_workdir = Path(workdir) if workdir is not None else None
@@ -384,6 +410,7 @@ class K8sCluster:
         self._workdir: Path | None = None
         self._server: str | None = None
         self._started = False
+        self._deadline = 0.0
         self.ports: dict[str, int] = {}
         self.node_names = [f"kwok-node-{i}" for i in range(nodes)]
 
@@ -436,6 +463,7 @@ class K8sCluster:
         if self._started:
             raise RuntimeError("cluster already started")
         self._started = True
+        self._deadline = time.monotonic() + self.startup_timeout
         if self._given_workdir is not None:
             self._given_workdir.mkdir(parents=True, exist_ok=True)
             self._workdir = self._given_workdir
@@ -465,7 +493,6 @@ class K8sCluster:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
                 p.popen.wait(timeout=10)
-            p.log_file.close()
         if self._workdir is not None and not self.keep_workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
 
@@ -495,9 +522,11 @@ class K8sCluster:
             f"--cache-dir={self.workdir / 'kubectl-cache'}",
             *args,
         ]
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+            raise KubectlError(proc.returncode, cmd, proc.stdout, proc.stderr)
         return proc
 
     def kubectl_json(self, *args: str, kubeconfig: Path | None = None) -> Any:
@@ -531,7 +560,9 @@ class K8sCluster:
                 "metadata": {"name": name, "namespace": namespace},
             }
             self.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": [ns, sa]}))
-        token = self.kubectl("create", "token", name, "-n", namespace, f"--duration={duration}").stdout.strip()
+        token = self.kubectl(
+            "create", "token", name, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
         text = kubeconfig_text(
             self.server,
             self.ca_path.read_bytes(),
@@ -550,40 +581,53 @@ class K8sCluster:
         """Wait until the controller-manager created ``namespace``'s "default" ServiceAccount
         (pods cannot be created before it exists)."""
         self.kubectl(
-            "wait", "--for=create", "serviceaccount/default", "-n", namespace, f"--timeout={int(timeout)}s",
+            "wait",
+            "--for=create",
+            "serviceaccount/default",
+            "-n",
+            namespace,
+            f"--timeout={int(timeout)}s",
             timeout=timeout + 30,
         )
 
     # -- startup -----------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> _Process:
+    def _spawn(
+        self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> _Process:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")
-        log_file.write(("$ " + " ".join(args) + "\n").encode())
-        log_file.flush()
-        popen = subprocess.Popen(
-            list(args),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-            preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
-        )
-        proc = _Process(name, popen, log_path, log_file)
+        with open(log_path, "ab") as log_file:  # the child keeps its own copy of the fd
+            log_file.write(("$ " + " ".join(args) + "\n").encode())
+            log_file.flush()
+            popen = subprocess.Popen(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+            )
+        proc = _Process(name, popen, log_path)
         self._procs.append(proc)
         return proc
 
-    def _wait_until(self, what: str, check: Callable[[], bool], timeout: float | None = None) -> None:
-        """Poll ``check`` until true; fail at the deadline or as soon as a component exits."""
-        deadline = time.monotonic() + (timeout if timeout is not None else self.startup_timeout)
+    def _remaining(self) -> float:
+        """Seconds left of ``startup_timeout`` (one deadline for the whole start)."""
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _wait_until(self, what: str, check: Callable[[], bool]) -> None:
+        """Poll ``check`` until true; fail at the start deadline or as soon as a component exits."""
+        deadline = self._deadline
         delay = 0.05
         while True:
             for p in self._procs:
                 if not p.running():
-                    raise ClusterStartError(f"{p.name} exited with code {p.popen.returncode} while waiting for {what}")
+                    raise ClusterStartError(
+                        f"{p.name} exited with code {p.popen.returncode} while waiting for {what}"
+                    )
             if check():
                 return
             if time.monotonic() > deadline:
@@ -592,7 +636,9 @@ class K8sCluster:
             delay = min(delay * 1.5, 0.5)
 
     @staticmethod
-    def _http_ok(url: str, context: ssl.SSLContext | None = None, expect: bytes | None = None) -> bool:
+    def _http_ok(
+        url: str, context: ssl.SSLContext | None = None, expect: bytes | None = None
+    ) -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2, context=context) as resp:
                 body = resp.read()
@@ -604,7 +650,7 @@ class K8sCluster:
         wd = self.workdir
         pki = wd / "pki"
         names = ["etcd-client", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok"]
-        self.ports = dict(zip(names, free_ports(len(names))))
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self._server = f"https://127.0.0.1:{self.ports['apiserver']}"
 
         # PKI: one CA for serving and client certs; a separate key signs SA tokens.
@@ -644,12 +690,21 @@ class K8sCluster:
 
         def kubeconfig_for(pair: _KeyPair, user: str) -> str:
             return kubeconfig_text(
-                self.server, ca.cert_pem, user=user, client_cert_pem=pair.cert_pem, client_key_pem=pair.key_pem
+                self.server,
+                ca.cert_pem,
+                user=user,
+                client_cert_pem=pair.cert_pem,
+                client_key_pem=pair.key_pem,
             )
 
         _write(self.kubeconfig, kubeconfig_for(admin, "kubernetes-admin"))
-        kcm_kubeconfig = _write(wd / "controller-manager.kubeconfig", kubeconfig_for(kcm, "system:kube-controller-manager"))
-        sched_kubeconfig = _write(wd / "scheduler.kubeconfig", kubeconfig_for(sched, "system:kube-scheduler"))
+        kcm_kubeconfig = _write(
+            wd / "controller-manager.kubeconfig",
+            kubeconfig_for(kcm, "system:kube-controller-manager"),
+        )
+        sched_kubeconfig = _write(
+            wd / "scheduler.kubeconfig", kubeconfig_for(sched, "system:kube-scheduler")
+        )
 
         bin_ = self.bin_dir
 
@@ -671,7 +726,9 @@ class K8sCluster:
                 "--log-level=warn",
             ],
         )
-        self._wait_until("etcd /health", lambda: self._http_ok(f"{etcd_url}/health", expect=b'"true"'))
+        self._wait_until(
+            "etcd /health", lambda: self._http_ok(f"{etcd_url}/health", expect=b'"true"')
+        )
 
         # kube-apiserver
         self._spawn(
@@ -701,8 +758,12 @@ class K8sCluster:
             ],
         )
         api_ctx = ssl.create_default_context(cafile=str(self.ca_path))
+        # what Python 3.13+ sets by default: the CA must pass strict X.509 checks
+        api_ctx.verify_flags |= ssl.VERIFY_X509_STRICT
         api_ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-        self._wait_until("kube-apiserver /readyz", lambda: self._http_ok(f"{self.server}/readyz", api_ctx, b"ok"))
+        self._wait_until(
+            "kube-apiserver /readyz", lambda: self._http_ok(f"{self.server}/readyz", api_ctx, b"ok")
+        )
 
         # kube-controller-manager and kube-scheduler (self-signed serving certs in --cert-dir)
         self._spawn(
@@ -766,14 +827,29 @@ class K8sCluster:
         insecure.verify_mode = ssl.CERT_NONE
         for name in ("controller-manager", "scheduler"):
             url = f"https://127.0.0.1:{self.ports[name]}/healthz"
-            self._wait_until(f"kube-{name} /healthz", lambda url=url: self._http_ok(url, insecure, b"ok"))
-        self._wait_until("kwok /healthz", lambda: self._http_ok(f"http://127.0.0.1:{kwok_port}/healthz"))
+            self._wait_until(f"kube-{name} /healthz", partial(self._http_ok, url, insecure, b"ok"))
+        self._wait_until(
+            "kwok /healthz", lambda: self._http_ok(f"http://127.0.0.1:{kwok_port}/healthz")
+        )
 
-        self.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": [self._node(n) for n in self.node_names]}))
-        remaining = lambda: max(1, int(self.startup_timeout))  # noqa: E731
-        self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={remaining()}s",
-                     timeout=remaining() + 30)
-        self.wait_for_default_service_account("default")
+        self.apply(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "List",
+                    "items": [self._node(n) for n in self.node_names],
+                }
+            )
+        )
+        self.kubectl(
+            "wait",
+            "--for=condition=Ready",
+            "node",
+            "--all",
+            f"--timeout={max(1, int(self._remaining()))}s",
+            timeout=self._remaining() + 30,
+        )
+        self.wait_for_default_service_account("default", timeout=max(1.0, self._remaining()))
 
     def _node(self, name: str) -> dict[str, Any]:
         key, value = KWOK_NODE_ANNOTATION

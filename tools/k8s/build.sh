@@ -73,10 +73,10 @@ rm -rf "${stage}"
 mkdir -p "${src}/k8s" "${src}/etcd" "${src}/kwok" "${stage}"
 
 gobuild() {
-    # gobuild <module dir> <ldflags> <packages...>
-    local dir="$1" ldflags="$2"
-    shift 2
-    (cd "${dir}" && "${GO}" build -trimpath -p "${jobs}" -ldflags "-s -w ${ldflags}" -o "${stage}/" "$@")
+    # gobuild <module dir> <ldflags> <output: file, or dir ending in /> <packages...>
+    local dir="$1" ldflags="$2" out="$3"
+    shift 3
+    (cd "${dir}" && "${GO}" build -trimpath -p "${jobs}" -ldflags "-s -w ${ldflags}" -o "${out}" "$@")
 }
 
 # --- Kubernetes ---------------------------------------------------------------
@@ -130,7 +130,7 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 t=$(date +%s)
 log "go build ${k8s_cmds[*]}"
-gobuild "${src}/k8s" "${k8s_ldflags}" "${k8s_cmds[@]/#/k8s.io/kubernetes/cmd/}"
+gobuild "${src}/k8s" "${k8s_ldflags}" "${stage}/" "${k8s_cmds[@]/#/k8s.io/kubernetes/cmd/}"
 log "kubernetes commands built in $(( $(date +%s) - t ))s"
 
 # --- etcd -----------------------------------------------------------------------
@@ -144,8 +144,7 @@ if [[ ! -f "${src}/etcd/go.sum" ]] || ! grep -q "server/v3 ${ETCD_VERSION}" "${s
 fi
 t=$(date +%s)
 log "go build etcd"
-gobuild "${src}/etcd" "" go.etcd.io/etcd/server/v3
-mv "${stage}/v3" "${stage}/etcd"   # go build names the binary after the last path element
+gobuild "${src}/etcd" "" "${stage}/etcd" go.etcd.io/etcd/server/v3
 log "etcd built in $(( $(date +%s) - t ))s"
 
 # --- kwok -----------------------------------------------------------------------
@@ -157,7 +156,7 @@ if [[ ! -f "${src}/kwok/go.sum" ]] || ! grep -q "kwok ${KWOK_VERSION}" "${src}/k
 fi
 t=$(date +%s)
 log "go build kwok"
-gobuild "${src}/kwok" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" sigs.k8s.io/kwok/cmd/kwok
+gobuild "${src}/kwok" "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}" "${stage}/kwok" sigs.k8s.io/kwok/cmd/kwok
 log "kwok built in $(( $(date +%s) - t ))s"
 
 # --- install ----------------------------------------------------------------------
