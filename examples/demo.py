@@ -23,7 +23,12 @@ BIN = Path(sys.executable).parent
 def run(*args: str, cwd: Path, env: dict[str, str], check: bool = True) -> str:
     print(f"\n$ {shlex.join(args)}", flush=True)
     proc = subprocess.run(
-        [str(BIN / args[0]), *args[1:]], cwd=cwd, env=env, text=True, capture_output=True, check=False
+        [str(BIN / args[0]), *args[1:]],
+        cwd=cwd,
+        env=env,
+        text=True,
+        capture_output=True,
+        check=False,
     )
     sys.stdout.write(proc.stdout)
     sys.stdout.write(proc.stderr)
@@ -46,13 +51,31 @@ def main() -> int:
         run("kbatch", "server", "--background", "--cpus", "1", cwd=work, env=env)
         run("kbatch", "submit", "slurm-job.sh", cwd=work, env=env)
         run("kbatch", "submit", "fails.sh", cwd=work, env=env)
-        run("kbatch", "submit", "-J", "one-liner", "--wrap", "sleep 1; echo done", cwd=work, env=env)
-        run("kbatch", "submit", "-c", "1", "-t", "1:00", "--wrap", "echo I waited for a CPU", cwd=work, env=env)
+        run(
+            "kbatch", "submit", "-J", "one-liner", "--wrap", "sleep 1; echo done", cwd=work, env=env
+        )
+        run(
+            "kbatch",
+            "submit",
+            "-c",
+            "1",
+            "-t",
+            "1:00",
+            "--wrap",
+            "echo I waited for a CPU",
+            cwd=work,
+            env=env,
+        )
         run("kqueue", cwd=work, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             active = subprocess.run(
-                [str(BIN / "kqueue"), "--json"], cwd=work, env=env, capture_output=True, text=True, check=True
+                [str(BIN / "kqueue"), "--json"],
+                cwd=work,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout.strip()
             if active == "[]":
                 break

@@ -68,14 +68,18 @@ class KbatchServer:
             info = self._info()
             if info.get("pid") != proc.pid or info.get("pid") == old:
                 return False
-            try:
-                with self.client(retry_for=0) as client:
-                    client.whoami()
-            except Exception:
-                return False
-            return True
+            return self.answers()
 
         wait_for(ready, timeout=30, what="the kbatch server to answer")
+
+    def answers(self) -> bool:
+        """Whether the started server answers an authenticated request."""
+        try:
+            with self.client(retry_for=0) as client:
+                client.whoami()
+        except Exception:
+            return False
+        return True
 
     def _info(self) -> dict[str, object]:
         try:

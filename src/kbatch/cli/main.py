@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument(
         "--backend", choices=["local", "kubernetes"], help="where jobs run (default local)"
     )
+    server.add_argument(
+        "--auth",
+        choices=["token", "jupyterhub"],
+        help="who may call: token (default; tokens kept by the server) or jupyterhub "
+        "(hub tokens; run as a hub service, see docs/jupyterhub.md)",
+    )
     server.add_argument("--cpus", type=int, help="local backend: CPUs to use (default: all)")
     server.add_argument("--memory", help="local backend: memory to use, e.g. 16G (default: all)")
     server.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

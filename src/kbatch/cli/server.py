@@ -58,6 +58,7 @@ def server(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         backend=args.backend,
+        auth=args.auth,
         log_level=args.log_level,
         cpus=args.cpus,
         memory=args.memory,

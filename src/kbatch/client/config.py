@@ -4,8 +4,10 @@ In order, the first that gives a URL wins:
 
 1. ``KBATCH_URL`` (with ``KBATCH_TOKEN``) in the environment;
 2. the config file written by ``kbatch configure`` (``~/.config/kbatch/config.json``);
-3. a JupyterHub singleuser environment: ``JUPYTERHUB_SERVICE_NAME``... see
-   :func:`_from_jupyterhub` (the service is reached through the hub's proxy);
+3. a JupyterHub singleuser environment (``JUPYTERHUB_API_URL`` and
+   ``JUPYTERHUB_API_TOKEN``), see :func:`_from_jupyterhub`: the service is
+   ``KBATCH_SERVICE_NAME`` (default ``kbatch``), reached through the hub's proxy
+   at its public URL when the hub has one, else where the hub API says it is;
 4. the standalone server's discovery file in the state directory, with the
    owner-only token file beside it.
 """
@@ -14,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-from kbatch.errors import ConfigError
+from kbatch.errors import ConfigError, TransportError
 from kbatch.paths import config_dir, state_dir, write_private
 
 __all__ = ["ClientConfig", "discover_config", "save_config"]
@@ -57,26 +60,118 @@ def _read_token(path: Path) -> str:
         raise ConfigError(f"cannot read the token file {path}: {exc.strerror}") from exc
 
 
-def _from_jupyterhub(env: Mapping[str, str]) -> ClientConfig | None:
-    """Inside a singleuser server: the kbatch service behind the hub's proxy."""
+def _public_service_url(env: Mapping[str, str], service: str) -> str | None:
+    """The service behind the hub's proxy, if the hub has a public URL (``JupyterHub.public_url``).
+
+    A singleuser server's ``JUPYTERHUB_PUBLIC_HUB_URL`` is then e.g.
+    ``https://hub.example.org/prefix/hub/``; services live at ``/prefix/services/<name>``.
+    """
+    public_hub = env.get("JUPYTERHUB_PUBLIC_HUB_URL", "").rstrip("/")
+    if not public_hub.endswith("/hub") or "://" not in public_hub:
+        return None
+    return f"{public_hub.removesuffix('/hub')}/services/{quote(service, safe='')}"
+
+
+def service_url_from_model(status: int, body: bytes, *, service: str, api_url: str) -> str:
+    """The service's URL from the hub's answer to ``GET services/<name>``.  Pure."""
+    fix = (
+        "ask your hub admin to set it up as docs/jupyterhub.md says, "
+        "or set KBATCH_URL to the kbatch service's URL"
+    )
+    if status == 404:
+        raise ConfigError(
+            f"the hub at {api_url} has no service named {service!r}; set KBATCH_SERVICE_NAME "
+            "to its name, or KBATCH_URL to its URL"
+        )
+    if status in (401, 403):
+        raise ConfigError(
+            f"the hub at {api_url} would not tell this notebook where the {service} service is "
+            f"(HTTP {status}: the token lacks read:services!service={service}); {fix}"
+        )
+    if status >= 400:
+        raise ConfigError(
+            f"the hub at {api_url} answered HTTP {status} about the {service} service"
+        )
+    try:
+        model = json.loads(body)
+    except ValueError as exc:
+        raise ConfigError(f"the hub at {api_url} sent an unreadable answer: {exc}") from exc
+    url = model.get("url") if isinstance(model, dict) else None
+    prefix = model.get("prefix") if isinstance(model, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"the hub at {api_url} knows no URL for the {service} service; {fix}")
+    if not isinstance(prefix, str):
+        prefix = f"/services/{service}/"
+    return url.rstrip("/") + "/" + prefix.strip("/")
+
+
+def service_url_from_hub(api_url: str, token: str, service: str, timeout: float = 10.0) -> str:
+    """Ask the hub API (``GET {api_url}/services/<name>``) where the service listens."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(api_url)
+    conn_type = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    path = parts.path.rstrip("/") + "/services/" + quote(service, safe="")
+    try:
+        conn = conn_type(parts.hostname or "127.0.0.1", parts.port, timeout=timeout)
+        try:
+            conn.request(
+                "GET",
+                path,
+                headers={"Authorization": f"token {token}", "Accept": "application/json"},
+            )
+            response = conn.getresponse()
+            status, body = response.status, response.read()
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise TransportError(
+            f"cannot reach the JupyterHub API at {api_url} to find the {service} service: {reason}"
+        ) from exc
+    return service_url_from_model(status, body, service=service, api_url=api_url)
+
+
+ServiceLocator = Callable[[str, str, str], str]
+
+
+def _from_jupyterhub(
+    env: Mapping[str, str], locate: ServiceLocator = service_url_from_hub
+) -> ClientConfig | None:
+    """Inside a singleuser server: its own token, and the kbatch service of its hub.
+
+    The service is reached through the hub's proxy at the hub's public URL when
+    the singleuser environment has one (``JUPYTERHUB_PUBLIC_HUB_URL``, set when
+    the admin sets ``c.JupyterHub.public_url``); otherwise the hub API is asked
+    for the service's URL (the token needs ``read:services!service=<name>``).
+    """
     api_url = env.get("JUPYTERHUB_API_URL")
-    token = env.get("JUPYTERHUB_API_TOKEN")
+    token = env.get("KBATCH_TOKEN") or env.get("JUPYTERHUB_API_TOKEN")
     if not api_url or not token:
         return None
-    service = env.get("KBATCH_SERVICE_NAME", "kbatch")
-    # JUPYTERHUB_API_URL is http://hub:8081/hub/api; services live at /services/<name>/
-    # on the public proxy, which singleuser servers reach through the hub's host too.
-    base = env.get("KBATCH_HUB_URL") or api_url.rstrip("/").removesuffix("/hub/api")
+    service = env.get("KBATCH_SERVICE_NAME") or "kbatch"
+    url = _public_service_url(env, service)
+    if url is not None:
+        return ClientConfig(url=url, token=token, source="JupyterHub environment (public URL)")
     return ClientConfig(
-        url=f"{base}/services/{service}", token=token, source="JupyterHub environment"
+        url=locate(api_url.rstrip("/"), token, service),
+        token=token,
+        source=f"JupyterHub environment (the hub API's URL for service {service})",
     )
 
 
 def discover_config(environ: Mapping[str, str] | None = None) -> ClientConfig:
     env = os.environ if environ is None else environ
+    # Inside a hub, a URL set by hand still goes with the notebook's own token.
+    hub_token = env.get("JUPYTERHUB_API_TOKEN") or None
     if env.get("KBATCH_URL"):
         return ClientConfig(
-            url=env["KBATCH_URL"].rstrip("/"), token=env.get("KBATCH_TOKEN"), source="environment"
+            url=env["KBATCH_URL"].rstrip("/"),
+            token=env.get("KBATCH_TOKEN") or hub_token,
+            source="environment",
         )
     config_path = config_dir(env) / CONFIG_FILE
     if config_path.exists():
@@ -87,7 +182,7 @@ def discover_config(environ: Mapping[str, str] | None = None) -> ClientConfig:
             raise ConfigError(f"{config_path} has no 'url'; run kbatch configure --url URL")
         return ClientConfig(
             url=url.rstrip("/"),
-            token=env.get("KBATCH_TOKEN") or (token if isinstance(token, str) else None),
+            token=env.get("KBATCH_TOKEN") or (token if isinstance(token, str) else hub_token),
             source=str(config_path),
         )
     hub = _from_jupyterhub(env)

@@ -22,6 +22,7 @@ __all__ = [
     "cancel_job",
     "error_from",
     "get_job",
+    "is_error_body",
     "job_logs",
     "list_jobs",
     "parse",
@@ -87,6 +88,15 @@ def job_logs(job_id: str, *, follow: bool = False, stream: str = "output") -> Re
 
 def whoami() -> Request:
     return Request("GET", _path("whoami"))
+
+
+def is_error_body(body: bytes) -> bool:
+    """True if ``body`` is kbatch's error shape (the server itself answered)."""
+    try:
+        msgspec.json.decode(body, type=ErrorBody)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 def error_from(status: int, body: bytes) -> ApiError:

@@ -7,8 +7,8 @@ fraction of httpx's import time); TLS is imported only for ``https`` URLs.
 from __future__ import annotations
 
 import http.client
+import os
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import TypeVar
@@ -77,7 +77,7 @@ class Client:
     def submit(
         self, spec: JobSpec, *, idempotency_key: str | None = None, dry_run: bool = False
     ) -> Job:
-        key = idempotency_key or uuid.uuid4().hex
+        key = idempotency_key or os.urandom(16).hex()  # uuid would import platform: 3 ms
         return self._call(rq.submit_job(spec, idempotency_key=key, dry_run=dry_run), Job)
 
     def get(self, job_id: str) -> Job:
@@ -99,9 +99,9 @@ class Client:
 
     def logs(self, job_id: str, *, follow: bool = False, stream: str = "output") -> Iterator[bytes]:
         """The job's output as it arrives; with ``follow`` until the job ends."""
-        response = self._send(rq.job_logs(job_id, follow=follow, stream=stream))
+        response, body = self._send(rq.job_logs(job_id, follow=follow, stream=stream))
         if response.status >= 400:
-            raise rq.error_from(response.status, response.read())
+            raise rq.error_from(response.status, response.read() if body is None else body)
         try:
             while chunk := response.read1(65536):
                 yield chunk
@@ -139,7 +139,14 @@ class Client:
                 )
         return self._conn
 
-    def _send(self, request: rq.Request) -> http.client.HTTPResponse:
+    def _send(self, request: rq.Request) -> tuple[http.client.HTTPResponse, bytes | None]:
+        """The response, and its body when it had to be read already.
+
+        Connection errors and 502/503/504 from something in front of the server
+        (a proxy while the server restarts) are retried; a 503 in kbatch's own
+        error shape is the server's considered answer (e.g. the hub is down) and
+        is returned at once, so the user hears of it without waiting.
+        """
         headers = {"Accept": "application/json", "User-Agent": "kbatch-client", **request.headers}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -159,21 +166,20 @@ class Client:
                 raise TransportError(
                     f"cannot reach the kbatch server at {self.url}: {_reason(exc)}"
                 ) from exc
-            if (
-                response.status in RETRY_STATUSES
-                and request.idempotent
-                and time.monotonic() + delay < deadline
-            ):
-                response.read()
+            if response.status in RETRY_STATUSES and request.idempotent:
+                body = response.read()
+                if rq.is_error_body(body) or time.monotonic() + delay >= deadline:
+                    return response, body
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            return response
+            return response, None
 
     def _call(self, request: rq.Request, type: type[T]) -> T:
-        response = self._send(request)
+        response, body = self._send(request)
         try:
-            body = response.read()
+            if body is None:
+                body = response.read()
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise TransportError(f"lost the connection to {self.url}: {_reason(exc)}") from exc

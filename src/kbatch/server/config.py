@@ -17,12 +17,22 @@ Example ``kbatch.toml``::
     max_memory = "16G"
     max_time = "1-00:00:00"
     allowed_images = ["quay.io/jupyter/*"]
+
+    [jupyterhub]               # with auth = "jupyterhub"; see docs/jupyterhub.md
+    # api_url, api_token and service_name default to the JUPYTERHUB_API_URL,
+    # JUPYTERHUB_API_TOKEN and JUPYTERHUB_SERVICE_NAME a hub gives its services.
+    admin_groups = ["kbatch-admins"]
+    cache_seconds = 30
+    job_token_scopes = ["access:services!service=dask-gateway"]
+    job_token_expiry = "1-00:00:00"   # for jobs without a time limit
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,7 +43,22 @@ from kbatch.paths import state_dir
 from kbatch.server.policy import Policy
 from kbatch.units import parse_memory, parse_time_limit
 
-__all__ = ["ServerConfig", "load_config"]
+__all__ = ["JupyterHubConfig", "ServerConfig", "load_config"]
+
+
+@dataclass(frozen=True)
+class JupyterHubConfig:
+    """How the server talks to JupyterHub (``auth = "jupyterhub"``)."""
+
+    api_url: str = ""  # default $JUPYTERHUB_API_URL, e.g. http://127.0.0.1:8081/hub/api
+    api_token: str = field(default="", repr=False)  # default $JUPYTERHUB_API_TOKEN
+    service_name: str = "kbatch"  # default $JUPYTERHUB_SERVICE_NAME
+    admin_groups: tuple[str, ...] = ()  # members are kbatch admins, as hub admins are
+    cache_seconds: float = 30.0  # how long a token's check is reused
+    timeout: float = 5.0  # seconds before an unanswered hub request fails with 503
+    job_token_scopes: tuple[str, ...] = ()  # empty: jobs get no hub token
+    job_token_expiry: int = 86400  # seconds, for jobs without a time limit
+    job_token_margin: int = 300  # seconds added to a job's time limit
 
 
 @dataclass
@@ -47,6 +72,7 @@ class ServerConfig:
     log_level: str = "info"
     policy: Policy = field(default_factory=Policy)
     local: LocalConfig | None = None
+    jupyterhub: JupyterHubConfig = field(default_factory=JupyterHubConfig)
     extra: dict[str, Any] = field(default_factory=dict)  # backend/auth sections, passed through
 
     def local_config(self) -> LocalConfig:
@@ -81,8 +107,78 @@ def _known(section: dict[str, Any], cls: type, name: str) -> None:
         )
 
 
-def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
-    """Read the TOML file (if any), then apply command-line ``overrides`` that are not None."""
+def _jupyterhub(section: dict[str, Any], env: Mapping[str, str]) -> JupyterHubConfig:
+    _known(section, JupyterHubConfig, "jupyterhub")
+    values = dict(section)
+    values.setdefault("api_url", env.get("JUPYTERHUB_API_URL", ""))
+    values.setdefault("api_token", env.get("JUPYTERHUB_API_TOKEN", ""))
+    values.setdefault("service_name", env.get("JUPYTERHUB_SERVICE_NAME") or "kbatch")
+    for key in ("admin_groups", "job_token_scopes"):
+        value = values.get(key, ())
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config [jupyterhub]: {key} must be a list of strings")
+        values[key] = tuple(value)
+    for key in ("job_token_expiry", "job_token_margin"):
+        if key in values:
+            values[key] = _duration(values[key], f"jupyterhub.{key}")
+    for key in ("cache_seconds", "timeout"):
+        if key in values and not isinstance(values[key], int | float):
+            raise ConfigError(f"config [jupyterhub]: {key} must be a number of seconds")
+    for key in ("api_url", "api_token", "service_name"):
+        if not isinstance(values[key], str):
+            raise ConfigError(f"config [jupyterhub]: {key} must be a string")
+    return JupyterHubConfig(**values)
+
+
+def _check_jupyterhub(hub: JupyterHubConfig) -> None:
+    if not hub.api_url:
+        raise ConfigError(
+            "auth = jupyterhub needs the hub's API URL: run the server as a hub service "
+            "(which sets JUPYTERHUB_API_URL), set JUPYTERHUB_API_URL, or api_url in [jupyterhub]"
+        )
+    if not hub.api_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"config [jupyterhub]: api_url {hub.api_url!r} must start with http:// or https://"
+        )
+    if not hub.api_token:
+        raise ConfigError(
+            "auth = jupyterhub needs the service's API token: give the service entry an "
+            "api_token in jupyterhub_config.py and pass it as JUPYTERHUB_API_TOKEN"
+        )
+
+
+def _service_address(env: Mapping[str, str]) -> tuple[str | None, int | None]:
+    """Host and port of $JUPYTERHUB_SERVICE_URL, the service entry's ``url``."""
+    from urllib.parse import urlsplit
+
+    url = env.get("JUPYTERHUB_SERVICE_URL")
+    if not url:
+        return None, None
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ConfigError(f"JUPYTERHUB_SERVICE_URL {url!r} is not a URL") from exc
+    if host is None or host == "localhost":
+        return host, port
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "0.0.0.0", port  # a name others resolve to this machine: listen on every address
+    return host, port
+
+
+def load_config(
+    path: Path | None = None, *, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> ServerConfig:
+    """Read the TOML file (if any), then apply command-line ``overrides`` that are not None.
+
+    Under ``auth = "jupyterhub"``, what is not set defaults to what a hub gives
+    its services: the API URL and token, the service's name, its URL prefix
+    (``$JUPYTERHUB_SERVICE_PREFIX``, else ``/services/<name>``) and the host and
+    port of its ``url`` (``$JUPYTERHUB_SERVICE_URL``).
+    """
+    env = os.environ if environ is None else environ
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -93,7 +189,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     local_section = dict(data.pop("local", {}))
     policy_section = dict(data.pop("policy", {}))
-    extra: dict[str, Any] = {k: data.pop(k) for k in ("kubernetes", "jupyterhub") if k in data}
+    hub_section = dict(data.pop("jupyterhub", {}))
+    extra: dict[str, Any] = {k: data.pop(k) for k in ("kubernetes",) if k in data}
     for key, value in overrides.items():
         if value is None:
             continue
@@ -101,7 +198,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
             local_section[key] = value
         else:
             data[key] = value
-    sd = Path(data.pop("state_dir", None) or state_dir(os.environ))
+    sd = Path(data.pop("state_dir", None) or state_dir(env))
     if "memory" in local_section:
         local_section["memory"] = _size(local_section["memory"], "local.memory")
     _known(local_section, LocalConfig, "local")
@@ -116,12 +213,32 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         if key in policy_section:
             policy_section[key] = tuple(policy_section[key])
     _known(policy_section, Policy, "policy")
-    known_top = {f.name for f in fields(ServerConfig)} - {"policy", "local", "extra", "state_dir"}
+    known_top = {f.name for f in fields(ServerConfig)} - {
+        "policy",
+        "local",
+        "jupyterhub",
+        "extra",
+        "state_dir",
+    }
     unknown = set(data) - known_top
     if unknown:
         raise ConfigError(f"config: unknown key(s) {', '.join(sorted(unknown))}")
+    hub = _jupyterhub(hub_section, env)
+    if data.get("auth") == "jupyterhub":
+        if not data.get("prefix"):
+            data["prefix"] = env.get("JUPYTERHUB_SERVICE_PREFIX") or f"/services/{hub.service_name}"
+        host, port = _service_address(env)
+        if host is not None and "host" not in data:
+            data["host"] = host
+        if port is not None and "port" not in data:
+            data["port"] = port
     config = ServerConfig(
-        state_dir=sd, policy=Policy(**policy_section), local=local, extra=extra, **data
+        state_dir=sd,
+        policy=Policy(**policy_section),
+        local=local,
+        jupyterhub=hub,
+        extra=extra,
+        **data,
     )
     if config.backend not in ("local", "kubernetes"):
         raise ConfigError(
@@ -129,5 +246,7 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         )
     if config.auth not in ("token", "jupyterhub"):
         raise ConfigError(f"config: auth {config.auth!r} is not known; use token or jupyterhub")
+    if config.auth == "jupyterhub":
+        _check_jupyterhub(config.jupyterhub)
     config.prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
     return config

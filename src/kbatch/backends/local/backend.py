@@ -22,7 +22,7 @@ from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
-from kbatch.errors import NotFound, SpecError
+from kbatch.errors import KbatchError, NotFound, ServiceUnavailable, SpecError, TransportError
 from kbatch.models import Job, JobSpec, JobState
 from kbatch.patterns import check_pattern, resolve_output
 from kbatch.units import format_memory
@@ -325,10 +325,21 @@ class LocalBackend(Backend):
         spec = record.spec
         try:
             extra_env = await self.hooks.environment(record.to_job())
-        except Exception as exc:  # noqa: BLE001 - any hook failure: retry on the next tick
+        except (ServiceUnavailable, TransportError) as exc:
             log.warning("job %s: cannot prepare its start, will retry: %s", record.id, exc)
             self.store.update(record.id, reason="JobSetupPending")
             return False
+        except KbatchError as exc:  # refused for good (e.g. the hub will not make its token)
+            log.error("job %s: cannot be started: %s", record.id, exc)
+            self.store.transition(
+                record.id,
+                JobState.PENDING,
+                state=JobState.FAILED,
+                reason=f"JobSetupFailed: {exc}",
+                finished=time.time(),
+            )
+            await self.notify_finished(self._record(record.id).to_job())
+            return True
         jobdir = self._jobdir(record.id)
         if jobdir.path.exists():
             shutil.rmtree(jobdir.path)  # left by an interrupted launch

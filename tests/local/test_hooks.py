@@ -1,0 +1,96 @@
+"""Job hooks on the local backend: an in-process backend, real supervisors and job processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kbatch.backends.base import JobHooks
+from kbatch.backends.local.backend import LocalBackend, LocalConfig
+from kbatch.errors import ApiError, ServiceUnavailable
+from kbatch.models import Job, JobSpec, JobState
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Hooks(JobHooks):
+    def __init__(self) -> None:
+        self.fail_with: Exception | None = None
+        self.finished_ids: list[str] = []
+
+    async def environment(self, job: Job) -> dict[str, str]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return {"FROM_HOOK": f"token-for-{job.id}"}
+
+    async def finished(self, job: Job) -> None:
+        self.finished_ids.append(job.id)
+
+
+@pytest.fixture
+async def backend(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalBackend]:
+    state = tmp_path_factory.mktemp("hk") / "s"
+    local = LocalBackend(LocalConfig(state_dir=state, cpus=2, tick=0.2, kill_grace=1))
+    await local.start()
+    yield local
+    await local.stop()
+
+
+async def ended(backend: LocalBackend, job_id: str, limit: float = 30) -> Job:
+    async with asyncio.timeout(limit):
+        while not (job := await backend.get(job_id)).state.is_terminal:
+            await asyncio.sleep(0.05)
+    return job
+
+
+def spec(workdir: Path, body: str = "echo $FROM_HOOK") -> JobSpec:
+    return JobSpec(script=f"#!/bin/sh\n{body}\n", workdir=str(workdir))
+
+
+async def test_hook_environment_and_end(backend: LocalBackend, tmp_path: Path) -> None:
+    hooks = Hooks()
+    backend.hooks = hooks
+    job = await backend.submit("u", spec(tmp_path), idempotency_key=None)
+    assert (await ended(backend, job.id)).state is JobState.COMPLETED
+    assert (tmp_path / f"kbatch-{job.id}.out").read_text() == f"token-for-{job.id}\n"
+    async with asyncio.timeout(10):
+        while hooks.finished_ids != [job.id]:
+            await asyncio.sleep(0.05)
+
+
+async def test_transient_hook_failure_waits_then_runs(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    hooks = Hooks()
+    hooks.fail_with = ServiceUnavailable("the hub is down", status=503)
+    backend.hooks = hooks
+    job = await backend.submit("u", spec(tmp_path), idempotency_key=None)
+    current = await backend.get(job.id)
+    assert (current.state, current.reason) == (JobState.PENDING, "JobSetupPending")
+    hooks.fail_with = None  # the hub is back
+    assert (await ended(backend, job.id)).state is JobState.COMPLETED
+
+
+async def test_permanent_hook_failure_fails_the_job(backend: LocalBackend, tmp_path: Path) -> None:
+    hooks = Hooks()
+    hooks.fail_with = ApiError(
+        "JupyterHub refused to create a token", status=502, code="hub_refused"
+    )
+    backend.hooks = hooks
+    job = await backend.submit("u", spec(tmp_path), idempotency_key=None)
+    done = await ended(backend, job.id)
+    assert done.state is JobState.FAILED
+    assert done.reason == "JobSetupFailed: JupyterHub refused to create a token"
+    assert not (tmp_path / f"kbatch-{job.id}.out").exists()  # it never ran
+    assert hooks.finished_ids == [job.id]
+    hooks.fail_with = None  # a failed setup does not block the queue
+    nxt = await backend.submit("u", spec(tmp_path), idempotency_key=None)
+    assert (await ended(backend, nxt.id)).state is JobState.COMPLETED

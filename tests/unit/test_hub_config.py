@@ -1,0 +1,183 @@
+"""JupyterHub settings: the server's [jupyterhub] section and the client's discovery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kbatch.client.config import (
+    _from_jupyterhub,
+    discover_config,
+    service_url_from_model,
+)
+from kbatch.errors import ConfigError
+from kbatch.server.config import JupyterHubConfig, load_config
+
+SERVICE_ENV = {
+    "JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api",
+    "JUPYTERHUB_API_TOKEN": "service-secret",
+    "JUPYTERHUB_SERVICE_NAME": "batch",
+    "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:10101",
+    "JUPYTERHUB_SERVICE_PREFIX": "/services/batch/",
+}
+
+
+def _toml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "kbatch.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_hub_service_needs_no_settings(tmp_path: Path) -> None:
+    config = load_config(None, environ={**SERVICE_ENV, "HOME": str(tmp_path)}, auth="jupyterhub")
+    hub = config.jupyterhub
+    assert (hub.api_url, hub.api_token, hub.service_name) == (
+        "http://127.0.0.1:8081/hub/api",
+        "service-secret",
+        "batch",
+    )
+    assert (config.host, config.port, config.prefix) == ("127.0.0.1", 10101, "/services/batch")
+    assert "service-secret" not in repr(config)
+
+
+def test_the_file_and_flags_win(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        """
+auth = "jupyterhub"
+prefix = "/custom"
+[jupyterhub]
+api_url = "https://hub.example.org/hub/api"
+service_name = "kb"
+admin_groups = ["ops"]
+cache_seconds = 5
+job_token_scopes = ["access:services!service=dask-gateway"]
+job_token_expiry = "2:00:00"
+job_token_margin = 60
+""",
+    )
+    config = load_config(path, environ={**SERVICE_ENV, "HOME": str(tmp_path)}, port=9000)
+    assert config.jupyterhub == JupyterHubConfig(
+        api_url="https://hub.example.org/hub/api",
+        api_token="service-secret",
+        service_name="kb",
+        admin_groups=("ops",),
+        cache_seconds=5,
+        job_token_scopes=("access:services!service=dask-gateway",),
+        job_token_expiry=7200,
+        job_token_margin=60,
+    )
+    assert (config.prefix, config.port) == ("/custom", 9000)
+
+
+def test_without_the_hubs_environment_the_prefix_is_the_services(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path), "JUPYTERHUB_API_URL": "http://hub/hub/api"}
+    config = load_config(None, environ={**env, "JUPYTERHUB_API_TOKEN": "t"}, auth="jupyterhub")
+    assert (config.prefix, config.host, config.port) == ("/services/kbatch", "127.0.0.1", 0)
+    named = load_config(
+        None,
+        environ={
+            **env,
+            "JUPYTERHUB_API_TOKEN": "t",
+            "JUPYTERHUB_SERVICE_URL": "http://kbatch:8000",
+        },
+        auth="jupyterhub",
+    )
+    assert (named.host, named.port) == ("0.0.0.0", 8000)  # a DNS name: every address
+
+
+@pytest.mark.parametrize(
+    ("env", "section", "message"),
+    [
+        ({}, "", "needs the hub's API URL"),
+        ({"JUPYTERHUB_API_URL": "http://hub/hub/api"}, "", "needs the service's API token"),
+        ({"JUPYTERHUB_API_TOKEN": "t"}, 'api_url = "hub:8081"', "must start with http"),
+        (SERVICE_ENV, "admin_groups = 'ops'", "admin_groups must be a list of strings"),
+        (SERVICE_ENV, "cache_seconds = 'soon'", "cache_seconds must be a number"),
+        (SERVICE_ENV, "job_token_expiry = 'forever'", "job_token_expiry"),
+        (SERVICE_ENV, "colour = 'blue'", "unknown key(s) colour"),
+    ],
+)
+def test_bad_hub_settings(tmp_path: Path, env: dict[str, str], section: str, message: str) -> None:
+    path = _toml(tmp_path, f'auth = "jupyterhub"\n[jupyterhub]\n{section}\n')
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(path, environ={**env, "HOME": str(tmp_path)})
+
+
+def test_token_auth_ignores_the_hubs_environment(tmp_path: Path) -> None:
+    config = load_config(None, environ={"HOME": str(tmp_path), "JUPYTERHUB_SERVICE_URL": "x"})
+    assert (config.auth, config.prefix, config.port) == ("token", "", 0)
+
+
+# -- the client ------------------------------------------------------------------------
+
+NOTEBOOK_ENV = {
+    "JUPYTERHUB_API_URL": "http://hub:8081/hub/api",
+    "JUPYTERHUB_API_TOKEN": "notebook-secret",
+    "JUPYTERHUB_USER": "alice",
+    "JUPYTERHUB_PUBLIC_HUB_URL": "",
+}
+
+
+def _never(api_url: str, token: str, service: str) -> str:
+    raise AssertionError("the hub must not be asked")
+
+
+def test_a_notebook_uses_the_hubs_public_url() -> None:
+    env = {**NOTEBOOK_ENV, "JUPYTERHUB_PUBLIC_HUB_URL": "https://hub.example.org/prefix/hub/"}
+    config = _from_jupyterhub(env, _never)
+    assert config is not None
+    assert config.url == "https://hub.example.org/prefix/services/kbatch"
+    assert config.token == "notebook-secret"
+    config = _from_jupyterhub({**env, "KBATCH_SERVICE_NAME": "gpu batch"}, _never)
+    assert (
+        config is not None and config.url == "https://hub.example.org/prefix/services/gpu%20batch"
+    )
+
+
+def test_without_a_public_url_the_hub_is_asked() -> None:
+    asked: list[tuple[str, str, str]] = []
+
+    def locate(api_url: str, token: str, service: str) -> str:
+        asked.append((api_url, token, service))
+        return "http://10.0.0.5:8000/services/kbatch"
+
+    config = _from_jupyterhub(NOTEBOOK_ENV, locate)
+    assert config is not None and config.url == "http://10.0.0.5:8000/services/kbatch"
+    assert asked == [("http://hub:8081/hub/api", "notebook-secret", "kbatch")]
+    assert _from_jupyterhub({"JUPYTERHUB_API_URL": "http://hub/hub/api"}, locate) is None
+
+
+def test_the_hubs_answer_about_the_service() -> None:
+    model = {"name": "kbatch", "url": "http://127.0.0.1:10101/", "prefix": "/services/kbatch/"}
+    ok = service_url_from_model(200, json.dumps(model).encode(), service="kbatch", api_url="H")
+    assert ok == "http://127.0.0.1:10101/services/kbatch"
+    cases = [
+        (403, b"{}", "lacks read:services!service=kbatch"),
+        (404, b"{}", "no service named 'kbatch'"),
+        (500, b"{}", "HTTP 500"),
+        (200, b"nonsense", "unreadable"),
+        (200, b'{"name": "kbatch", "kind": "service", "admin": false}', "knows no URL"),
+    ]
+    for status, body, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            service_url_from_model(status, body, service="kbatch", api_url="H")
+
+
+def test_overrides_come_first_and_keep_the_notebooks_token(tmp_path: Path) -> None:
+    env = {**NOTEBOOK_ENV, "HOME": str(tmp_path), "KBATCH_URL": "http://elsewhere/"}
+    config = discover_config(env)
+    assert (config.url, config.token, config.source) == (
+        "http://elsewhere",
+        "notebook-secret",
+        "environment",
+    )
+    assert discover_config({**env, "KBATCH_TOKEN": "mine"}).token == "mine"
+    config_file = tmp_path / ".config" / "kbatch" / "config.json"
+    config_file.parent.mkdir(parents=True)
+    config_file.write_text('{"url": "http://configured"}')
+    del env["KBATCH_URL"]
+    config = discover_config(env)
+    assert (config.url, config.token) == ("http://configured", "notebook-secret")
