@@ -370,3 +370,61 @@ async def test_hooks_run_around_the_job(cluster: K8sCluster, shared: Installed) 
 
 async def _contains(items: list[str], item: str) -> bool:
     return item in items
+
+
+async def test_pod_lost_to_disruption_is_retried_not_failed(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    """A pod that fails with DisruptionTarget (node loss, preemption) is replaced; the job goes on."""
+    async with started(shared, job_template=outcome("running")) as backend:
+        job = await backend.submit("alice", spec(), idempotency_key=None)
+        await until(lambda: _state_is(backend, job.id, JobState.RUNNING), what="running")
+        selector = f"{names.LABEL_JOB_ID}={job.id}"
+        first = cluster.kubectl_json("get", "pods", "-n", SHARED_NS, "-l", selector)["items"][0]
+        name = first["metadata"]["name"]
+        # What the node lifecycle controller writes when it evicts a pod from a lost node.
+        status = {
+            "status": {
+                "phase": "Failed",
+                "reason": "NodeLost",
+                "conditions": [
+                    {
+                        "type": "DisruptionTarget",
+                        "status": "True",
+                        "reason": "DeletionByTaintManager",
+                    }
+                ],
+            }
+        }
+        cluster.kubectl(
+            "patch",
+            "pod",
+            name,
+            "-n",
+            SHARED_NS,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(status),
+        )
+
+        def replaced() -> bool:
+            pods = cluster.kubectl_json("get", "pods", "-n", SHARED_NS, "-l", selector)["items"]
+            return any(
+                p["metadata"]["name"] != name and p["status"].get("phase") == "Running"
+                for p in pods
+            )
+
+        async def replaced_async() -> bool:
+            return replaced()
+
+        await until(replaced_async, what="a replacement pod")
+        await until(lambda: _state_is(backend, job.id, JobState.RUNNING), what="running again")
+        k8s_job = cluster.kubectl_json("get", "job", names.job_object_name(job.id), "-n", SHARED_NS)
+        assert k8s_job["status"].get("failed", 0) in (
+            0,
+            1,
+        )  # counted as failed pod, not as job failure
+        assert not any(c["type"] == "Failed" for c in k8s_job["status"].get("conditions") or [])
+        await backend.cancel(job.id)
+        assert (await final(backend, job.id)).state is JobState.CANCELLED

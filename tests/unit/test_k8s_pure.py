@@ -495,3 +495,12 @@ def test_api_errors_become_clear_statuses() -> None:
         error = api_error(exc, "create the job")
         assert (error.status, error.code) == (code, kind), exc
         assert "create the job" in error.message or code in (404, 422)
+
+
+def test_a_replacement_pod_speaks_for_the_job() -> None:
+    lost = pod("Failed", terminated={"exitCode": 137})
+    lost["status"]["reason"] = "NodeLost"
+    replacement = pod("Pending", waiting="ContainerCreating")
+    for pods in ([lost, replacement], [replacement, lost]):
+        model = job_from_objects(k8s_job(), pods)
+        assert (model.state, model.reason) == (JobState.PENDING, "ContainerCreating")

@@ -42,9 +42,16 @@ def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 def _newest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The pod that speaks for the job: the newest, a live one before an ended one
+    (a replacement made in the same second as the pod it replaces)."""
     if not pods:
         return None
-    return max(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
+
+    def key(pod: dict[str, Any]) -> tuple[str, bool]:
+        alive = pod.get("status", {}).get("phase") not in ("Failed", "Succeeded")
+        return pod.get("metadata", {}).get("creationTimestamp") or "", alive
+
+    return max(pods, key=key)
 
 
 def _terminated(pod: dict[str, Any] | None) -> dict[str, Any] | None:
