@@ -10,11 +10,28 @@ import abc
 import logging
 from collections.abc import AsyncIterator, Collection
 
+from kbatch.errors import SpecError
 from kbatch.models import Job, JobSpec, JobState
+from kbatch.patterns import check_pattern
 
-__all__ = ["Backend", "JobHooks"]
+__all__ = ["Backend", "JobHooks", "check_spec"]
 
 log = logging.getLogger("kbatch.backends")
+
+
+def check_spec(spec: JobSpec) -> None:
+    """What every backend needs of a spec: an interpreter line, an absolute
+    working directory, known ``%`` tokens in file patterns."""
+    if not spec.script.startswith("#!"):
+        raise SpecError(
+            "the script has no interpreter line; make its first line one such as #!/bin/bash",
+            field="script",
+        )
+    if spec.workdir is not None and not spec.workdir.startswith("/"):
+        raise SpecError("the working directory must be an absolute path", field="workdir")
+    for pattern in (spec.output, spec.error):
+        if pattern is not None:
+            check_pattern(pattern)
 
 
 class JobHooks:

@@ -17,7 +17,7 @@ from lightkube.codecs import from_dict
 from lightkube.resources.batch_v1 import Job as K8sJob
 from lightkube.resources.core_v1 import ConfigMap, Pod, Secret
 
-from kbatch.backends.base import Backend
+from kbatch.backends.base import Backend, check_spec
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.cache import WatchCache
 from kbatch.backends.kubernetes.manifests import JobContext, build_manifests, owner_reference
@@ -37,10 +37,9 @@ from kbatch.errors import (
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
-    SpecError,
 )
 from kbatch.models import Job, JobSpec, JobState
-from kbatch.patterns import check_pattern, resolve_output
+from kbatch.patterns import resolve_output
 
 __all__ = ["KubernetesBackend", "KubernetesConfig", "api_error"]
 
@@ -109,6 +108,15 @@ def api_error(exc: Exception, doing: str) -> KbatchApiError:
         status=503,
         code="kubernetes_unavailable",
     )
+
+
+def _job_id_of(obj: dict[str, Any] | None) -> str | None:
+    """The kbatch job id a Job or Pod is labelled with."""
+    if obj is None:
+        return None
+    labels = obj["metadata"].get("labels") or {}
+    job_id = labels.get(names.LABEL_JOB_ID)
+    return str(job_id) if job_id else None
 
 
 class KubernetesBackend(Backend):
@@ -181,9 +189,7 @@ class KubernetesBackend(Backend):
     def _job_changed(
         self, key: tuple[str, str], old: dict[str, Any] | None, new: dict[str, Any] | None
     ) -> None:
-        obj = new or old
-        assert obj is not None
-        job_id = (obj["metadata"].get("labels") or {}).get(names.LABEL_JOB_ID)
+        job_id = _job_id_of(new or old)
         if not job_id:
             return
         if new is None:
@@ -196,9 +202,7 @@ class KubernetesBackend(Backend):
     def _pod_changed(
         self, key: tuple[str, str], old: dict[str, Any] | None, new: dict[str, Any] | None
     ) -> None:
-        obj = new or old
-        assert obj is not None
-        job_id = (obj["metadata"].get("labels") or {}).get(names.LABEL_JOB_ID)
+        job_id = _job_id_of(new or old)
         if not job_id:
             return
         pods = self._pods_by_job.setdefault(job_id, {})
@@ -237,16 +241,7 @@ class KubernetesBackend(Backend):
     # -- the interface -------------------------------------------------------------
 
     async def validate(self, user: str, spec: JobSpec) -> None:
-        if not spec.script.startswith("#!"):
-            raise SpecError(
-                "the script has no interpreter line; make its first line one such as #!/bin/bash",
-                field="script",
-            )
-        if spec.workdir is not None and not spec.workdir.startswith("/"):
-            raise SpecError("the working directory must be an absolute path", field="workdir")
-        for pattern in (spec.output, spec.error):
-            if pattern is not None:
-                check_pattern(pattern)
+        check_spec(spec)
 
     def namespace_of(self, user: str) -> str:
         if self.config.namespace_mode == "shared":

@@ -17,14 +17,14 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kbatch.backends.base import Backend
+from kbatch.backends.base import Backend, check_spec
 from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
 from kbatch.errors import KbatchError, NotFound, ServiceUnavailable, SpecError, TransportError
 from kbatch.models import Job, JobSpec, JobState
-from kbatch.patterns import check_pattern, resolve_output
+from kbatch.patterns import resolve_output
 from kbatch.units import format_memory
 
 __all__ = ["LocalBackend", "LocalConfig", "machine_capacity"]
@@ -155,14 +155,10 @@ class LocalBackend(Backend):
                 "--image is for the Kubernetes backend; this server runs jobs on its own machine",
                 field="image",
             )
-        if not spec.script.startswith("#!"):
-            raise SpecError(
-                "the script has no interpreter line; make its first line one such as #!/bin/bash",
-                field="script",
-            )
+        check_spec(spec)
         workdir = spec.workdir
-        if not workdir or not os.path.isabs(workdir):
-            raise SpecError("the working directory must be an absolute path", field="workdir")
+        if not workdir:
+            raise SpecError("the job needs a working directory", field="workdir")
         if not os.path.isdir(workdir):
             raise SpecError(
                 f"the working directory {workdir} does not exist; create it or change -D/--chdir",
@@ -170,7 +166,6 @@ class LocalBackend(Backend):
             )
         for pattern, name in ((spec.output, "output"), (spec.error, "error")):
             if pattern is not None:
-                check_pattern(pattern)
                 parent = os.path.dirname(
                     resolve_output(pattern, workdir=workdir, job_id="1", name="x", user=user)
                 )
