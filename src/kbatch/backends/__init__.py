@@ -1,5 +1,7 @@
-"""Where jobs run: one small interface, a local and a Kubernetes implementation."""
+"""Where jobs run: one small interface (:mod:`kbatch.backends.base`), a local and a
+Kubernetes implementation.
 
-from kbatch.backends.base import Backend
-
-__all__ = ["Backend"]
+Kept free of imports: each local job's supervisor is a fresh Python process
+that imports :mod:`kbatch.backends.local.supervisor`, and starts faster
+without the backend interface and logging it does not use.
+"""

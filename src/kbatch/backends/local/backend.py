@@ -195,7 +195,13 @@ class LocalBackend(Backend):
         record = self.store.insert(
             user=user, spec=spec, paths=paths, idempotency_key=idempotency_key, now=time.time()
         )
-        await self.reconcile()  # start it now if it fits: submit-to-start latency matters
+        if record.state is JobState.PENDING and self.store.pending_before(record.id):
+            # Earlier jobs wait: this one cannot start before them, so a full
+            # reconcile per submission would only slow a burst of submissions.
+            if record.reason != "Priority":
+                self.store.update(record.id, reason="Priority")
+        else:
+            await self.reconcile()  # start it now if it fits: submit-to-start latency matters
         return self._record(record.id).to_job()
 
     async def get(self, job_id: str) -> Job:
@@ -204,7 +210,7 @@ class LocalBackend(Backend):
     async def list(
         self, *, user: str | None, states: Collection[JobState] | None = None
     ) -> list[Job]:
-        return [record.to_job() for record in self.store.list(user=user, states=states)]
+        return self.store.list_jobs(user=user, states=states)
 
     async def cancel(self, job_id: str) -> Job:
         record = self._record(self._parse_id(job_id))
@@ -251,18 +257,16 @@ class LocalBackend(Backend):
             for record in running:
                 if not await self._check_running(record):
                     still_running.append(record)
-            pending = store.list(states=[JobState.PENDING])
+            pending = store.pending_demands()
             decision = schedule(
-                self.capacity,
-                [_demand(r) for r in still_running],
-                [_demand(r) for r in pending],
+                self.capacity, [_demand(r) for r in still_running], [d for d, _ in pending]
             )
-            by_id = {r.id: r for r in pending}
+            reasons = {demand.job_id: reason for demand, reason in pending}
             for job_id in decision.start:
-                if not await self._launch(by_id[job_id]):
+                if not await self._launch(self._record(job_id)):
                     break  # keep the order: nothing overtakes a job that could not start
             for job_id, reason in decision.waiting.items():
-                if by_id[job_id].reason != reason:
+                if reasons[job_id] != reason:
                     store.update(job_id, reason=reason)
 
     async def _check_running(self, record: JobRecord) -> bool:
@@ -355,7 +359,7 @@ class LocalBackend(Backend):
             memory_limiter=self.config.memory_limiter,
             notify_socket=str(self.socket_path) if self._transport else None,
         )
-        jobdir.write(jobdir.launch, launch)
+        jobdir.write(jobdir.launch, launch, durable=False)  # read at once; relaunched after a crash
         lock_fd = os.open(jobdir.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -366,23 +370,7 @@ class LocalBackend(Backend):
                 reason=None,
                 started=time.time(),
             )
-            self._spawned.append(
-                subprocess.Popen(  # noqa: ASYNC220 - fork and exec only; the child detaches at once
-                    [
-                        self.config.python,
-                        "-m",
-                        "kbatch.backends.local.supervisor",
-                        str(jobdir.path),
-                        str(lock_fd),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    pass_fds=(lock_fd,),
-                    start_new_session=True,
-                    cwd="/",
-                )
-            )
+            self._spawned.append(await asyncio.to_thread(self._spawn_supervisor, jobdir, lock_fd))
         except OSError as exc:
             log.error("job %s: cannot start its supervisor: %s", record.id, exc)
             self.store.update(
@@ -394,6 +382,24 @@ class LocalBackend(Backend):
         finally:
             os.close(lock_fd)
         return True
+
+    def _spawn_supervisor(self, jobdir: JobDir, lock_fd: int) -> subprocess.Popen[bytes]:
+        """fork and exec (in a worker thread: a fork of a large server takes milliseconds)."""
+        return subprocess.Popen(
+            [
+                self.config.python,
+                "-m",
+                "kbatch.backends.local.supervisor",
+                str(jobdir.path),
+                str(lock_fd),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(lock_fd,),
+            start_new_session=True,
+            cwd="/",
+        )
 
     def _job_environment(self, record: JobRecord, spec: JobSpec) -> dict[str, str]:
         env = dict(spec.environment)

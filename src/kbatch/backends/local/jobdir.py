@@ -68,13 +68,19 @@ class JobDir:
     cancel = property(lambda self: self.path / "cancel")
     log = property(lambda self: self.path / "supervisor.log")
 
-    def write(self, path: Path, value: msgspec.Struct) -> None:
-        """Atomically: a reader sees the whole file or none of it."""
+    def write(self, path: Path, value: msgspec.Struct, *, durable: bool = True) -> None:
+        """Atomically: a reader sees the whole file or none of it.
+
+        ``durable`` also makes it survive a power loss (fsync, milliseconds on
+        some disks); a file read at once by a process that a power loss would
+        kill as well does not need that.
+        """
         tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as handle:
             handle.write(msgspec.json.encode(value))
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
 
     def read_started(self) -> Started | None:

@@ -17,9 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
+from kbatch.backends.local.scheduler import Demand
 from kbatch.models import Job, JobSpec, JobState
 
 __all__ = ["JobRecord", "JobStore"]
@@ -42,6 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     memory          INTEGER,
     gpus            INTEGER NOT NULL,
     time_limit      INTEGER,
+    workdir         TEXT,
+    comment         TEXT,
     spec            BLOB NOT NULL,
     idempotency_key TEXT
 );
@@ -50,10 +54,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (user, idempotency_ke
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (state) WHERE state IN ('PENDING', 'RUNNING');
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user, id);
 """
-_COLUMNS = (
+# What a listing shows: everything but the spec, which only a job's start needs.
+_JOB_COLUMNS = (
     "id, user, name, state, reason, exit_code, submitted, started, finished, output, error, "
-    "cpus, memory, gpus, time_limit, spec"
+    "cpus, memory, gpus, time_limit, workdir, comment"
 )
+_COLUMNS = f"{_JOB_COLUMNS}, spec"
+_STATES = {state.value: state for state in JobState}
 
 
 _UPDATABLE = frozenset({"state", "reason", "exit_code", "started", "finished", "output", "error"})
@@ -91,6 +98,8 @@ class JobRecord:
     memory: int | None
     gpus: int
     time_limit: int | None
+    workdir: str | None
+    comment: str | None
     spec_json: bytes
 
     @property
@@ -98,33 +107,69 @@ class JobRecord:
         return msgspec.json.decode(self.spec_json, type=JobSpec)
 
     def to_job(self) -> Job:
-        spec = self.spec
-        return Job(
-            id=str(self.id),
-            user=self.user,
-            name=self.name,
-            state=self.state,
-            reason=self.reason,
-            exit_code=self.exit_code,
-            submitted=datetime.fromtimestamp(self.submitted, UTC),
-            started=_ts(self.started),
-            finished=_ts(self.finished),
-            workdir=spec.workdir,
-            output=self.output,
-            error=self.error,
-            cpus=self.cpus,
-            memory=self.memory,
-            gpus=self.gpus,
-            time_limit=self.time_limit,
-            comment=spec.comment,
-            backend="local",
+        return _job(
+            (
+                self.id,
+                self.user,
+                self.name,
+                self.state.value,
+                self.reason,
+                self.exit_code,
+                self.submitted,
+                self.started,
+                self.finished,
+                self.output,
+                self.error,
+                self.cpus,
+                self.memory,
+                self.gpus,
+                self.time_limit,
+                self.workdir,
+                self.comment,
+            )
         )
 
 
 def _record(row: tuple[object, ...]) -> JobRecord:
     values = list(row)
-    values[3] = JobState(str(values[3]))
+    values[3] = _STATES[str(values[3])]
     return JobRecord(*values)  # type: ignore[arg-type]
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    """A row of ``_JOB_COLUMNS`` as the wire model."""
+    return Job(
+        id=str(row[0]),
+        user=row[1],
+        name=row[2],
+        state=_STATES[row[3]],
+        reason=row[4],
+        exit_code=row[5],
+        submitted=datetime.fromtimestamp(row[6], UTC),
+        started=_ts(row[7]),
+        finished=_ts(row[8]),
+        workdir=row[15],
+        output=row[9],
+        error=row[10],
+        cpus=row[11],
+        memory=row[12],
+        gpus=row[13],
+        time_limit=row[14],
+        comment=row[16],
+        backend="local",
+    )
+
+
+def _where(user: str | None, states: Collection[JobState] | None) -> tuple[str, list[object]]:
+    clauses: list[str] = []
+    params: list[object] = []
+    if user is not None:
+        clauses.append("user = ?")
+        params.append(user)
+    if states is not None:
+        clauses.append(f"state IN ({', '.join('?' * len(states))})")
+        params.extend(str(s) for s in states)
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
 class JobStore:
@@ -181,8 +226,8 @@ class JobStore:
                     return _record(row)
             cursor = db.execute(
                 "INSERT INTO jobs (user, name, state, reason, submitted, output, error, cpus, "
-                "memory, gpus, time_limit, spec, idempotency_key) "
-                "VALUES (?, ?, 'PENDING', 'None', ?, '', NULL, ?, ?, ?, ?, ?, ?)",
+                "memory, gpus, time_limit, workdir, comment, spec, idempotency_key) "
+                "VALUES (?, ?, 'PENDING', 'None', ?, '', NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user,
                     spec.name or "job",
@@ -191,6 +236,8 @@ class JobStore:
                     spec.memory,
                     spec.gpus,
                     spec.time_limit,
+                    spec.workdir,
+                    spec.comment,
                     msgspec.json.encode(spec),
                     idempotency_key,
                 ),
@@ -208,18 +255,40 @@ class JobStore:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
+    def pending_demands(self) -> list[tuple[Demand, str | None]]:
+        """The PENDING jobs in submission order: what each asks for, and its reason."""
+        rows = self._db.execute(
+            "SELECT id, cpus, COALESCE(memory, 0), gpus, reason FROM jobs "
+            "WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' ORDER BY id"
+        )
+        return [
+            (Demand(job_id, cpus, memory, gpus), reason)
+            for job_id, cpus, memory, gpus, reason in rows
+        ]
+
+    def pending_before(self, job_id: int) -> bool:
+        """Whether a job submitted before ``job_id`` is still waiting to start."""
+        # The IN term is the partial index's own condition: with it SQLite searches the
+        # index of active jobs instead of every older row.
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' "
+            "AND id < ? LIMIT 1",
+            (job_id,),
+        ).fetchone()
+        return row is not None
+
+    def list_jobs(
+        self, *, user: str | None = None, states: Collection[JobState] | None = None
+    ) -> list[Job]:
+        """``[r.to_job() for r in list(...)]`` without reading the specs: what ``kqueue`` waits for."""
+        where, params = _where(user, states)
+        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY id", params)
+        return [_job(row) for row in rows]
+
     def list(
         self, *, user: str | None = None, states: Collection[JobState] | None = None
     ) -> list[JobRecord]:
-        clauses: list[str] = []
-        params: list[object] = []
-        if user is not None:
-            clauses.append("user = ?")
-            params.append(user)
-        if states is not None:
-            clauses.append(f"state IN ({', '.join('?' * len(states))})")
-            params.extend(str(s) for s in states)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = _where(user, states)
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY id", params)
         return [_record(row) for row in rows]
 
