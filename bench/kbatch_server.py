@@ -1,0 +1,206 @@
+"""A real ``kbatch server`` process in a scratch state directory, and seeding its job table."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.context import wait_until
+from bench.machine import peak_rss_mib
+from bench.workload import job_spec
+from kbatch.backends.local.store import JobStore
+from kbatch.client import Client
+from kbatch.models import JobSpec
+
+__all__ = ["KbatchServer", "cli_path", "seed_jobs"]
+
+
+def cli_path(program: str = "kbatch") -> str:
+    """The ``kbatch``/``kqueue`` installed beside the Python running the benchmark."""
+    return str(Path(sys.executable).with_name(program))
+
+
+@dataclass
+class KbatchServer:
+    """``kbatch server`` in its own process, as a user starts it (default log level)."""
+
+    state_dir: Path
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        """The environment of the server and of every client of it."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KBATCH_", "JUPYTERHUB_"))}
+        env["KBATCH_STATE_DIR"] = str(self.state_dir)
+        env["KBATCH_CONFIG_DIR"] = str(self.state_dir / "client-config")  # never the user's
+        return env
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the server is not running"
+        return self.proc.pid
+
+    def start(self, timeout: float = 120) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "bench-server.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kbatch.cli.main", "server", *self.args],
+                env=self.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kbatch server exited early: {self.log_tail()}")
+            try:
+                info = json.loads((self.state_dir / "server.json").read_text())
+            except (OSError, ValueError):
+                return False
+            if info.get("pid") != proc.pid:
+                return False
+            try:
+                with self.client(retry_for=0) as client:
+                    client.whoami()
+            except Exception:
+                return False
+            return True
+
+        try:
+            wait_until(answers, timeout=timeout, interval=0.05, what="the kbatch server to answer")
+        except BaseException:
+            self.stop()
+            raise
+
+    def url(self) -> str:
+        return str(json.loads((self.state_dir / "server.json").read_text())["url"])
+
+    def token(self) -> str:
+        return (self.state_dir / "token").read_text().strip()
+
+    def client(self, **kwargs: float) -> Client:
+        return Client(self.url(), self.token(), **kwargs)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = (self.state_dir / "bench-server.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " / ".join(text.strip().splitlines()[-lines:])
+
+    def peak_rss_mib(self) -> float | None:
+        return peak_rss_mib(self.pid)
+
+    def stop(self) -> None:
+        """SIGTERM and wait; jobs that are running keep running (that is the design)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def seed_jobs(state_dir: Path, spec: JobSpec, count: int, *, workdir: Path) -> float:
+    """Insert ``count`` PENDING jobs straight into the local backend's SQLite store.
+
+    Only while the server is stopped: this is the same ``JobStore.insert`` the
+    server calls on ``POST /jobs`` (same rows, same spec JSON), minus HTTP and
+    the launch attempt, so ten thousand jobs take seconds rather than minutes.
+    Returns the seconds it took.
+    """
+    user = getpass.getuser()
+    start = time.perf_counter()
+    store = JobStore(state_dir / "jobs.sqlite")
+    try:
+        for _ in range(count):
+            store.insert(
+                user=user,
+                spec=spec,
+                paths=lambda job_id: (str(workdir / f"kbatch-{job_id}.out"), None),
+                idempotency_key=None,
+                now=time.time(),
+            )
+    finally:
+        store.close()
+    return time.perf_counter() - start
+
+
+@dataclass
+class QueuedServer:
+    """A server whose queue holds ``size`` jobs: one running, the rest waiting behind it.
+
+    The server gets one CPU; the first job (``hold.sh``, submitted through the
+    API) takes it, and the others are seeded with :func:`seed_jobs`, so they
+    wait (reasons ``Resources`` and ``Priority``) and every one of them is in
+    ``kqueue``'s default listing, as ``squeue`` shows pending jobs.
+    """
+
+    server: KbatchServer
+    workdir: Path
+    size: int = 0
+    head_id: str | None = None
+    seconds_seeding: float = 0.0
+
+    @classmethod
+    def create(cls, state_dir: Path, workdir: Path) -> QueuedServer:
+        workdir.mkdir(parents=True, exist_ok=True)
+        server = KbatchServer(state_dir, args=["--cpus", "1"])
+        server.start()
+        queued = cls(server, workdir)
+        try:
+            with server.client() as client:
+                head = client.submit(job_spec("hold.sh", workdir=workdir))
+                queued.head_id = head.id
+
+                def running() -> bool:
+                    return client.get(head.id).state.value == "RUNNING"
+
+                wait_until(running, timeout=60, what="the head job to run")
+        except BaseException:
+            queued.close()
+            raise
+        queued.size = 1
+        return queued
+
+    def grow(self, size: int) -> None:
+        """Restart the server with ``size`` jobs in its queue."""
+        if size <= self.size:
+            return
+        self.server.stop()
+        spec = job_spec("trivial.sh", workdir=self.workdir)
+        self.seconds_seeding += seed_jobs(
+            self.server.state_dir, spec, size - self.size, workdir=self.workdir
+        )
+        self.size = size
+        self.server.start()
+
+    def close(self) -> None:
+        """Stop the server first (so nothing queued starts), then end the head job."""
+        self.server.stop()
+        if self.head_id is None:
+            return
+        started = self.server.state_dir / "jobs" / self.head_id / "started.json"
+        try:
+            pgid = int(json.loads(started.read_text())["pgid"])
+        except (OSError, ValueError, KeyError):
+            return
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        result = self.server.state_dir / "jobs" / self.head_id / "result.json"
+        wait_until(result.exists, timeout=30, what="the head job's supervisor to finish")

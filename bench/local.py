@@ -1,0 +1,269 @@
+"""Part 2: the local backend through a real ``kbatch server``."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.context import Context, wait_until
+from bench.kbatch_server import KbatchServer, QueuedServer, cli_path
+from bench.measure import (
+    add_rate,
+    concurrent_rate,
+    dispatch_latencies,
+    end_to_end,
+    run_step,
+    sequential_rate,
+)
+from bench.report import Metric, SectionResult
+from bench.timing import Command
+from bench.workload import job_spec, write_scripts
+from kbatch.client import Client
+
+__all__ = ["TITLE", "run"]
+
+TITLE = "2. Local backend"
+
+
+def _wait_done(client: Client, job_id: str, timeout: float = 300) -> None:
+    wait_until(
+        lambda: client.get(job_id).state.is_terminal,
+        timeout=timeout,
+        interval=0.01,
+        what=f"job {job_id} to end",
+    )
+
+
+def _drain(client: Client, last_id: str, timeout: float = 600) -> None:
+    """Wait until the last job submitted has ended and nothing else is queued or running."""
+    _wait_done(client, last_id, timeout)
+    wait_until(lambda: not client.list(), timeout=timeout, interval=0.05, what="the queue to drain")
+
+
+def _not_completed(client: Client, first_id: str) -> int:
+    first = int(first_id)
+    jobs = [j for j in client.list(include_finished=True) if int(j.id) >= first]
+    return sum(1 for j in jobs if j.state.value != "COMPLETED")
+
+
+def run(ctx: Context, result: SectionResult) -> None:
+    scratch = ctx.scratch / "local"
+    work = scratch / "work"
+    scripts = write_scripts(work)
+    counts = ctx.counts
+    kbatch = cli_path("kbatch")
+    server = KbatchServer(scratch / "state")
+    server.start()
+    result.details["server"] = "`kbatch server`, defaults (all CPUs and memory of the machine)"
+    client = server.client()
+    try:
+        trivial = job_spec("trivial.sh", workdir=work)
+
+        def submit_api() -> str:
+            return client.submit(trivial).id
+
+        def drain(last_id: str) -> None:
+            _drain(client, last_id)
+
+        # Warm up: the first supervisor start reads files from disk.
+        drain(sequential_rate(3, submit_api).last_id)
+
+        def latency_api() -> None:
+            def submit(stamp: Path) -> str:
+                return client.submit(job_spec("stamp.sh", workdir=work, args=[str(stamp)])).id
+
+            samples = dispatch_latencies(
+                counts.latency_jobs, submit, lambda j: _wait_done(client, j), work / "stamps-api"
+            )
+            result.add(
+                Metric.from_samples(
+                    "dispatch_api",
+                    "submit-to-start, HTTP API",
+                    "s",
+                    samples,
+                    note="Client.submit() called → `date +%s.%N` in the job; one job at a time",
+                )
+            )
+
+        def latency_cli() -> None:
+            env = server.env()
+
+            def submit(stamp: Path) -> str:
+                out = subprocess.run(
+                    [kbatch, "submit", "--parsable", str(scripts["stamp.sh"]), str(stamp)],
+                    env=env,
+                    cwd=work,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                return out.stdout.strip()
+
+            samples = dispatch_latencies(
+                counts.latency_jobs, submit, lambda j: _wait_done(client, j), work / "stamps-cli"
+            )
+            result.add(
+                Metric.from_samples(
+                    "dispatch_cli",
+                    "submit-to-start, `kbatch submit`",
+                    "s",
+                    samples,
+                    note="`kbatch submit` started → `date +%s.%N` in the job; one job at a time",
+                )
+            )
+
+        def rate_api() -> None:
+            rate = sequential_rate(counts.rate_jobs, submit_api)
+            drain(rate.last_id)
+            add_rate(
+                result,
+                "submit_rate_api",
+                "submit rate, HTTP API, one client",
+                rate,
+                "one `Client` (keep-alive), one submission after another; jobs run meanwhile",
+            )
+
+        def rate_api_concurrent() -> None:
+            def one_client() -> tuple[Callable[[], str], Callable[[], None]]:
+                own = server.client()
+                return (lambda: own.submit(trivial).id), own.close
+
+            rate = concurrent_rate(counts.rate_jobs, counts.concurrency, one_client, processes=True)
+            drain(rate.last_id)
+            add_rate(
+                result,
+                "submit_rate_api_concurrent",
+                f"submit rate, HTTP API, {counts.concurrency} clients",
+                rate,
+                f"{counts.concurrency} client processes, one `Client` each",
+            )
+
+        def rate_cli() -> None:
+            env = server.env()
+
+            def submit() -> str:
+                argv = [kbatch, "submit", "--parsable", str(scripts["trivial.sh"])]
+                out = subprocess.run(
+                    argv, env=env, cwd=work, capture_output=True, text=True, check=True
+                )
+                return out.stdout.strip()
+
+            rate = sequential_rate(counts.rate_cli_jobs, submit)
+            drain(rate.last_id)
+            add_rate(
+                result,
+                "submit_rate_cli",
+                "submit rate, `kbatch submit`",
+                rate,
+                "one `kbatch submit` process after another",
+            )
+
+        def e2e() -> None:
+            first = client.submit(trivial).id
+            drain(first)
+            seconds, rate = end_to_end(counts.e2e_jobs, submit_api, drain)
+            failed = _not_completed(client, str(int(first) + 1))
+            key = "e2e"
+            result.add(
+                Metric(
+                    key,
+                    f"{counts.e2e_jobs} trivial jobs, first submit → last end",
+                    "s",
+                    seconds,
+                    note=f"HTTP API, one client; {rate.per_second:.0f} submissions/s meanwhile; "
+                    f"{failed} not COMPLETED",
+                )
+            )
+
+        run_step(result, ctx, "submit-to-start latency (HTTP API)", ("dispatch_api",), latency_api)
+        run_step(
+            result, ctx, "submit-to-start latency (kbatch submit)", ("dispatch_cli",), latency_cli
+        )
+        run_step(result, ctx, "submit rate (HTTP API)", ("submit_rate_api",), rate_api)
+        run_step(
+            result,
+            ctx,
+            "concurrent submit rate (HTTP API)",
+            ("submit_rate_api_concurrent",),
+            rate_api_concurrent,
+        )
+        run_step(result, ctx, "submit rate (kbatch submit)", ("submit_rate_cli",), rate_cli)
+        run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+        peak = server.peak_rss_mib()
+        if peak is not None:
+            result.add(
+                Metric(
+                    "server_peak_rss_runs",
+                    "server peak memory (VmHWM) after the runs above",
+                    "MiB",
+                    peak,
+                )
+            )
+    finally:
+        client.close()
+        server.stop()
+    run_step(
+        result,
+        ctx,
+        "queue listing",
+        tuple(f"kqueue_{n}" for n in counts.list_sizes),
+        lambda: _listing(ctx, result, scratch),
+    )
+
+
+def _listing(ctx: Context, result: SectionResult, scratch: Path) -> None:
+    """``kqueue`` with 1,000 and 10,000 jobs queued, and the server's memory then."""
+    queued = QueuedServer.create(scratch / "queue-state", scratch / "queue-work")
+    kqueue = cli_path("kqueue")
+    try:
+        for size in ctx.counts.list_sizes:
+            queued.grow(size)
+            ctx.log(f"local: kqueue with {size} jobs queued")
+            command = Command(f"kqueue_{size}", [kqueue], queued.server.env(), queued.workdir)
+            times = ctx.timer.time([command], runs=ctx.counts.list_runs)
+            result.add(
+                Metric.from_samples(
+                    f"kqueue_{size}",
+                    f"`kqueue`, {size:,} jobs queued",
+                    "s",
+                    times[command.name],
+                    note=f"end to end, fresh process ({ctx.timer.method}); prints {size:,} rows",
+                )
+            )
+            with queued.server.client() as client:
+                samples = []
+                for _ in range(ctx.counts.list_runs):
+                    t = time.perf_counter()
+                    jobs = client.list()
+                    samples.append(time.perf_counter() - t)
+                assert len(jobs) == size, f"listed {len(jobs)} jobs, expected {size}"
+            result.add(
+                Metric.from_samples(
+                    f"api_list_{size}",
+                    f"`Client.list()`, {size:,} jobs queued",
+                    "s",
+                    samples,
+                    note="in-process client, warm connection: server + transfer + decoding",
+                )
+            )
+            peak = queued.server.peak_rss_mib()
+            if peak is not None:
+                result.add(
+                    Metric(
+                        f"server_peak_rss_{size}",
+                        f"server peak memory (VmHWM), {size:,} jobs queued",
+                        "MiB",
+                        peak,
+                        note="after the listings above",
+                    )
+                )
+        result.notes.append(
+            f"The listing queues were seeded through `JobStore.insert` while the server was "
+            f"stopped ({queued.seconds_seeding:.1f} s in all): one real job holds the server's "
+            "only CPU (`--cpus 1`), the rest wait behind it (reasons Resources and Priority), "
+            "as `squeue` shows jobs pending."
+        )
+    finally:
+        queued.close()

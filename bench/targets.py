@@ -1,0 +1,149 @@
+"""What is compared with what, and the targets of issue 5.  Pure data.
+
+Metric references are ``section.metric[:stat]`` (see :mod:`bench.report`).
+"""
+
+from __future__ import annotations
+
+from bench.report import Comparison, Target
+
+__all__ = ["COMPARISONS", "TARGETS"]
+
+COMPARISONS: list[Comparison] = [
+    # 1. CLI cold start
+    Comparison("`kbatch --help` vs bare `python -c pass`", "cli.kbatch_help", "cli.python_pass"),
+    Comparison("`kbatch --help` vs PyPI `kbatch --help`", "cli.kbatch_help", "cli.pypi_help"),
+    Comparison(
+        "`kbatch submit --help` vs PyPI `kbatch job submit --help`",
+        "cli.kbatch_submit_help",
+        "cli.pypi_submit_help",
+    ),
+    Comparison("`kqueue` (1,000 jobs) vs bare `python -c pass`", "cli.kqueue", "cli.python_pass"),
+    # 2./3. local backend against Slurm on the same machine
+    Comparison(
+        "submit rate: `kbatch submit` vs `sbatch`, one after another",
+        "local.submit_rate_cli",
+        "slurm.submit_rate",
+    ),
+    Comparison(
+        "submit rate: HTTP API, one client vs `sbatch`, one after another",
+        "local.submit_rate_api",
+        "slurm.submit_rate",
+    ),
+    Comparison(
+        "submit rate: HTTP API, 4 clients vs `sbatch`, 4 at once",
+        "local.submit_rate_api_concurrent",
+        "slurm.submit_rate_concurrent",
+    ),
+    Comparison(
+        "submit-to-start, median: `kbatch submit` vs `sbatch`",
+        "local.dispatch_cli",
+        "slurm.dispatch",
+    ),
+    Comparison(
+        "submit-to-start, p95: `kbatch submit` vs `sbatch`",
+        "local.dispatch_cli:p95",
+        "slurm.dispatch:p95",
+    ),
+    Comparison(
+        "submit-to-start, median: HTTP API vs `sbatch`", "local.dispatch_api", "slurm.dispatch"
+    ),
+    Comparison("trivial jobs, first submit to last end", "local.e2e", "slurm.e2e"),
+    Comparison("`kqueue` vs `squeue`, 1,000 jobs queued", "local.kqueue_1000", "slurm.squeue_1000"),
+    Comparison(
+        "`kqueue` vs `squeue`, 10,000 jobs queued", "local.kqueue_10000", "slurm.squeue_10000"
+    ),
+    Comparison(
+        "peak memory at 10,000 jobs: kbatch server vs slurmctld",
+        "local.server_peak_rss_10000",
+        "slurm.slurmctld_peak_rss_10000",
+    ),
+    # 4. Kubernetes backend against kubectl on the same control plane
+    Comparison(
+        "Kubernetes: submit until the Job exists vs `kubectl create`",
+        "kubernetes.submit",
+        "kubernetes.kubectl_create",
+    ),
+]
+
+TARGETS: list[Target] = [
+    Target(
+        "`kbatch --help` at least 6x faster than the PyPI kbatch CLI",
+        kind="ratio",
+        a="cli.pypi_help",
+        b="cli.kbatch_help",
+        op=">=",
+        threshold=6,
+        figure="PyPI ÷ kbatch",
+    ),
+    Target(
+        "`kbatch --help` within 0.1 s of bare Python",
+        kind="difference",
+        a="cli.kbatch_help",
+        b="cli.python_pass",
+        op="<=",
+        threshold=0.1,
+        figure="kbatch - python",
+    ),
+    Target(
+        "local submit rate better than Slurm's (HTTP API vs `sbatch`, one after another)",
+        kind="ratio",
+        a="local.submit_rate_api",
+        b="slurm.submit_rate",
+        op=">",
+        threshold=1,
+        figure="kbatch ÷ Slurm",
+    ),
+    Target(
+        "local submit rate better than Slurm's (HTTP API vs `sbatch`, 4 at once)",
+        kind="ratio",
+        a="local.submit_rate_api_concurrent",
+        b="slurm.submit_rate_concurrent",
+        op=">",
+        threshold=1,
+        figure="kbatch ÷ Slurm",
+    ),
+    Target(
+        "local dispatch latency better than Slurm's (median, `kbatch submit` vs `sbatch`)",
+        kind="ratio",
+        a="slurm.dispatch",
+        b="local.dispatch_cli",
+        op=">",
+        threshold=1,
+        figure="Slurm ÷ kbatch",
+    ),
+    Target(
+        "local dispatch latency better than Slurm's (p95, `kbatch submit` vs `sbatch`)",
+        kind="ratio",
+        a="slurm.dispatch:p95",
+        b="local.dispatch_cli:p95",
+        op=">",
+        threshold=1,
+        figure="Slurm ÷ kbatch",
+    ),
+    Target(
+        "`kqueue` with 10,000 jobs under 0.3 s end to end",
+        kind="value",
+        a="local.kqueue_10000",
+        op="<",
+        threshold=0.3,
+        figure="kqueue",
+    ),
+    Target(
+        "Kubernetes submit overhead under 20% above `kubectl create` of the same Job",
+        kind="ratio",
+        a="kubernetes.submit",
+        b="kubernetes.kubectl_create",
+        op="<=",
+        threshold=1.2,
+        figure="kbatch ÷ kubectl",
+    ),
+    Target(
+        "Kubernetes: listing 10,000 Jobs under 0.5 s from the watch cache",
+        kind="value",
+        a="kubernetes.list_10000",
+        op="<",
+        threshold=0.5,
+        figure="list",
+    ),
+]
