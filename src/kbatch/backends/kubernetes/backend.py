@@ -365,7 +365,7 @@ class KubernetesBackend(Backend):
     async def _create(
         self, job: dict[str, Any], config_map: dict[str, Any], secret: dict[str, Any]
     ) -> Job:
-        """Job (suspended), then its ConfigMap and Secret owned by it, then let it run.
+        """Job (suspended), then its ConfigMap and Secret owned by it (together), then let it run.
 
         If any step fails, everything made so far is deleted: a failed
         submission leaves nothing behind.
@@ -379,8 +379,10 @@ class KubernetesBackend(Backend):
             owner = [owner_reference(created_job)]
             config_map["metadata"]["ownerReferences"] = owner
             secret["metadata"]["ownerReferences"] = owner
-            await self.client.create(from_dict(config_map))
-            await self.client.create(from_dict(secret))
+            # Independent of each other: one round trip for both.
+            await asyncio.gather(
+                self.client.create(from_dict(config_map)), self.client.create(from_dict(secret))
+            )
             released = await self.client.patch(
                 K8sJob, name, {"spec": {"suspend": False}}, namespace=namespace
             )
