@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kbatch import __version__
 from kbatch.errors import KbatchError
 
+if TYPE_CHECKING:  # argparse is imported when a parser is built: `kbatch submit` needs none
+    import argparse
+
 __all__ = ["kqueue_main", "main"]
 
-Handler = Callable[[argparse.Namespace], int]
+Handler = Callable[["argparse.Namespace"], int]
 
 DESCRIPTION = """\
 sbatch and squeue for JupyterHub: submit scripts as batch jobs that outlive
@@ -52,6 +55,8 @@ def _add_queue_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="kbatch", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -133,10 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
-    if argv[:1] == ["submit"]:
-        # sbatch's grammar (options, SCRIPT, the script's own arguments) is parsed
-        # by kbatch.directives, with the same table as #SBATCH lines.
-        return _lazy("kbatch.cli.submit", "submit")(argparse.Namespace(words=list(argv[1:])))
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
@@ -162,10 +163,18 @@ def _guarded(body: Callable[[], int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["submit"]:
+        # sbatch's grammar (options, SCRIPT, the script's own arguments) is parsed by
+        # kbatch.directives with the same table as #SBATCH lines: no argparse to import.
+        from kbatch.cli.submit import submit_words
+
+        return _guarded(lambda: submit_words(words[1:]))
     return _guarded(lambda: run(words, build_parser()))
 
 
 def kqueue_main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="kqueue", description="Your pending and running kbatch jobs."
     )

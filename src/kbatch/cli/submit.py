@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from kbatch.directives import ParsedOptions, Support, help_lines, parse_tokens
 from kbatch.errors import SpecError
 
-__all__ = ["submit"]
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["submit", "submit_words"]
 
 USAGE = "usage: kbatch submit [OPTIONS] SCRIPT [ARGS...]\n       kbatch submit [OPTIONS] --wrap COMMAND\n"
 
@@ -52,7 +55,11 @@ def _read_script(path: str) -> str:
 
 
 def submit(args: argparse.Namespace) -> int:
-    words: list[str] = args.words
+    return submit_words(args.words)
+
+
+def submit_words(words: list[str]) -> int:
+    """``kbatch submit WORDS...``."""
     if "-h" in words[:1] or "--help" in words:
         # --help after the script is the script's own argument
         cut = next((i for i, w in enumerate(words) if not w.startswith("-")), len(words))
