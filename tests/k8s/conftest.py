@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.support.k8s_cluster import DEFAULT_POD_LOG, K8sCluster, k8s_cluster
+from tests.support.tools import installed
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "kbatch"
@@ -40,13 +41,7 @@ def pod_log(cluster: K8sCluster) -> Iterator[Callable[[str], None]]:
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
-    out = subprocess.run(
-        ["bash", str(REPO / "tools" / "helm" / "build.sh")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return Path(out.stdout.strip().splitlines()[-1])
+    return installed("helm/build.sh")
 
 
 def render_chart(helm: Path, release: str, *values: str) -> list[dict[str, Any]]:

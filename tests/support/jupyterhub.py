@@ -37,6 +37,7 @@ from kbatch.client import Client
 from kbatch.models import Job, JobState
 from tests.support.polling import file_text, wait_for
 from tests.support.servers import REPO, CliResult, KbatchServer
+from tests.support.tools import installed
 
 SERVICE = "kbatch"
 ADMIN_GROUP = "kbatch-admins"
@@ -58,16 +59,7 @@ def free_port() -> int:
 
 def install_proxy() -> Path:
     """configurable-http-proxy from npm, cached outside the repo (tools/jupyterhub/install-proxy.sh)."""
-    out = subprocess.run(
-        ["bash", str(REPO / "tools" / "jupyterhub" / "install-proxy.sh")],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"installing configurable-http-proxy failed:\n{out.stderr}")
-    return Path(out.stdout.strip().splitlines()[-1])
+    return installed("jupyterhub/install-proxy.sh", timeout=300)
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
