@@ -145,24 +145,16 @@ def build_spec(
         found = options.get(dest)
         return found.value if found else None
 
-    for dest in ("nodes", "ntasks"):
-        found = options.get(dest)
-        if found is None:
-            continue
-        count = found.value or ""
-        if dest == "nodes" and count in ("1", "1-1"):
-            continue
-        if count.isdigit() and int(count) == 1:
-            continue
-        if dest == "ntasks" and count.isdigit() and int(count) > 1:
-            warnings.append(f"ignoring {found.describe()}: {found.option.help}")
-            continue
-        if dest == "nodes" and ignore_unknown:
-            warnings.append(f"ignoring {found.describe()}: kbatch runs a job on one node")
-            continue
-        raise SpecError(
-            f"{found.describe()}: kbatch runs a job on one node; remove it or use --nodes=1"
-        )
+    nodes = options.get("nodes")
+    if nodes is not None and (nodes.value or "") not in ("1", "1-1"):
+        if not ignore_unknown:
+            raise SpecError(
+                f"{nodes.describe()}: kbatch runs a job on one node; remove it or use --nodes=1"
+            )
+        warnings.append(f"ignoring {nodes.describe()}: kbatch runs a job on one node")
+    ntasks = options.get("ntasks")
+    if ntasks is not None and _int_option(ntasks, minimum=1) > 1:
+        warnings.append(f"ignoring {ntasks.describe()}: {ntasks.option.help}")
 
     gpus = 0
     if (found := options.get("gpus", "gpus_per_node", "gpus_per_task", "gres")) is not None:

@@ -185,3 +185,11 @@ def test_corpus_header_is_honoured_or_reported(entry: dict[str, object]) -> None
         assert value.text in reported, f"{value.text} neither honoured nor reported"
     for unknown in parsed.unknown:
         assert unknown in reported
+
+
+def test_tasks_and_nodes() -> None:
+    assert "one task" in spec_of("#!/bin/sh\n#SBATCH -n 4\necho\n").warnings[0]
+    assert spec_of("#!/bin/sh\n#SBATCH --ntasks=1\n#SBATCH -N 1\necho\n").warnings == []
+    with pytest.raises(SpecError, match="whole number"):
+        spec_of("#!/bin/sh\n#SBATCH --ntasks=many\necho\n")
+    assert "one node" in spec_of("#!/bin/sh\n#SBATCH -N5\necho\n", ignore_unknown=True).warnings[0]

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -39,6 +40,7 @@ from kbatch.models import (
     Identity,
     Job,
     JobList,
+    JobSpec,
     JobState,
     SubmitRequest,
 )
@@ -170,9 +172,8 @@ class Api:
         return StreamingResponse(chunks, media_type="application/octet-stream")
 
 
-def _preview(user: str, spec: Any, backend: str) -> Job:
-    from datetime import UTC, datetime
-
+def _preview(user: str, spec: JobSpec, backend: str) -> Job:
+    """What ``--test-only`` shows: the job as it would be submitted."""
     return Job(
         id="0",
         user=user,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import msgspec
+
 from kbatch.errors import SpecError
 from kbatch.models import JobSpec
 from kbatch.spec import SECRET_ENVIRONMENT
@@ -85,6 +87,4 @@ def check(spec: JobSpec, policy: Policy) -> JobSpec:
     environment = {k: v for k, v in spec.environment.items() if k not in SECRET_ENVIRONMENT}
     if time_limit == spec.time_limit and environment == spec.environment:
         return spec
-    import msgspec
-
     return msgspec.structs.replace(spec, time_limit=time_limit, environment=environment)
