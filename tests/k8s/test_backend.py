@@ -428,3 +428,39 @@ async def test_pod_lost_to_disruption_is_retried_not_failed(
         assert not any(c["type"] == "Failed" for c in k8s_job["status"].get("conditions") or [])
         await backend.cancel(job.id)
         assert (await final(backend, job.id)).state is JobState.CANCELLED
+
+
+async def test_forbidden_submission_is_a_clear_403(cluster: K8sCluster, shared: Installed) -> None:
+    """RBAC that lets the server watch but not create: a 403 naming RBAC, and nothing made."""
+    ns = "kbatch-readonly"
+    cluster.kubectl("create", "namespace", ns)
+    reader = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "kbatch-reader", "namespace": ns},
+        "rules": [
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "kbatch-reader", "namespace": ns},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "kbatch-reader",
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": shared.release, "namespace": "kbatch-system"}
+        ],
+    }
+    cluster.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": [reader, binding]}))
+    async with started(shared, namespace=ns) as backend:
+        with pytest.raises(
+            PermissionDenied, match=r"does not allow the kbatch server.*RBAC"
+        ) as info:
+            await backend.submit("alice", spec(), idempotency_key=None)
+        assert (info.value.status, info.value.code) == (403, "forbidden")
+    assert cluster.kubectl_json("get", "jobs", "-n", ns)["items"] == []
