@@ -6,17 +6,17 @@ import getpass
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from tests.support.servers import KbatchServer as TestServer
 
 from bench.context import wait_until
 from bench.machine import peak_rss_mib
 from bench.workload import job_spec
 from kbatch.backends.local.store import JobStore
-from kbatch.client import Client
 from kbatch.models import JobSpec
 
 __all__ = ["KbatchServer", "cli_path", "seed_jobs"]
@@ -28,90 +28,26 @@ def cli_path(program: str = "kbatch") -> str:
 
 
 @dataclass
-class KbatchServer:
-    """``kbatch server`` in its own process, as a user starts it (default log level)."""
+class KbatchServer(TestServer):
+    """``kbatch server`` in its own process, as a user starts it (default log level).
 
-    state_dir: Path
-    args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
+    The tests' server process (tests/support/servers.py) with what the
+    benchmarks read besides: its pid, peak memory and the tail of its log.
+    """
 
-    def env(self) -> dict[str, str]:
-        """The environment of the server and of every client of it."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KBATCH_", "JUPYTERHUB_"))}
-        env["KBATCH_STATE_DIR"] = str(self.state_dir)
-        env["KBATCH_CONFIG_DIR"] = str(self.state_dir / "client-config")  # never the user's
-        return env
+    log_level: str | None = None
+    start_timeout: float = 120.0
 
     @property
     def pid(self) -> int:
         assert self.proc is not None, "the server is not running"
         return self.proc.pid
 
-    def start(self, timeout: float = 120) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / "bench-server.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kbatch.cli.main", "server", *self.args],
-                env=self.env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        proc = self.proc
-
-        def answers() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kbatch server exited early: {self.log_tail()}")
-            try:
-                info = json.loads((self.state_dir / "server.json").read_text())
-            except (OSError, ValueError):
-                return False
-            if info.get("pid") != proc.pid:
-                return False
-            try:
-                with self.client(retry_for=0) as client:
-                    client.whoami()
-            except Exception:
-                return False
-            return True
-
-        try:
-            wait_until(answers, timeout=timeout, interval=0.05, what="the kbatch server to answer")
-        except BaseException:
-            self.stop()
-            raise
-
-    def url(self) -> str:
-        return str(json.loads((self.state_dir / "server.json").read_text())["url"])
-
-    def token(self) -> str:
-        return (self.state_dir / "token").read_text().strip()
-
-    def client(self, **kwargs: float) -> Client:
-        return Client(self.url(), self.token(), **kwargs)
-
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = (self.state_dir / "bench-server.log").read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return " / ".join(text.strip().splitlines()[-lines:])
+        return " / ".join(self.log().strip().splitlines()[-lines:]) or "(no log)"
 
     def peak_rss_mib(self) -> float | None:
         return peak_rss_mib(self.pid)
-
-    def stop(self) -> None:
-        """SIGTERM and wait; jobs that are running keep running (that is the design)."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def seed_jobs(state_dir: Path, spec: JobSpec, count: int, *, workdir: Path) -> float:

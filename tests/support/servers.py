@@ -32,6 +32,8 @@ class KbatchServer:
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    log_level: str | None = "debug"  # None: the server's default, as a user runs it
+    start_timeout: float = 30.0
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KBATCH_", "JUPYTERHUB_"))}
@@ -51,8 +53,7 @@ class KbatchServer:
                     "-m",
                     "kbatch.cli.main",
                     "server",
-                    "--log-level",
-                    "debug",
+                    *(["--log-level", self.log_level] if self.log_level else []),
                     *self.args,
                 ],
                 env=self.env(),
@@ -70,7 +71,11 @@ class KbatchServer:
                 return False
             return self.answers()
 
-        wait_for(ready, timeout=30, what="the kbatch server to answer")
+        try:
+            wait_for(ready, timeout=self.start_timeout, what="the kbatch server to answer")
+        except BaseException:
+            self.stop()
+            raise
 
     def answers(self) -> bool:
         """Whether the started server answers an authenticated request."""
