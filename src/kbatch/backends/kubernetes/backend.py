@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field, fields
@@ -44,7 +43,6 @@ from kbatch.patterns import resolve_output
 __all__ = ["KubernetesBackend", "KubernetesConfig", "api_error"]
 
 log = logging.getLogger("kbatch.kubernetes")
-LABEL_IDEMPOTENCY = f"{names.PREFIX}/idempotency"
 
 
 @dataclass
@@ -300,12 +298,10 @@ class KubernetesBackend(Backend):
         )
 
     async def _find_by_key(self, user: str, key: str) -> Job | None:
-        digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()[:40]
         namespace = self.namespace_of(user)
+        selector: dict[str, Any] = {names.LABEL_IDEMPOTENCY: names.idempotency_label(user, key)}
         try:
-            async for found in self.client.list(
-                K8sJob, namespace=namespace, labels={LABEL_IDEMPOTENCY: digest}
-            ):
+            async for found in self.client.list(K8sJob, namespace=namespace, labels=selector):
                 return job_from_objects(found.to_dict(), [])
         except ApiError as exc:
             if exc.status.code == 404:
@@ -357,9 +353,6 @@ class KubernetesBackend(Backend):
                 idempotency_key=idempotency_key,
             ),
         )
-        if idempotency_key is not None:
-            digest = hashlib.sha256(f"{user}\0{idempotency_key}".encode()).hexdigest()[:40]
-            manifests.job["metadata"]["labels"][LABEL_IDEMPOTENCY] = digest
         return await self._create(manifests.job, manifests.config_map, manifests.secret)
 
     async def _create(

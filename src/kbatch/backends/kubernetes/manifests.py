@@ -145,6 +145,7 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
     }
     if ctx.idempotency_key:
         annotations[names.ANNOTATION_IDEMPOTENCY] = ctx.idempotency_key
+        labels[names.LABEL_IDEMPOTENCY] = names.idempotency_label(ctx.user, ctx.idempotency_key)
     if ctx.output:
         annotations[names.ANNOTATION_OUTPUT] = ctx.output
     if ctx.error:

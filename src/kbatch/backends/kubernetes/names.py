@@ -21,10 +21,12 @@ __all__ = [
     "ANNOTATION_OUTPUT",
     "ANNOTATION_SPEC",
     "ANNOTATION_USER",
+    "LABEL_IDEMPOTENCY",
     "LABEL_JOB_ID",
     "LABEL_MANAGED",
     "LABEL_USER",
     "MANAGED_BY",
+    "idempotency_label",
     "is_dns_label",
     "job_object_name",
     "namespace_for",
@@ -44,6 +46,7 @@ ANNOTATION_FINALIZED = f"{PREFIX}/finalized"  # the end-of-job hook has run
 ANNOTATION_IDEMPOTENCY = f"{PREFIX}/idempotency-key"
 ANNOTATION_OUTPUT = f"{PREFIX}/output"
 ANNOTATION_ERROR = f"{PREFIX}/error"
+LABEL_IDEMPOTENCY = f"{PREFIX}/idempotency"  # selectable: a digest of user and key
 MANAGED_BY = "kbatch"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -69,6 +72,11 @@ def safe_slug(name: str, max_length: int = 40) -> str:
     suffix = _hash(name)
     clean = clean[: max_length - len(suffix) - 3].strip("-")
     return f"{clean}---{suffix}"
+
+
+def idempotency_label(user: str, key: str) -> str:
+    """The label value that finds a user's submission by its idempotency key."""
+    return _hash(f"{user}\0{key}", length=40)
 
 
 def new_job_id() -> str:
