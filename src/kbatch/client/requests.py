@@ -40,7 +40,6 @@ class Request:
     path: str  # below the server's base URL, with the query string
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    idempotent: bool = True  # safe to send again after a connection error
 
 
 def _path(*parts: str, query: dict[str, str] | None = None) -> str:

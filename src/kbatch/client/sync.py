@@ -28,9 +28,9 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 class Client:
     """A connection to one kbatch server.
 
-    Requests that are safe to repeat (every GET, cancel, and submit, which
-    carries an idempotency key) are retried on connection errors and 502/503/504
-    until ``retry_for`` seconds have passed, so a server restart is invisible.
+    Every request of the API is safe to repeat (GETs, cancel, and submit, which
+    carries an idempotency key), so each is retried on connection errors and
+    502/503/504 until ``retry_for`` seconds have passed: a restart is invisible.
     """
 
     def __init__(
@@ -159,14 +159,14 @@ class Client:
                 response = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                if request.idempotent and time.monotonic() + delay < deadline:
+                if time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
                 raise TransportError(
                     f"cannot reach the kbatch server at {self.url}: {_reason(exc)}"
                 ) from exc
-            if response.status in RETRY_STATUSES and request.idempotent:
+            if response.status in RETRY_STATUSES:
                 body = response.read()
                 if rq.is_error_body(body) or time.monotonic() + delay >= deadline:
                     return response, body
