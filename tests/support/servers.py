@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from kbatch.client import Client
 from kbatch.models import Job, JobState
+from kbatch.server.main import read_server_file
 from tests.support.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,10 +87,7 @@ class KbatchServer:
         return True
 
     def _info(self) -> dict[str, object]:
-        try:
-            return json.loads((self.state_dir / "server.json").read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_server_file(self.state_dir)
 
     @property
     def url(self) -> str:
