@@ -23,6 +23,7 @@ __all__ = [
     "ErrorDetail",
     "Identity",
     "Job",
+    "JobEvent",
     "JobList",
     "JobSpec",
     "JobState",
@@ -79,6 +80,8 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
     environment: dict[str, str] = {}
     comment: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     image: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    # Submitted held (sbatch --hold): the job exists but waits for ``kbatch release``.
+    hold: bool = False
 
 
 class SubmitRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -106,10 +109,26 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=False):
     time_limit: int | None = None
     comment: str | None = None
     backend: str = ""
+    # Who cancelled the job, when someone did (the owner or an admin).
+    cancelled_by: str | None = None
+    # Members of a task group (an array) share ``array_job_id`` and differ in
+    # ``array_task_id``; their ``id`` is ``<array_job_id>_<array_task_id>``.
+    array_job_id: str | None = None
+    array_task_id: int | None = None
 
 
 class JobList(msgspec.Struct, kw_only=True):
+    """A page of jobs, oldest first; ``next`` is the cursor of the following page."""
+
     jobs: list[Job]
+    next: str | None = None
+
+
+class JobEvent(msgspec.Struct, kw_only=True):
+    """A change of a job as the event stream (``GET /api/v1/events``) reports it."""
+
+    type: str = "job"  # "job": ``job`` changed; "resync": events were lost, list again
+    job: Job | None = None
 
 
 class Identity(msgspec.Struct, kw_only=True, frozen=True):

@@ -1,37 +1,61 @@
-"""The interface every backend implements.
+"""The contract every backend implements, and what they share.
 
 The server authenticates and authorizes; a backend only runs jobs.  Methods
 take the owning user explicitly and never check permissions themselves.
+
+A backend keeps each job's *desired* state (what users asked: run, hold,
+cancel) apart from its *observed* state, and changes the observed state in one
+place only: its reconciler, which handles one job at a time from a
+:class:`~kbatch.backends.workqueue.WorkQueue` (see :mod:`kbatch.lifecycle`).
+API calls such as :meth:`Backend.cancel` write the desired state and wait for
+the reconciler; they never move a job themselves.  Every change a reconciler
+makes is published on :attr:`Backend.events`.
+
+A backend is chosen by the server's ``backend`` key: a name from
+:data:`BACKENDS` or an import path ``package.module:Class``.  It declares its
+own configuration (:attr:`Backend.config_class`, decoded from its own
+``[section]`` of ``kbatch.toml`` by :meth:`Backend.from_config`); the server
+never knows its keys.  The conformance suite (``tests/conformance``) is the
+contract's executable form: a backend is done when it passes.
 """
 
 from __future__ import annotations
 
 import abc
+import importlib
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
-from kbatch.errors import SpecError
-from kbatch.models import Job, JobSpec, JobState
-from kbatch.patterns import check_pattern
+import msgspec
 
-__all__ = ["Backend", "JobHooks", "check_spec"]
+from kbatch.backends.derive import check_spec
+from kbatch.backends.events import EventBroker
+from kbatch.errors import ConfigError, Conflict
+from kbatch.models import Job, JobEvent, JobList, JobSpec, JobState
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendHealth",
+    "JobHooks",
+    "backend_class",
+    "check_spec",
+    "decode_section",
+    "not_pending",
+    "paginate",
+]
 
 log = logging.getLogger("kbatch.backends")
+C = TypeVar("C")
 
-
-def check_spec(spec: JobSpec) -> None:
-    """What every backend needs of a spec: an interpreter line, an absolute
-    working directory, known ``%`` tokens in file patterns."""
-    if not spec.script.startswith("#!"):
-        raise SpecError(
-            "the script has no interpreter line; make its first line one such as #!/bin/bash",
-            field="script",
-        )
-    if spec.workdir is not None and not spec.workdir.startswith("/"):
-        raise SpecError("the working directory must be an absolute path", field="workdir")
-    for pattern in (spec.output, spec.error):
-        if pattern is not None:
-            check_pattern(pattern)
+BACKENDS: dict[str, str] = {
+    "local": "kbatch.backends.local.backend:LocalBackend",
+    "kubernetes": "kbatch.backends.kubernetes.backend:KubernetesBackend",
+    "fake": "kbatch.backends.fake:FakeBackend",
+}
 
 
 class JobHooks:
@@ -39,8 +63,9 @@ class JobHooks:
 
     A backend calls :meth:`environment` right before a job starts (its result is
     added to the job's environment, e.g. a JupyterHub token made for this job)
-    and :meth:`finished` once after the job has ended, even when the end was
-    noticed only after a server restart.  The defaults do nothing.
+    and :meth:`finished` exactly once after the job has ended, whichever way it
+    ended (also when it never started, and when the end was noticed only after
+    a server restart).  The defaults do nothing.
     """
 
     async def environment(self, job: Job) -> dict[str, str]:
@@ -50,18 +75,81 @@ class JobHooks:
         return None
 
 
+@dataclass(frozen=True)
+class BackendHealth:
+    """What ``/api/v1/health`` reports of the backend: ``ok`` False answers 503."""
+
+    ok: bool = True
+    detail: str = ""
+    stale_seconds: float | None = None  # how old the data jobs are listed from may be
+
+
+def decode_section(section: Mapping[str, Any], cls: type[C], name: str, **extra: Any) -> C:
+    """A backend's ``[name]`` config section decoded into its typed config ``cls``.
+
+    Unknown keys and wrong types are a :class:`ConfigError` naming the key.
+    """
+    try:
+        return msgspec.convert({**section, **extra}, type=cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config [{name}]: {exc}") from exc
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class for ``backend = NAME`` (or ``package.module:Class``), imported now."""
+    path = BACKENDS.get(name, name)
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise ConfigError(
+            f"config: backend {name!r} is not known; use {', '.join(BACKENDS)} "
+            "or an import path such as mypackage.backend:MyBackend"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = " (pip install 'kbatch-server[kubernetes]')" if name == "kubernetes" else ""
+        raise ConfigError(f"config: cannot load backend {name!r}: {exc}{extra}") from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(f"config: {path} is not a kbatch backend class")
+    return cls
+
+
+def paginate(
+    jobs: Sequence[Job], *, limit: int | None, after: str | None, key: Callable[[Job], str]
+) -> JobList:
+    """A page of ``jobs`` (sorted by ``key``) after the cursor ``after``; the cursor is a key."""
+    start = 0
+    if after is not None:
+        lo, hi = 0, len(jobs)
+        while lo < hi:  # the first job whose key is past the cursor
+            mid = (lo + hi) // 2
+            if key(jobs[mid]) <= after:
+                lo = mid + 1
+            else:
+                hi = mid
+        start = lo
+    if limit is None:
+        return JobList(jobs=list(jobs[start:]))
+    page = list(jobs[start : start + limit])
+    more = start + limit < len(jobs)
+    return JobList(jobs=page, next=key(page[-1]) if more and page else None)
+
+
 class Backend(abc.ABC):
-    """Runs jobs.  Chosen by the server's configuration (``backend = "local"``)."""
+    """Runs jobs.  Subclasses set :attr:`name` and :attr:`config_class`."""
 
-    name: str = "base"
-    hooks: JobHooks = JobHooks()
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[Any]]
 
-    async def notify_finished(self, job: Job) -> None:
-        """Run the ``finished`` hook; its failure is logged, never raised into the backend."""
-        try:
-            await self.hooks.finished(job)
-        except Exception:
-            log.exception("the end-of-job hook failed for job %s", job.id)
+    def __init__(self) -> None:
+        self.hooks: JobHooks = JobHooks()
+        self.events = EventBroker()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, section: Mapping[str, Any], *, state_dir: Path) -> Backend:
+        """The backend configured by its ``[name]`` section of ``kbatch.toml``."""
 
     async def start(self) -> None:
         """Open resources and recover state after a restart."""
@@ -69,13 +157,28 @@ class Backend(abc.ABC):
     async def stop(self) -> None:
         """Release resources.  Running jobs keep running."""
 
-    @abc.abstractmethod
+    def health(self) -> BackendHealth:
+        """Whether the backend can answer with current data."""
+        return BackendHealth()
+
+    async def run_finished_hook(self, job: Job) -> None:
+        """Run the ``finished`` hook; its failure is logged, never raised into the backend."""
+        try:
+            await self.hooks.finished(job)
+        except Exception:
+            log.exception("the end-of-job hook failed for job %s", job.id)
+
     async def validate(self, user: str, spec: JobSpec) -> None:
         """Raise :class:`kbatch.errors.SpecError` if this backend cannot run ``spec``."""
+        check_spec(spec)
 
     @abc.abstractmethod
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
-        """Create the job; the same ``(user, idempotency_key)`` returns the same job."""
+        """Create the job, PENDING (held if ``spec.hold``).
+
+        The same ``(user, idempotency_key)`` returns the same job; with a
+        different spec it is a :class:`kbatch.errors.Conflict`.
+        """
 
     @abc.abstractmethod
     async def get(self, job_id: str) -> Job:
@@ -83,14 +186,47 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def list(
-        self, *, user: str | None, states: Collection[JobState] | None = None
-    ) -> list[Job]:
-        """Jobs of ``user`` (everyone's with ``None``), oldest first."""
+        self,
+        *,
+        user: str | None,
+        states: Collection[JobState] | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> JobList:
+        """Jobs of ``user`` (everyone's with ``None``), oldest first, a page at a time.
+
+        ``after`` is the ``next`` cursor of the previous page; cursors are opaque.
+        """
 
     @abc.abstractmethod
-    async def cancel(self, job_id: str) -> Job:
-        """Stop the job (SIGTERM, then SIGKILL after a grace period); it stays visible."""
+    async def cancel(self, job_id: str, *, by: str) -> Job:
+        """Stop the job (SIGTERM, then SIGKILL after a grace period), or never start it.
+
+        It stays visible as CANCELLED, with ``cancelled_by``.  Cancelling a job
+        that has ended changes nothing.
+        """
+
+    @abc.abstractmethod
+    async def hold(self, job_id: str) -> Job:
+        """Keep a PENDING job from starting (reason ``JobHeldUser``); Conflict if it started."""
+
+    @abc.abstractmethod
+    async def release(self, job_id: str) -> Job:
+        """Let a held job start when it may; releasing a job not held changes nothing."""
 
     @abc.abstractmethod
     def logs(self, job_id: str, *, follow: bool, stream: str = "output") -> AsyncIterator[bytes]:
         """The job's output; with ``follow``, until the job has ended."""
+
+    def watch(self, user: str | None) -> AsyncIterator[JobEvent]:
+        """Changes of ``user``'s jobs (everyone's with None) from now on."""
+        return self.events.subscribe(user)
+
+
+def not_pending(job: Job, action: str) -> Conflict:
+    """The error for holding a job that is no longer pending (Slurm says the same)."""
+    return Conflict(
+        f"job {job.id} is {job.state.value}: only pending jobs can be {action}",
+        status=409,
+        code="not_pending",
+    )
