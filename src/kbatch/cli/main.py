@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help="port (default: any free one, written to server.json)"
     )
     server.add_argument(
-        "--backend", choices=["local", "kubernetes"], help="where jobs run (default local)"
+        "--backend",
+        metavar="NAME",
+        help="where jobs run: local (default), kubernetes, or an import path mypkg.mod:Backend",
     )
     server.add_argument(
         "--auth",
