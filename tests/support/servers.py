@@ -34,6 +34,7 @@ class KbatchServer:
     log_path: Path | None = None
     log_level: str | None = "debug"  # None: the server's default, as a user runs it
     start_timeout: float = 30.0
+    extra_env: dict[str, str] = field(default_factory=dict)  # for the server process only
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KBATCH_", "JUPYTERHUB_"))}
@@ -56,7 +57,7 @@ class KbatchServer:
                     *(["--log-level", self.log_level] if self.log_level else []),
                     *self.args,
                 ],
-                env=self.env(),
+                env=self.env(**self.extra_env),
                 stdout=log,
                 stderr=log,
                 start_new_session=True,

@@ -6,8 +6,10 @@ fraction of httpx's import time); TLS is imported only for ``https`` URLs.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -75,9 +77,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the connection; also ends a stream (logs, events) read by another thread."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):  # wakes a reader blocked on the socket
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     # -- the API -------------------------------------------------------------
 
@@ -149,8 +155,10 @@ class Client:
     def events(self, *, all_users: bool = False) -> Iterator[JobEvent]:
         """Changes of your jobs (everyone's for an admin with ``all_users``) as they happen.
 
-        Endless: stop iterating (or close the client) to end it.  An event of
-        type ``resync`` means some changes were dropped: list the jobs again.
+        Endless: stop iterating, or :meth:`close` the client (from any thread), to end it.  The first
+        event, of type ``resync``, comes once the stream is live: list the jobs
+        then and no change is missed.  A later ``resync`` means some changes
+        were dropped: list the jobs again.
         """
         response, body = self._send(rq.events(all_users=all_users))
         if response.status >= 400:

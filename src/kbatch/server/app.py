@@ -12,6 +12,7 @@ document's test both read that table.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -65,6 +66,7 @@ IDEMPOTENCY_KEY_MAX = 200
 MAX_LIST_LIMIT = 10_000
 CURSOR_MAX = 1024
 NDJSON = "application/x-ndjson"
+_RESYNC = _encoder.encode(JobEvent(type="resync")) + b"\n"
 
 
 def json_response(value: object, status: int = 200) -> Response:
@@ -267,15 +269,28 @@ class Api:
 
 
 async def _ndjson(events: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
-    """One JSON event a line.  When the client leaves, Starlette cancels the response,
-    and closing ``events`` here ends the backend's subscription."""
+    """One JSON event a line, after a first ``resync`` once the subscription is live.
+
+    The first line tells a client when it may list the jobs without missing a
+    change.  When the client leaves, Starlette cancels the response, which
+    ends the backend's subscription (the generator's ``finally``).
+    """
+    first = asyncio.ensure_future(anext(events))  # polled once: the subscription is made
     try:
+        await asyncio.sleep(0)
+        yield _RESYNC
+        yield _encoder.encode(await first) + b"\n"
         async for event in events:
             yield _encoder.encode(event) + b"\n"
+    except StopAsyncIteration:
+        return
     finally:
-        close = getattr(events, "aclose", None)
-        if close is not None:
-            await close()
+        if not first.done():
+            first.cancel()  # its CancelledError ends the subscription
+        else:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
 
 
 def _preview(user: str, spec: JobSpec, backend: str) -> Job:
