@@ -79,6 +79,26 @@ def error(body: bytes) -> dict[str, str]:
     return data["error"]
 
 
+def test_every_route_but_health_and_openapi_needs_a_token(mem: KbatchServer) -> None:
+    from kbatch.server.app import ROUTES
+
+    with mem.client() as client:
+        client.submit(SPEC)
+    public = {"/api/v1/health", "/api/v1/openapi.json"}
+    for template, methods in ROUTES.items():
+        path = template.replace("{job_id:kbatch_job_id}", "1")
+        for method in methods:
+            for token in (None, "wrong"):
+                status, _, body = raw(mem, method, path, token)
+                if template in public:
+                    assert status == 200, (method, path)
+                else:
+                    assert status == 401, (method, path, status)
+                    assert error(body)["code"] in ("no_token", "invalid_token")
+    with mem.client() as client:
+        assert client.get("1").state is JobState.PENDING  # no hold, no cancel happened
+
+
 # -- job ids ---------------------------------------------------------------------------
 
 ODD_IDS = ["²", "1\n", "1" * 25, "9" * 64, "", "1_", "_1", "-1", "1 2", "\u0661", "1%2"]
