@@ -28,6 +28,7 @@ def test_exports() -> None:
         "ErrorDetail",
         "Identity",
         "Job",
+        "JobEvent",
         "JobList",
         "JobSpec",
         "JobState",

@@ -39,7 +39,6 @@ from kbatch.models import (
     ErrorDetail,
     Identity,
     Job,
-    JobList,
     JobSpec,
     JobState,
     SubmitRequest,
@@ -126,8 +125,8 @@ class Api:
                 ) from exc
         elif not _truthy(request.query_params.get("all")):
             states = set(ACTIVE_STATES)
-        jobs = await self.backend.list(user=None if all_users else identity.name, states=states)
-        return json_response(JobList(jobs=jobs))
+        page = await self.backend.list(user=None if all_users else identity.name, states=states)
+        return json_response(page)
 
     async def submit(self, request: Request) -> Response:
         identity = await self.identity(request)
@@ -158,7 +157,7 @@ class Api:
         if job.state.is_terminal:
             return json_response(job)
         log.info("user %s cancelled job %s", identity.name, job.id)
-        return json_response(await self.backend.cancel(job.id))
+        return json_response(await self.backend.cancel(job.id, by=identity.name))
 
     async def logs(self, request: Request) -> Response:
         identity = await self.identity(request)

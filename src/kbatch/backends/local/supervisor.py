@@ -82,17 +82,29 @@ class Supervisor:
         )
         return os.open(path, flags, 0o644)
 
-    def _start_job(self) -> int:
+    def _start_job(self, started: float) -> int:
+        """Fork the job; it runs the script only once ``started.json`` is on disk.
+
+        The child waits on a pipe for the word of its parent, written after
+        ``started.json``: if the supervisor dies before that, the child reads
+        end-of-file and exits without running anything.  So a job without
+        ``started.json`` never ran, and the server may safely start it again.
+        """
         out_fd = self._open_output(self.spec.output)
         err_fd = self._open_output(self.spec.error) if self.spec.error else out_fd
         null_fd = os.open(os.devnull, os.O_RDONLY)
+        go_read, go_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the job
             try:
+                os.close(go_write)
                 os.setpgid(0, 0)
                 self.limiter.enter(os.getpid())
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
                     signal.signal(sig, signal.SIG_DFL)
+                if os.read(go_read, 1) != b"1":
+                    os._exit(127)  # the supervisor died before recording the start
+                os.close(go_read)
                 os.dup2(null_fd, 0)
                 os.dup2(out_fd, 1)
                 os.dup2(err_fd, 2)
@@ -102,12 +114,19 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     os.write(2, f"kbatch: cannot start the job: {exc}\n".encode())
                 os._exit(127)
+        os.close(go_read)
         os.close(null_fd)
         os.close(out_fd)
         if err_fd != out_fd:
             os.close(err_fd)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.setpgid(pid, pid)  # also from the parent: no race with the first signal
+        self.jobdir.write(
+            self.jobdir.started,
+            Started(pid=pid, pgid=pid, started=started, limiter=self.limiter.kind),
+        )
+        os.write(go_write, b"1")
+        os.close(go_write)
         return pid
 
     def _signal_group(self, pgid: int, sig: int) -> None:
@@ -118,12 +137,8 @@ class Supervisor:
         spec = self.spec
         self.limiter = memory_limiter(spec.memory, f"kbatch-job-{spec.job_id}", spec.memory_limiter)
         started = time.time()
-        pid = self._start_job()
+        pid = self._start_job(started)
         pgid = pid
-        self.jobdir.write(
-            self.jobdir.started,
-            Started(pid=pid, pgid=pgid, started=started, limiter=self.limiter.kind),
-        )
         notify(spec.notify_socket, spec.job_id)
         pidfd = os.pidfd_open(pid)
         deadline = None if spec.time_limit is None else time.monotonic() + spec.time_limit
