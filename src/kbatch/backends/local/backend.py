@@ -23,6 +23,7 @@ from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
 from kbatch.errors import KbatchError, NotFound, ServiceUnavailable, SpecError, TransportError
+from kbatch.hardening import supervisor_environment
 from kbatch.models import Job, JobSpec, JobState
 from kbatch.patterns import resolve_output
 from kbatch.units import format_memory
@@ -399,6 +400,7 @@ class LocalBackend(Backend):
             pass_fds=(lock_fd,),
             start_new_session=True,
             cwd="/",
+            env=supervisor_environment(),  # never the server's own: it holds the hub's token
         )
 
     def _job_environment(self, record: JobRecord, spec: JobSpec) -> dict[str, str]:
