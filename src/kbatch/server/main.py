@@ -191,6 +191,11 @@ def serve(config: ServerConfig) -> int:
     # from them, and keep the hub's token (already in config) out of every child's.
     make_undumpable()
     scrub_environment()
+    if config.backend == "local" and config.auth == "jupyterhub" and os.geteuid() == 0:
+        log.warning(
+            "jobs_share_server_account: this server runs as root, so every hub user's job "
+            "does too; run it as an unprivileged account of its own"
+        )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock_fd = _lock(config.state_dir)
     if config.auth == "token":

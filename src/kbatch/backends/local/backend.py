@@ -50,6 +50,9 @@ class LocalConfig:
     memory_limiter: str = "auto"  # auto, cgroup-v2, cgroup-v1, polling
     tick: float = 2.0  # reconcile at least this often (supervisors also wake us)
     python: str = field(default_factory=lambda: sys.executable)
+    # Every job runs under the server's own Unix account: with hub users, the admin must
+    # accept that they share it (see kbatch.server.config.check_shared_account).
+    jobs_share_server_account: bool = False
 
     def capacity(self) -> Capacity:
         machine = machine_capacity()
