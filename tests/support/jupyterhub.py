@@ -176,7 +176,8 @@ class Hub:
     def start_service(self, **settings: object) -> HubKbatchServer:
         state = self.root / "kb" / "s"  # short: the local backend makes a Unix socket there
         config = self.root / "kbatch.toml"
-        lines = ["[local]", "kill_grace = 1", "tick = 0.5", "", "[jupyterhub]"]
+        lines = ["[local]", "kill_grace = 1", "tick = 0.5", "jobs_share_server_account = true"]
+        lines += ["", "[jupyterhub]"]
         values: dict[str, object] = {
             "admin_groups": [ADMIN_GROUP],
             "job_token_scopes": JOB_TOKEN_SCOPES,
@@ -193,11 +194,14 @@ class Hub:
                 f"--port={self.service_port}",
                 f"--config={config}",
             ],
+            # job_token_scopes on the local backend, which kbatch server refuses: see there
+            module="tests.support.job_token_server",
         )
         server.hub_env = {
             "JUPYTERHUB_API_URL": self.api_url,
             "JUPYTERHUB_API_TOKEN": self.service_token,
             "JUPYTERHUB_SERVICE_NAME": SERVICE,
+            "PYTHONPATH": str(REPO),
         }
         server.start()
         self.kbatch = server
