@@ -136,6 +136,11 @@ class Hub:
     start_seconds: list[float] = field(default_factory=list)
     # every token a test has handled, to check that none reaches a log or a response
     secrets_seen: set[str] = field(default_factory=set)
+    homes_dir: Path | None = None  # the users' home directories; default <root>/homes
+
+    @property
+    def homes(self) -> Path:
+        return self.homes_dir or self.root / "homes"
 
     @property
     def public_url(self) -> str:
@@ -214,7 +219,7 @@ class Hub:
 
     def base_config(self) -> str:
         """A hub on loopback ports with test users and stand-in servers: no kbatch yet."""
-        homes = self.root / "homes"
+        homes = self.homes
         homes.mkdir(exist_ok=True)
         return f"""
 import sys
@@ -327,7 +332,7 @@ c.JupyterHub.load_roles = [
     def stop(self) -> None:
         self.stop_hub()
         # The hub leaves users' servers running (cleanup_servers = False): stop the stand-ins.
-        for home in (self.root / "homes").glob("*"):
+        for home in self.homes.glob("*"):
             pid = file_text(home / "singleuser.pid")
             with contextlib.suppress(OSError, ValueError):
                 if pid and b"singleuser.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -408,7 +413,7 @@ c.JupyterHub.load_roles = [
 
     def spawn(self, user: str) -> dict[str, str]:
         """Start the user's server through the hub; the environment its terminals have."""
-        home = self.root / "homes" / user
+        home = self.homes / user
         env_file = home / "singleuser-env.json"
         response = self.api("POST", f"/users/{user}/server")
         assert response.status_code in (201, 202), response.text
