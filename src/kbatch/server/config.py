@@ -11,6 +11,8 @@ Example ``kbatch.toml``::
     cpus = 8
     memory = "32G"
     kill_grace = 10
+    # with auth = "jupyterhub": every hub user's job runs as this server's account
+    jobs_share_server_account = true
 
     [policy]
     max_cpus = 4
@@ -23,8 +25,9 @@ Example ``kbatch.toml``::
     # JUPYTERHUB_API_TOKEN and JUPYTERHUB_SERVICE_NAME a hub gives its services.
     admin_groups = ["kbatch-admins"]
     cache_seconds = 30
-    job_token_scopes = ["access:services!service=dask-gateway"]
-    job_token_expiry = "1-00:00:00"   # for jobs without a time limit
+    # per-job hub tokens: backend = "kubernetes" only (refused with the local backend)
+    # job_token_scopes = ["access:services!service=dask-gateway"]
+    # job_token_expiry = "1-00:00:00"   # for jobs without a time limit
 """
 
 from __future__ import annotations
