@@ -20,15 +20,11 @@ jobs running as their own users.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import logging
 import os
 import sys
 from collections.abc import Mapping
 
 __all__ = ["SECRET_VARIABLES", "make_undumpable", "scrub_environment", "supervisor_environment"]
-
-log = logging.getLogger("kbatch.hardening")
 
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
@@ -41,17 +37,19 @@ SECRET_VARIABLES = ("JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN")
 def make_undumpable() -> bool:
     """Make this process non-dumpable (Linux); True if it now is.
 
-    Best effort: on other systems, or if ``prctl`` fails, it logs and returns False.
+    Best effort: on other systems, or if ``prctl`` fails, it returns False (the
+    caller says so if it logs).  It imports only ``ctypes``: the supervisor calls it
+    first thing at every job start.
     """
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The interpreter's own symbols include libc's; find_library would run ldconfig.
+        libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
         return bool(libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0)
-    except (OSError, AttributeError) as exc:
-        log.warning("cannot make the process non-dumpable: %s", exc)
+    except (OSError, AttributeError):
         return False
 
 

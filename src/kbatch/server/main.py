@@ -189,7 +189,8 @@ def serve(config: ServerConfig) -> int:
     _configure_logging(config.log_level)
     # Jobs of the local backend run under this account: hide our environment and memory
     # from them, and keep the hub's token (already in config) out of every child's.
-    make_undumpable()
+    if not make_undumpable() and sys.platform.startswith("linux"):
+        log.warning("cannot make the server non-dumpable: its jobs may read its environment")
     scrub_environment()
     if config.backend == "local" and config.auth == "jupyterhub" and os.geteuid() == 0:
         log.warning(
