@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -40,9 +42,21 @@ def unix_account(prefix: str = "kbt") -> Iterator[str]:
     try:
         yield name
     finally:
-        # Its processes first: userdel refuses an account that still runs something.
-        subprocess.run(["pkill", "-KILL", "-u", name], check=False, capture_output=True)
+        # Its processes first (all started by the test): userdel refuses an account in use.
+        _kill_processes_of(pwd.getpwnam(name).pw_uid)
         subprocess.run(["userdel", "-r", name], check=False, capture_output=True)
+
+
+def _kill_processes_of(uid: int) -> None:
+    """SIGKILL each process whose real uid is ``uid`` (by pid: /proc's owner may be root's)."""
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, StopIteration):
+            if not entry.isdigit():
+                continue
+            lines = Path(f"/proc/{entry}/status").read_text().splitlines()
+            real_uid = int(next(line for line in lines if line.startswith("Uid:")).split()[1])
+            if real_uid == uid:
+                os.kill(int(entry), signal.SIGKILL)
 
 
 def run_as(user: str, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
