@@ -81,6 +81,8 @@ with open(os.path.join(state_dir, "server.json")) as handle:
 with open("/proc/self/stat") as handle:
     supervisor_pid = int(handle.read().rsplit(")", 1)[1].split()[1])
 report["server_pid"], report["supervisor_pid"] = server_pid, supervisor_pid
+with open(f"/proc/{supervisor_pid}/cmdline", "rb") as handle:
+    report["supervisor_cmdline"] = handle.read().decode(errors="replace").split("\0")
 for label, pid in (("server", server_pid), ("supervisor", supervisor_pid)):
     for name in ("environ", "cmdline", "mem"):
         if name == "mem":
@@ -291,6 +293,7 @@ def test_a_job_cannot_reach_the_services_hub_token(shared_hub: SharedAccountHub)
     # its supervisor's: non-dumpable, their /proc files are root's.
     routes = report["routes"]
     assert report["server_pid"] == server_pid
+    assert "kbatch.backends.local.supervisor" in report["supervisor_cmdline"]
     for label in ("server", "supervisor"):
         assert routes[f"{label}:environ"] == "PermissionError", routes
         assert routes[f"{label}:mem"] == "PermissionError", routes
