@@ -34,6 +34,7 @@ from kbatch.errors import (
     SpecError,
     TransportError,
 )
+from kbatch.hardening import supervisor_environment
 from kbatch.lifecycle import Desired, check_transition, parse_job_ref
 from kbatch.models import Job, JobList, JobSpec, JobState
 from kbatch.units import format_memory, parse_memory
@@ -62,6 +63,9 @@ class LocalConfig:
     memory_limiter: str = "auto"  # auto, cgroup-v2, cgroup-v1, polling
     tick: float = 2.0  # reconcile at least this often (supervisors also wake us)
     python: str = field(default_factory=lambda: sys.executable)
+    # Every job runs under the server's own Unix account: with hub users, the admin must
+    # accept that they share it (see kbatch.server.config.check_shared_account).
+    jobs_share_server_account: bool = False
 
     def capacity(self) -> Capacity:
         machine = machine_capacity()
@@ -624,6 +628,7 @@ class LocalBackend(Backend):
             pass_fds=(lock_fd,),
             start_new_session=True,
             cwd="/",
+            env=supervisor_environment(),  # never the server's own: it holds the hub's token
         )
 
     def _job_environment(self, record: JobRecord, spec: JobSpec) -> dict[str, str]:

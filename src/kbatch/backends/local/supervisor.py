@@ -31,6 +31,7 @@ from pathlib import Path
 
 from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result, Started
 from kbatch.backends.local.limits import MemoryLimiter, memory_limiter, process_group_members
+from kbatch.hardening import make_undumpable
 from kbatch.models import JobState
 
 __all__ = ["main", "outcome"]
@@ -208,6 +209,7 @@ def _daemonize() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_undumpable()  # the job runs under our uid: keep it out of our /proc files
     args = sys.argv[1:] if argv is None else argv
     jobdir = JobDir(Path(args[0]))
     lock_fd = int(args[1])
