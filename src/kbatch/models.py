@@ -117,7 +117,7 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=False):
     array_task_id: int | None = None
 
 
-class JobList(msgspec.Struct, kw_only=True):
+class JobList(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A page of jobs, oldest first; ``next`` is the cursor of the following page."""
 
     jobs: list[Job]
