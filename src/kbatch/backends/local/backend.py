@@ -255,14 +255,29 @@ class LocalBackend(Backend):
                 f"the working directory {workdir} does not exist; create it or change -D/--chdir",
                 field="workdir",
             )
+        self._outside_state_dir(workdir, "working directory", "-D/--chdir", "workdir")
         paths = output_paths(spec, job_id="1", user=user)
         for path, name in ((paths.output, "output"), (paths.error, "error")):
-            if path is not None and not os.path.isdir(os.path.dirname(path)):
+            if path is None:
+                continue
+            if not os.path.isdir(os.path.dirname(path)):
                 raise SpecError(
                     f"the directory of the {name} file, {os.path.dirname(path)}, does not exist; "
                     f"create it first or change --{name}",
                     field=name,
                 )
+            self._outside_state_dir(path, f"{name} file", f"--{name}", name)
+
+    def _outside_state_dir(self, path: str, what: str, option: str, field: str) -> None:
+        """Refuse a path in the server's own state (its tokens, database, job records)."""
+        state = os.path.realpath(self.config.state_dir)
+        real = os.path.realpath(path)
+        if real == state or real.startswith(state + os.sep):
+            raise SpecError(
+                f"the {what} {path} is inside the kbatch server's state directory; "
+                f"choose another with {option}",
+                field=field,
+            )
 
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from kbatch.backends.local.scheduler import Demand
-from kbatch.errors import Conflict
+from kbatch.errors import ApiError, Conflict
 from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
@@ -101,6 +101,23 @@ def _assignments(fields: dict[str, object]) -> tuple[str, list[object]]:
         raise ValueError(f"not updatable: {sorted(unknown)}")
     values = [str(v) if isinstance(v, JobState | Desired) else v for v in fields.values()]
     return ", ".join(f"{name} = ?" for name in fields), values
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """A full or failing disk is the server's trouble, said as such: 507, never a bare 500."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "full" in text or "disk I/O" in text or "readonly" in text:
+            raise ApiError(
+                f"the kbatch server cannot record the change: its disk is full or failing "
+                f"({text}); an admin must free space, then try again",
+                status=507,
+                code="insufficient_storage",
+            ) from exc
+        raise
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -250,13 +267,15 @@ class JobStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with _storage_errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def insert(
         self,
@@ -395,7 +414,8 @@ class JobStore:
         if not fields:
             return
         assignments, values = _assignments(fields)
-        self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
+        with _storage_errors():
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
 
     def transition(
         self,
@@ -424,7 +444,8 @@ class JobStore:
         if when_desired is not None:
             condition += f" AND desired IN ({', '.join('?' * len(when_desired))})"
             params.extend(str(d) for d in when_desired)
-        cursor = self._db.execute(
-            f"UPDATE jobs SET {assignments} WHERE {condition}", (*values, *params)
-        )
+        with _storage_errors():
+            cursor = self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE {condition}", (*values, *params)
+            )
         return cursor.rowcount == 1

@@ -34,7 +34,7 @@ from kbatch.backends.local.limits import MemoryLimiter, memory_limiter, process_
 from kbatch.hardening import make_undumpable
 from kbatch.models import JobState
 
-__all__ = ["main", "outcome"]
+__all__ = ["main", "outcome", "write_result"]
 
 TICK = 0.1  # seconds between checks of time, memory and cancellation
 
@@ -234,9 +234,28 @@ def main(argv: list[str] | None = None) -> int:
             started=None,
             finished=time.time(),
         )
-    jobdir.write(jobdir.result, result)
+    write_result(jobdir, result)
     notify(spec.notify_socket, spec.job_id)
     return 0
+
+
+def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> None:
+    """Write ``result.json``, waiting for space (or a writable disk) as long as it takes.
+
+    The supervisor keeps its lock meanwhile, so the server sees the job as
+    still running rather than as a lost supervisor (NODE_FAIL); once the disk
+    has room again the job ends in its real state.
+    """
+    delay = 0.1
+    while True:
+        try:
+            jobdir.write(jobdir.result, result)
+            return
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"kbatch: cannot write the job's result ({exc}); retrying\n".encode())
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
 
 
 if __name__ == "__main__":
