@@ -23,6 +23,15 @@ __all__ = ["FakeHarness", "Harness", "LocalHarness"]
 OUTCOMES = ("succeed", "fail", "run")
 
 
+@contextlib.asynccontextmanager
+async def started(backend: Backend) -> AsyncIterator[Backend]:
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
 class Harness(abc.ABC):
     name: str
     #: seconds within which a job that may start is running (the control plane is slower)
@@ -41,14 +50,8 @@ class FakeHarness(Harness):
     name = "fake"
     start_within = 5.0
 
-    @contextlib.asynccontextmanager
-    async def backend(self) -> AsyncIterator[Backend]:
-        backend = FakeBackend(FakeConfig(slots=2))
-        await backend.start()
-        try:
-            yield backend
-        finally:
-            await backend.stop()
+    def backend(self) -> contextlib.AbstractAsyncContextManager[Backend]:
+        return started(FakeBackend(FakeConfig(slots=2)))
 
     def spec(self, outcome: str, *, text: str = "hello", **fields: Any) -> JobSpec:
         marker = {"succeed": "run=0.05", "fail": "run=0.05 exit=3", "run": "run=forever"}
@@ -65,16 +68,9 @@ class LocalHarness(Harness):
         self.state_dir = state_dir
         self.workdir = workdir
 
-    @contextlib.asynccontextmanager
-    async def backend(self) -> AsyncIterator[Backend]:
-        backend = LocalBackend(
-            LocalConfig(state_dir=self.state_dir, cpus=2, tick=0.2, kill_grace=1)
-        )
-        await backend.start()
-        try:
-            yield backend
-        finally:
-            await backend.stop()
+    def backend(self) -> contextlib.AbstractAsyncContextManager[Backend]:
+        config = LocalConfig(state_dir=self.state_dir, cpus=2, tick=0.2, kill_grace=1)
+        return started(LocalBackend(config))
 
     def spec(self, outcome: str, *, text: str = "hello", **fields: Any) -> JobSpec:
         body = {"succeed": "true", "fail": "exit 3", "run": "exec sleep 300"}

@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 
 from kbatch.backends.base import Backend, decode_section, not_pending, paginate
-from kbatch.backends.derive import job_name, output_paths
+from kbatch.backends.derive import output_paths, pending_job
 from kbatch.backends.workqueue import WorkQueue
 from kbatch.errors import Conflict, KbatchError, NotFound, ServiceUnavailable, TransportError
 from kbatch.lifecycle import Desired, check_transition, parse_job_ref
@@ -130,23 +130,13 @@ class FakeBackend(Backend):
                 )
             return entry.job
         job_id = str(next(self._ids))
-        paths = output_paths(spec, job_id=job_id, user=user)
-        job = Job(
-            id=job_id,
+        job = pending_job(
+            spec,
+            job_id=job_id,
             user=user,
-            name=job_name(spec),
-            state=JobState.PENDING,
-            reason="JobHeldUser" if spec.hold else "None",
-            submitted=datetime.now(UTC),
-            workdir=spec.workdir,
-            output=paths.output,
-            error=paths.error,
-            cpus=spec.cpus,
-            memory=spec.memory,
-            gpus=spec.gpus,
-            time_limit=spec.time_limit,
-            comment=spec.comment,
             backend=self.name,
+            reason="JobHeldUser" if spec.hold else "None",
+            paths=output_paths(spec, job_id=job_id, user=user),
         )
         desired = Desired.HOLD if spec.hold else Desired.RUN
         self._jobs[job_id] = _Entry(

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -24,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kbatch import __version__
 from kbatch.backends.base import Backend
+from kbatch.backends.derive import pending_job
 from kbatch.errors import (
     ApiError,
     InvalidRequest,
@@ -173,23 +173,7 @@ class Api:
 
 def _preview(user: str, spec: JobSpec, backend: str) -> Job:
     """What ``--test-only`` shows: the job as it would be submitted."""
-    return Job(
-        id="0",
-        user=user,
-        name=spec.name or "job",
-        state=JobState.PENDING,
-        reason="DryRun",
-        submitted=datetime.now(UTC),
-        workdir=spec.workdir,
-        output=spec.output,
-        error=spec.error,
-        cpus=spec.cpus,
-        memory=spec.memory,
-        gpus=spec.gpus,
-        time_limit=spec.time_limit,
-        comment=spec.comment,
-        backend=backend,
-    )
+    return pending_job(spec, job_id="0", user=user, backend=backend, reason="DryRun")
 
 
 async def _read_body(request: Request) -> bytes:

@@ -419,14 +419,7 @@ class LocalBackend(Backend):
             return
         if record.state is JobState.PENDING:
             if record.desired is Desired.CANCEL:
-                self._granted.pop(job_id, None)
-                await self._finish(
-                    record,
-                    JobState.PENDING,
-                    state=JobState.CANCELLED,
-                    reason="CancelledByUser",
-                    finished=time.time(),
-                )
+                await self._cancel_before_start(record)
             elif record.desired is Desired.HOLD:
                 self._granted.pop(job_id, None)
                 if record.reason != "JobHeldUser":
@@ -478,6 +471,16 @@ class LocalBackend(Backend):
         await self._finalize(done)
         self._wake.set()  # its resources are free: schedule soon
         return True
+
+    async def _cancel_before_start(self, record: JobRecord) -> None:
+        self._granted.pop(record.id, None)
+        await self._finish(
+            record,
+            JobState.PENDING,
+            state=JobState.CANCELLED,
+            reason="CancelledByUser",
+            finished=time.time(),
+        )
 
     async def _finalize(self, record: JobRecord) -> None:
         await self.run_finished_hook(record.to_job())
@@ -565,14 +568,7 @@ class LocalBackend(Backend):
             return
         current = self._record(record.id)
         if current.desired is Desired.CANCEL:  # cancelled while the hook ran: never start it
-            self._granted.pop(record.id, None)
-            await self._finish(
-                current,
-                JobState.PENDING,
-                state=JobState.CANCELLED,
-                reason="CancelledByUser",
-                finished=time.time(),
-            )
+            await self._cancel_before_start(current)
             return
         jobdir = self._jobdir(record.id)
         if jobdir.path.exists():
