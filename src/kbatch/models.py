@@ -55,8 +55,17 @@ TERMINAL_STATES = frozenset(set(JobState) - ACTIVE_STATES)
 
 # Limits that are part of the schema itself; admins tighten them with policy.
 MAX_SCRIPT_BYTES = 1024 * 1024
-NameStr = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-PatternStr = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+MAX_TIME_LIMIT = 2**31 - 1  # seconds (68 years): fits every store and Kubernetes' int64 fields
+MAX_MEMORY = 2**60  # bytes (an exbibyte)
+# Text that terminals show (names, comments, paths) may hold no control characters:
+# no newline to forge a row of kqueue, no escape sequence to rewrite a user's screen,
+# no bidi override to disguise it.  Arguments and values may, but never NUL.
+_SHOWN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+_NO_NUL = r"^[^\x00]*$"
+NameStr = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_SHOWN)]
+PatternStr = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_SHOWN)]
+PathStr = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_SHOWN)]
+ValueStr = Annotated[str, msgspec.Meta(pattern=_NO_NUL)]
 
 
 class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -67,19 +76,20 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
     """
 
     script: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SCRIPT_BYTES)]
-    args: list[str] = []
+    args: list[ValueStr] = []
     name: NameStr | None = None
-    workdir: str | None = None
+    workdir: PathStr | None = None
     output: PatternStr | None = None
     error: PatternStr | None = None
     open_mode: Annotated[str, msgspec.Meta(pattern="^(truncate|append)$")] = "truncate"
     cpus: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
-    memory: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # 0 means no limit, as --mem=0 does: it is stored as None.
+    memory: Annotated[int, msgspec.Meta(ge=0, le=MAX_MEMORY)] | None = None
     gpus: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
-    time_limit: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    environment: dict[str, str] = {}
-    comment: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
-    image: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    time_limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_TIME_LIMIT)] | None = None
+    environment: dict[str, ValueStr] = {}
+    comment: Annotated[str, msgspec.Meta(max_length=4096, pattern=_SHOWN)] | None = None
+    image: Annotated[str, msgspec.Meta(min_length=1, max_length=1024, pattern=_SHOWN)] | None = None
     # Submitted held (sbatch --hold): the job exists but waits for ``kbatch release``.
     hold: bool = False
 
@@ -117,7 +127,7 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=False):
     array_task_id: int | None = None
 
 
-class JobList(msgspec.Struct, kw_only=True):
+class JobList(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A page of jobs, oldest first; ``next`` is the cursor of the following page."""
 
     jobs: list[Job]

@@ -43,13 +43,19 @@ def assert_nothing_created(server: KbatchServer) -> None:
         (["--image=python:3", "--wrap", "true"], ["--image is for the Kubernetes backend"]),
         (["--nodes=3", "--wrap", "true"], ["one node"]),
         (["-J", "a/b", "--wrap", "true"], ["job name"]),
+        # The server's own files: pointing -o at tokens.json once made every request fail.
+        (["-o", "{state}/tokens.json", "--wrap", "true"], ["inside the kbatch server's state"]),
+        (["-e", "{state}/jobs/x.err", "--wrap", "true"], ["inside the kbatch server's state"]),
+        (["-D", "{state}", "--wrap", "true"], ["inside the kbatch server's state"]),
     ],
 )
 def test_bad_submit(
     server: KbatchServer, workdir: Path, args: list[str], fragments: list[str]
 ) -> None:
+    args = [a.replace("{state}", str(server.state_dir)) for a in args]
     assert_clean_error(server.cli("submit", *args, cwd=workdir), *fragments)
     assert_nothing_created(server)
+    assert "tokens.json" not in {p.name for p in server.state_dir.glob("jobs/*")}
 
 
 def test_script_without_interpreter_line(server: KbatchServer, workdir: Path) -> None:

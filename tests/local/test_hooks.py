@@ -94,3 +94,99 @@ async def test_permanent_hook_failure_fails_the_job(backend: LocalBackend, tmp_p
     hooks.fail_with = None  # a failed setup does not block the queue
     nxt = await backend.submit("u", spec(tmp_path), idempotency_key=None)
     assert (await ended(backend, nxt.id)).state is JobState.COMPLETED
+
+
+class BlockingHooks(Hooks):
+    """A start hook that waits (as the hub token request does) until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+        self.made: list[str] = []
+
+    async def environment(self, job: Job) -> dict[str, str]:
+        self.entered.set()
+        await self.go.wait()
+        self.made.append(job.id)
+        return {"FROM_HOOK": f"token-for-{job.id}"}
+
+
+async def test_cancel_while_the_start_hook_waits_never_runs_the_job(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """A cancel that arrives while the start hook waits on I/O wins: nothing runs, and the
+    token the hook made is given back exactly once (it used to start the script anyway)."""
+    hooks = BlockingHooks()
+    backend.hooks = hooks
+    submitting = asyncio.create_task(
+        backend.submit("u", spec(tmp_path, "echo ran > ran"), idempotency_key=None)
+    )
+    async with asyncio.timeout(10):
+        await hooks.entered.wait()
+    cancelling = asyncio.create_task(backend.cancel("1", by="u"))
+    await asyncio.sleep(0.2)  # the cancel is recorded and waits for the job's reconciler
+    assert not cancelling.done()
+    hooks.go.set()
+    job = await cancelling
+    await submitting
+    assert (job.state, job.reason, job.cancelled_by) == (
+        JobState.CANCELLED,
+        "CancelledByUser",
+        "u",
+    )
+    await backend.reconcile()
+    await asyncio.sleep(1)  # a supervisor started by mistake would have run the script by now
+    assert not (tmp_path / "ran").exists()
+    assert not (backend.jobs_dir / "1").exists()
+    assert hooks.made == ["1"]
+    assert hooks.finished_ids == ["1"]  # the token made for the start is revoked, once
+
+
+async def test_a_supervisor_that_cannot_start_gives_back_the_token(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    state = tmp_path_factory.mktemp("hk") / "s"
+    broken = LocalBackend(
+        LocalConfig(state_dir=state, cpus=2, tick=0.2, python="/nonexistent/python")
+    )
+    hooks = Hooks()
+    broken.hooks = hooks
+    await broken.start()
+    try:
+        job = await broken.submit("u", spec(tmp_path), idempotency_key=None)
+        done = await ended(broken, job.id)
+        assert done.state is JobState.FAILED
+        assert (done.reason or "").startswith("LaunchFailed:")
+        assert hooks.finished_ids == [job.id]  # it used to keep the hub token alive
+    finally:
+        await broken.stop()
+
+
+async def test_finished_hook_runs_once_after_a_restart(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """A job that ended while the server was down gets its end hook at the next start, once."""
+    state = tmp_path_factory.mktemp("hk") / "s"
+    config = LocalConfig(state_dir=state, cpus=2, tick=0.2, kill_grace=1)
+    first = LocalBackend(config)
+    await first.start()
+    job = await first.submit("u", spec(tmp_path, "sleep 1"), idempotency_key=None)
+    await first.stop()  # the job goes on without the server
+    await asyncio.sleep(2)
+    hooks = Hooks()
+    second = LocalBackend(config)
+    second.hooks = hooks
+    await second.start()
+    try:
+        assert (await ended(second, job.id)).state is JobState.COMPLETED
+        await second.reconcile()
+        assert hooks.finished_ids == [job.id]
+    finally:
+        await second.stop()
+    third = LocalBackend(config)
+    third.hooks = hooks
+    await third.start()
+    await third.reconcile()
+    await third.stop()
+    assert hooks.finished_ids == [job.id]  # not again

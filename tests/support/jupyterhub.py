@@ -136,6 +136,11 @@ class Hub:
     start_seconds: list[float] = field(default_factory=list)
     # every token a test has handled, to check that none reaches a log or a response
     secrets_seen: set[str] = field(default_factory=set)
+    homes_dir: Path | None = None  # the users' home directories; default <root>/homes
+
+    @property
+    def homes(self) -> Path:
+        return self.homes_dir or self.root / "homes"
 
     @property
     def public_url(self) -> str:
@@ -176,7 +181,8 @@ class Hub:
     def start_service(self, **settings: object) -> HubKbatchServer:
         state = self.root / "kb" / "s"  # short: the local backend makes a Unix socket there
         config = self.root / "kbatch.toml"
-        lines = ["[local]", "kill_grace = 1", "tick = 0.5", "", "[jupyterhub]"]
+        lines = ["[local]", "kill_grace = 1", "tick = 0.5", "jobs_share_server_account = true"]
+        lines += ["", "[jupyterhub]"]
         values: dict[str, object] = {
             "admin_groups": [ADMIN_GROUP],
             "job_token_scopes": JOB_TOKEN_SCOPES,
@@ -193,11 +199,14 @@ class Hub:
                 f"--port={self.service_port}",
                 f"--config={config}",
             ],
+            # job_token_scopes on the local backend, which kbatch server refuses: see there
+            module="tests.support.job_token_server",
         )
         server.hub_env = {
             "JUPYTERHUB_API_URL": self.api_url,
             "JUPYTERHUB_API_TOKEN": self.service_token,
             "JUPYTERHUB_SERVICE_NAME": SERVICE,
+            "PYTHONPATH": str(REPO),
         }
         server.start()
         self.kbatch = server
@@ -210,7 +219,7 @@ class Hub:
 
     def base_config(self) -> str:
         """A hub on loopback ports with test users and stand-in servers: no kbatch yet."""
-        homes = self.root / "homes"
+        homes = self.homes
         homes.mkdir(exist_ok=True)
         return f"""
 import sys
@@ -323,7 +332,7 @@ c.JupyterHub.load_roles = [
     def stop(self) -> None:
         self.stop_hub()
         # The hub leaves users' servers running (cleanup_servers = False): stop the stand-ins.
-        for home in (self.root / "homes").glob("*"):
+        for home in self.homes.glob("*"):
             pid = file_text(home / "singleuser.pid")
             with contextlib.suppress(OSError, ValueError):
                 if pid and b"singleuser.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -404,7 +413,7 @@ c.JupyterHub.load_roles = [
 
     def spawn(self, user: str) -> dict[str, str]:
         """Start the user's server through the hub; the environment its terminals have."""
-        home = self.root / "homes" / user
+        home = self.homes / user
         env_file = home / "singleuser-env.json"
         response = self.api("POST", f"/users/{user}/server")
         assert response.status_code in (201, 202), response.text

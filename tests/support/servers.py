@@ -34,6 +34,12 @@ class KbatchServer:
     log_path: Path | None = None
     log_level: str | None = "debug"  # None: the server's default, as a user runs it
     start_timeout: float = 30.0
+    # How it is run: the interpreter and module (``kbatch server`` by default), the Unix
+    # account (None: ours), and where its log goes (default: in its state directory).
+    python: str = sys.executable
+    module: str = "kbatch.cli.main"
+    user: str | None = None
+    log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)  # for the server process only
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -45,14 +51,17 @@ class KbatchServer:
 
     def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.state_dir / "test-server.log"
+        self.log_path = (self.log_dir or self.state_dir) / "test-server.log"
         old = self._info().get("pid")
+        as_user: dict[str, object] = {}
+        if self.user is not None:
+            as_user = {"user": self.user, "group": self.user, "extra_groups": [], "cwd": "/"}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
+            self.proc = subprocess.Popen(  # type: ignore[call-overload]
                 [
-                    sys.executable,
+                    self.python,
                     "-m",
-                    "kbatch.cli.main",
+                    self.module,
                     "server",
                     *(["--log-level", self.log_level] if self.log_level else []),
                     *self.args,
@@ -61,6 +70,7 @@ class KbatchServer:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                **as_user,
             )
         proc = self.proc
 

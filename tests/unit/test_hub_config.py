@@ -14,6 +14,7 @@ from kbatch.client.config import (
 )
 from kbatch.errors import ConfigError
 from kbatch.server.config import JupyterHubConfig, load_config
+from kbatch.server.main import build_backend
 
 SERVICE_ENV = {
     "JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api",
@@ -31,7 +32,13 @@ def _toml(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_hub_service_needs_no_settings(tmp_path: Path) -> None:
-    config = load_config(None, environ={**SERVICE_ENV, "HOME": str(tmp_path)}, auth="jupyterhub")
+    # On Kubernetes; the local backend also needs [local] jobs_share_server_account (below).
+    config = load_config(
+        None,
+        environ={**SERVICE_ENV, "HOME": str(tmp_path)},
+        auth="jupyterhub",
+        backend="kubernetes",
+    )
     hub = config.jupyterhub
     assert (hub.api_url, hub.api_token, hub.service_name) == (
         "http://127.0.0.1:8081/hub/api",
@@ -47,6 +54,7 @@ def test_the_file_and_flags_win(tmp_path: Path) -> None:
         tmp_path,
         """
 auth = "jupyterhub"
+backend = "kubernetes"
 prefix = "/custom"
 [jupyterhub]
 api_url = "https://hub.example.org/hub/api"
@@ -74,7 +82,9 @@ job_token_margin = 60
 
 def test_without_the_hubs_environment_the_prefix_is_the_services(tmp_path: Path) -> None:
     env = {"HOME": str(tmp_path), "JUPYTERHUB_API_URL": "http://hub/hub/api"}
-    config = load_config(None, environ={**env, "JUPYTERHUB_API_TOKEN": "t"}, auth="jupyterhub")
+    config = load_config(
+        None, environ={**env, "JUPYTERHUB_API_TOKEN": "t"}, auth="jupyterhub", backend="kubernetes"
+    )
     assert (config.prefix, config.host, config.port) == ("/services/kbatch", "127.0.0.1", 0)
     named = load_config(
         None,
@@ -84,6 +94,7 @@ def test_without_the_hubs_environment_the_prefix_is_the_services(tmp_path: Path)
             "JUPYTERHUB_SERVICE_URL": "http://kbatch:8000",
         },
         auth="jupyterhub",
+        backend="kubernetes",
     )
     assert (named.host, named.port) == ("0.0.0.0", 8000)  # a DNS name: every address
 
@@ -104,6 +115,50 @@ def test_bad_hub_settings(tmp_path: Path, env: dict[str, str], section: str, mes
     path = _toml(tmp_path, f'auth = "jupyterhub"\n[jupyterhub]\n{section}\n')
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(path, environ={**env, "HOME": str(tmp_path)})
+
+
+# -- hub users on the local backend share the server's Unix account ---------------------
+
+
+def test_hub_users_on_the_local_backend_need_the_admins_consent(tmp_path: Path) -> None:
+    env = {**SERVICE_ENV, "HOME": str(tmp_path)}
+    with pytest.raises(ConfigError) as refused:
+        load_config(_toml(tmp_path, 'auth = "jupyterhub"\n'), environ=env)
+    message = str(refused.value)
+    assert "jobs_share_server_account = true" in message and "[local]" in message
+    assert "under this server's own Unix account" in message
+    assert "other users' jobs and files" in message
+
+    consent = _toml(tmp_path, 'auth = "jupyterhub"\n[local]\njobs_share_server_account = true\n')
+    config = load_config(consent, environ=env)
+    assert config.backend_section("local")["jobs_share_server_account"] is True
+    assert build_backend(config).config.jobs_share_server_account is True  # type: ignore[attr-defined]
+    # A single user's own server (token auth) needs no consent; nor does Kubernetes.
+    assert load_config(None, environ=env).auth == "token"
+    kube = load_config(
+        _toml(tmp_path, 'auth = "jupyterhub"\nbackend = "kubernetes"\n'), environ=env
+    )
+    assert kube.backend == "kubernetes"
+
+
+@pytest.mark.parametrize("auth", ["jupyterhub", "token"])
+def test_job_tokens_need_the_kubernetes_backend(tmp_path: Path, auth: str) -> None:
+    path = _toml(
+        tmp_path,
+        f'auth = "{auth}"\n[local]\njobs_share_server_account = true\n'
+        '[jupyterhub]\njob_token_scopes = ["access:services!service=kbatch"]\n',
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ={**SERVICE_ENV, "HOME": str(tmp_path)})
+    message = str(refused.value)
+    assert message.startswith("config [jupyterhub]: job_token_scopes needs the Kubernetes backend")
+    assert "any job could read another job's hub token" in message
+
+
+def test_jobs_share_server_account_is_a_boolean(tmp_path: Path) -> None:
+    path = _toml(tmp_path, '[local]\njobs_share_server_account = "yes"\n')
+    with pytest.raises(ConfigError, match="jobs_share_server_account must be true or false"):
+        load_config(path, environ={"HOME": str(tmp_path)})
 
 
 def test_token_auth_ignores_the_hubs_environment(tmp_path: Path) -> None:

@@ -32,9 +32,9 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 
 from kbatch.backends.derive import check_spec
-from kbatch.backends.events import EventBroker
+from kbatch.backends.events import EventBroker, Subscription
 from kbatch.errors import ConfigError, Conflict
-from kbatch.models import Job, JobEvent, JobList, JobSpec, JobState
+from kbatch.models import Job, JobList, JobSpec, JobState
 
 __all__ = [
     "BACKENDS",
@@ -218,8 +218,9 @@ class Backend(abc.ABC):
     def logs(self, job_id: str, *, follow: bool, stream: str = "output") -> AsyncIterator[bytes]:
         """The job's output; with ``follow``, until the job has ended."""
 
-    def watch(self, user: str | None) -> AsyncIterator[JobEvent]:
-        """Changes of ``user``'s jobs (everyone's with None) from now on."""
+    def watch(self, user: str | None) -> Subscription:
+        """Changes of ``user``'s jobs (everyone's with None) from the moment of the call;
+        the caller ``aclose()``s it when done."""
         return self.events.subscribe(user)
 
 

@@ -7,8 +7,10 @@ sees.  Pure: no I/O.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from kbatch.errors import SpecError
-from kbatch.models import JobSpec
+from kbatch.models import Job, JobSpec, JobState
 from kbatch.patterns import check_pattern, resolve_output
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "job_environment",
     "job_name",
     "output_paths",
+    "pending_job",
 ]
 
 DEFAULT_NAME = "job"
@@ -84,3 +87,33 @@ def job_environment(spec: JobSpec, *, job_id: str, name: str) -> dict[str, str]:
     if spec.memory:
         env["SLURM_MEM_PER_NODE"] = str(spec.memory // (1024 * 1024))
     return env
+
+
+def pending_job(
+    spec: JobSpec,
+    *,
+    job_id: str,
+    user: str,
+    backend: str,
+    reason: str,
+    paths: OutputPaths | None = None,
+) -> Job:
+    """The wire :class:`Job` of a spec that has just been accepted (or, for a dry run,
+    would be): PENDING, with what it asks for."""
+    return Job(
+        id=job_id,
+        user=user,
+        name=job_name(spec),
+        state=JobState.PENDING,
+        reason=reason,
+        submitted=datetime.now(UTC),
+        workdir=spec.workdir,
+        output=paths.output if paths else spec.output,
+        error=paths.error if paths else spec.error,
+        cpus=spec.cpus,
+        memory=spec.memory,
+        gpus=spec.gpus,
+        time_limit=spec.time_limit,
+        comment=spec.comment,
+        backend=backend,
+    )

@@ -8,27 +8,41 @@ again, then go on reading) and the changes it missed are dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from kbatch.models import Job, JobEvent
 
-__all__ = ["EventBroker"]
+__all__ = ["EventBroker", "Subscription"]
 
 
-class _Subscriber:
-    __slots__ = ("overflowed", "queue", "user")
+class Subscription:
+    """One reader's changes; subscribed when made (not when first read), so a reader
+    that subscribes and then lists misses nothing.  ``aclose()`` unsubscribes."""
 
-    def __init__(self, user: str | None, size: int) -> None:
+    def __init__(self, broker: EventBroker, user: str | None, size: int) -> None:
         self.user = user
         self.queue: asyncio.Queue[JobEvent] = asyncio.Queue(size)
         self.overflowed = False
+        self._broker = broker
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        if self.overflowed:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.overflowed = False
+            return JobEvent(type="resync")
+        return await self.queue.get()
+
+    async def aclose(self) -> None:
+        self._broker._subscribers.discard(self)
 
 
 class EventBroker:
     def __init__(self, *, queue_size: int = 10_000) -> None:
         self.queue_size = queue_size
-        self._subscribers: set[_Subscriber] = set()
+        self._subscribers: set[Subscription] = set()
         self._last: dict[str, tuple[object, ...]] = {}
 
     @property
@@ -55,19 +69,8 @@ class EventBroker:
             except asyncio.QueueFull:
                 sub.overflowed = True
 
-    async def subscribe(self, user: str | None) -> AsyncIterator[JobEvent]:
-        """Changes of ``user``'s jobs (everyone's with None), until the caller stops reading."""
-        sub = _Subscriber(user, self.queue_size)
+    def subscribe(self, user: str | None) -> Subscription:
+        """Changes of ``user``'s jobs (everyone's with None) from now on, until ``aclose()``."""
+        sub = Subscription(self, user, self.queue_size)
         self._subscribers.add(sub)
-        try:
-            while True:
-                if sub.overflowed:
-                    while not sub.queue.empty():
-                        sub.queue.get_nowait()
-                    sub.overflowed = False
-                    yield JobEvent(type="resync")
-                    continue
-                yield await sub.queue.get()
-        finally:
-            with contextlib.suppress(KeyError):
-                self._subscribers.remove(sub)
+        return sub

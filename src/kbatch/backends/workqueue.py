@@ -69,7 +69,7 @@ class WorkQueue(Generic[K]):
         """Retry ``key`` later: base_delay * 2**failures (capped), with jitter; the delay."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
-        delay = min(self.base_delay * (2**failures), self.max_delay)
+        delay: float = min(self.base_delay * (2**failures), self.max_delay)
         delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
         self.put_after(key, delay)
         return delay
@@ -81,14 +81,13 @@ class WorkQueue(Generic[K]):
     def failures(self, key: K) -> int:
         return self._failures.get(key, 0)
 
-    async def sync(self, key: K, timeout: float | None = None) -> None:
+    async def sync(self, key: K) -> None:
         """Put ``key`` and wait until it has been processed once since this call."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(future)
         self.put(key)
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(future)
+            await asyncio.shield(future)
         finally:
             if not future.done():
                 with contextlib.suppress(ValueError):

@@ -11,7 +11,21 @@ import msgspec
 from kbatch.models import Job
 from kbatch.units import format_duration, format_memory
 
-__all__ = ["elapsed", "print_job", "print_json", "print_table"]
+__all__ = ["elapsed", "print_job", "print_json", "print_table", "shown"]
+
+# What a terminal would interpret rather than show: C0 and C1 controls (newlines and
+# the ESC of ANSI/OSC sequences among them), DEL, and bidi overrides.  The server
+# refuses them in what users send; this keeps any that reach the CLI (an older
+# server, a backend's reason) from forging rows or rewriting the screen.
+_UNSAFE = dict.fromkeys(
+    [*range(0x00, 0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)],
+    "?",
+)
+
+
+def shown(text: str) -> str:
+    """``text`` with every character a terminal would interpret replaced by ``?``."""
+    return text.translate(_UNSAFE)
 
 
 def elapsed(job: Job, now: datetime | None = None) -> float:
@@ -55,7 +69,9 @@ def print_table(jobs: Sequence[Job], *, show_user: bool = False) -> None:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     # One format string and one write: 10,000 rows print in a third of the time.
     line = "  ".join(f"{{:<{width}}}" for width in widths).format
-    sys.stdout.write("".join(line(*row).rstrip() + "\n" for row in [headers, *rows]))
+    sys.stdout.write(
+        "".join(line(*row).rstrip().translate(_UNSAFE) + "\n" for row in [headers, *rows])
+    )
 
 
 def print_job(job: Job) -> None:
@@ -84,7 +100,7 @@ def print_job(job: Job) -> None:
         fields["CancelledBy"] = job.cancelled_by
     width = max(len(k) for k in fields)
     for key, value in fields.items():
-        print(f"{key.rjust(width)}: {value}")
+        print(f"{key.rjust(width)}: {shown(value)}")
 
 
 def print_json(value: object) -> None:

@@ -12,12 +12,10 @@ document's test both read that table.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -31,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kbatch import __version__
 from kbatch.backends.base import Backend
+from kbatch.backends.derive import pending_job
 from kbatch.errors import (
     ApiError,
     InvalidRequest,
@@ -256,7 +255,7 @@ class Api:
         """Changes of the caller's jobs (everyone's for an admin with all_users) as NDJSON."""
         identity = await self.identity(request)
         user = None if self.all_users(request, identity) else identity.name
-        return StreamingResponse(_ndjson(self.backend.watch(user)), media_type=NDJSON)
+        return StreamingResponse(_ndjson(self.backend, user), media_type=NDJSON)
 
     async def logs(self, request: Request) -> Response:
         identity = await self.identity(request)
@@ -268,50 +267,27 @@ class Api:
         return StreamingResponse(chunks, media_type="application/octet-stream")
 
 
-async def _ndjson(events: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
-    """One JSON event a line, after a first ``resync`` once the subscription is live.
+async def _ndjson(backend: Backend, user: str | None) -> AsyncIterator[bytes]:
+    """Changes of ``user``'s jobs, one JSON event a line, after a first ``resync``.
 
-    The first line tells a client when it may list the jobs without missing a
-    change.  When the client leaves, Starlette cancels the response, which
-    ends the backend's subscription (the generator's ``finally``).
+    The subscription is made before the first line is sent, so that line tells a
+    client that it may list the jobs now without missing a change.  It is made
+    here, not in the handler, so that a client gone before the body starts
+    leaves no subscription behind; when the client leaves later, Starlette
+    cancels the response and ``finally`` unsubscribes.
     """
-    first = asyncio.ensure_future(anext(events))  # polled once: the subscription is made
+    events = backend.watch(user)
     try:
-        await asyncio.sleep(0)
         yield _RESYNC
-        yield _encoder.encode(await first) + b"\n"
         async for event in events:
             yield _encoder.encode(event) + b"\n"
-    except StopAsyncIteration:
-        return
     finally:
-        if not first.done():
-            first.cancel()  # its CancelledError ends the subscription
-        else:
-            close = getattr(events, "aclose", None)
-            if close is not None:
-                await close()
+        await events.aclose()
 
 
 def _preview(user: str, spec: JobSpec, backend: str) -> Job:
     """What ``--test-only`` shows: the job as it would be submitted."""
-    return Job(
-        id="0",
-        user=user,
-        name=spec.name or "job",
-        state=JobState.PENDING,
-        reason="DryRun",
-        submitted=datetime.now(UTC),
-        workdir=spec.workdir,
-        output=spec.output,
-        error=spec.error,
-        cpus=spec.cpus,
-        memory=spec.memory,
-        gpus=spec.gpus,
-        time_limit=spec.time_limit,
-        comment=spec.comment,
-        backend=backend,
-    )
+    return pending_job(spec, job_id="0", user=user, backend=backend, reason="DryRun")
 
 
 async def _read_body(request: Request) -> bytes:

@@ -11,6 +11,8 @@ Example ``kbatch.toml``::
     cpus = 8                   # decodes it (Backend.from_config), the server never reads it
     memory = "32G"
     kill_grace = 10
+    # with auth = "jupyterhub": every hub user's job runs as this server's account
+    jobs_share_server_account = true
 
     [policy]
     max_cpus = 4
@@ -23,8 +25,9 @@ Example ``kbatch.toml``::
     # JUPYTERHUB_API_TOKEN and JUPYTERHUB_SERVICE_NAME a hub gives its services.
     admin_groups = ["kbatch-admins"]
     cache_seconds = 30
-    job_token_scopes = ["access:services!service=dask-gateway"]
-    job_token_expiry = "1-00:00:00"   # for jobs without a time limit
+    # per-job hub tokens: backend = "kubernetes" only (refused with the local backend)
+    # job_token_scopes = ["access:services!service=dask-gateway"]
+    # job_token_expiry = "1-00:00:00"   # for jobs without a time limit
 """
 
 from __future__ import annotations
@@ -42,7 +45,13 @@ from kbatch.paths import state_dir
 from kbatch.server.policy import Policy
 from kbatch.units import parse_memory, parse_time_limit
 
-__all__ = ["BACKEND_OPTIONS", "JupyterHubConfig", "ServerConfig", "load_config"]
+__all__ = [
+    "BACKEND_OPTIONS",
+    "JupyterHubConfig",
+    "ServerConfig",
+    "check_shared_account",
+    "load_config",
+]
 
 # Command-line options of `kbatch server` that belong to the backend: passed raw into
 # its section (ServerConfig.backend_overrides); the backend decodes and checks them.
@@ -251,5 +260,43 @@ def load_config(
         raise ConfigError(f"config: auth {config.auth!r} is not known; use token or jupyterhub")
     if config.auth == "jupyterhub":
         _check_jupyterhub(config.jupyterhub)
+    check_shared_account(config)
     config.prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
     return config
+
+
+# -- jobs of hub users under the server's own account (until jobs run as their users) --------
+
+
+def check_shared_account(config: ServerConfig) -> None:
+    """Refuse hub users on the local backend unless the admin accepts one shared account.
+
+    The local backend runs every job as the server's own Unix account.  With hub
+    users that means any user's job can read and stop every other user's jobs
+    and files, and use whatever that account may.  So it takes
+    ``[local] jobs_share_server_account = true`` to start, and per-job hub tokens
+    (which another user's job could read) are refused with it.
+    """
+    if config.backend != "local":
+        return
+    # The one key of a backend's section the server reads: a security decision that
+    # combines [local] with [jupyterhub].  The local backend declares it too.
+    shared = config.backend_section("local").get("jobs_share_server_account", False)
+    if not isinstance(shared, bool):
+        raise ConfigError("config [local]: jobs_share_server_account must be true or false")
+    if config.jupyterhub.job_token_scopes:
+        raise ConfigError(
+            "config [jupyterhub]: job_token_scopes needs the Kubernetes backend.  The local "
+            "backend runs every user's job under the server's one Unix account, so any job "
+            "could read another job's hub token (from its environment or /proc) and act as "
+            'that user on the hub; remove job_token_scopes, or use backend = "kubernetes"'
+        )
+    if config.auth == "jupyterhub" and not shared:
+        raise ConfigError(
+            "auth = jupyterhub with the local backend runs every hub user's jobs under this "
+            "server's own Unix account: any user's job can read, change and stop the other "
+            "users' jobs and files, and do whatever this account may (everything, if it is "
+            "root).  If the users trust each other, accept that with "
+            "'jobs_share_server_account = true' in the [local] section of the config file; "
+            "otherwise use the Kubernetes backend"
+        )

@@ -28,6 +28,7 @@ from starlette.applications import Starlette
 from kbatch.backends.base import BACKENDS, Backend, backend_class
 from kbatch.client.config import SERVER_FILE, TOKEN_FILE
 from kbatch.errors import ConfigError
+from kbatch.hardening import make_undumpable, scrub_environment
 from kbatch.paths import write_private
 from kbatch.server.app import create_app
 from kbatch.server.auth.base import Authenticator
@@ -181,6 +182,16 @@ def serve(config: ServerConfig) -> int:
     import uvicorn
 
     _configure_logging(config.log_level)
+    # Jobs of the local backend run under this account: hide our environment and memory
+    # from them, and keep the hub's token (already in config) out of every child's.
+    if not make_undumpable() and sys.platform.startswith("linux"):
+        log.warning("cannot make the server non-dumpable: its jobs may read its environment")
+    scrub_environment()
+    if config.backend == "local" and config.auth == "jupyterhub" and os.geteuid() == 0:
+        log.warning(
+            "jobs_share_server_account: this server runs as root, so every hub user's job "
+            "does too; run it as an unprivileged account of its own"
+        )
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     lock_fd = _lock(config.state_dir)
     if config.auth == "token":

@@ -85,6 +85,9 @@ def check(spec: JobSpec, policy: Policy) -> JobSpec:
         if "=" in name or "\x00" in name or not name:
             raise SpecError(f"environment variable name {name!r} is not valid", field="environment")
     environment = {k: v for k, v in spec.environment.items() if k not in SECRET_ENVIRONMENT}
-    if time_limit == spec.time_limit and environment == spec.environment:
+    memory = spec.memory or None  # memory 0 means no limit, as the CLI's --mem=0 does
+    if time_limit == spec.time_limit and environment == spec.environment and memory == spec.memory:
         return spec
-    return msgspec.structs.replace(spec, time_limit=time_limit, environment=environment)
+    return msgspec.structs.replace(
+        spec, time_limit=time_limit, environment=environment, memory=memory
+    )

@@ -13,24 +13,38 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from kbatch.backends.base import Backend, check_spec
+from kbatch.backends.base import Backend, decode_section, not_pending
+from kbatch.backends.derive import check_spec, job_environment, output_paths
 from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
-from kbatch.errors import KbatchError, NotFound, ServiceUnavailable, SpecError, TransportError
-from kbatch.models import Job, JobSpec, JobState
-from kbatch.patterns import resolve_output
-from kbatch.units import format_memory
+from kbatch.backends.workqueue import WorkQueue
+from kbatch.errors import (
+    ConfigError,
+    InvalidRequest,
+    KbatchError,
+    NotFound,
+    ServiceUnavailable,
+    SpecError,
+    TransportError,
+)
+from kbatch.hardening import supervisor_environment
+from kbatch.lifecycle import Desired, check_transition, parse_job_ref
+from kbatch.models import Job, JobList, JobSpec, JobState
+from kbatch.units import format_memory, parse_memory
 
 __all__ = ["LocalBackend", "LocalConfig", "machine_capacity"]
 
 log = logging.getLogger("kbatch.local")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+WORKERS = 8  # reconcilers at once: hooks wait on I/O (the hub), spawns on a thread
+SYNC_TIMEOUT = 10.0  # how long an API call waits for the reconciler to act on it
 
 
 def machine_capacity() -> Capacity:
@@ -49,6 +63,9 @@ class LocalConfig:
     memory_limiter: str = "auto"  # auto, cgroup-v2, cgroup-v1, polling
     tick: float = 2.0  # reconcile at least this often (supervisors also wake us)
     python: str = field(default_factory=lambda: sys.executable)
+    # Every job runs under the server's own Unix account: with hub users, the admin must
+    # accept that they share it (see kbatch.server.config.check_shared_account).
+    jobs_share_server_account: bool = False
 
     def capacity(self) -> Capacity:
         machine = machine_capacity()
@@ -58,27 +75,55 @@ class LocalConfig:
 
 
 class _Wakeup(asyncio.DatagramProtocol):
-    def __init__(self, event: asyncio.Event) -> None:
-        self.event = event
+    def __init__(self, callback: Callable[[bytes], None]) -> None:
+        self.callback = callback
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        self.event.set()
+        self.callback(data)
+
+
+class _Retry(Exception):
+    """The job's reconcile could not finish for a passing reason: try it again later."""
 
 
 class LocalBackend(Backend):
+    """Jobs as processes of this machine, each under a detached supervisor.
+
+    The reconciler (:meth:`_reconcile`, run by :data:`WORKERS` workers from a
+    :class:`WorkQueue` of job ids) is the only code that changes a job's state;
+    the scheduler (:meth:`_schedule`) only grants pending jobs the right to
+    start and queues them.  API calls write the desired state and wait for the
+    reconciler.
+    """
+
     name = "local"
+    config_class = LocalConfig
 
     def __init__(self, config: LocalConfig) -> None:
+        super().__init__()
         self.config = config
         self.capacity = config.capacity()
         self.jobs_dir = config.state_dir / "jobs"
         self.socket_path = config.state_dir / "notify.sock"
         self._store: JobStore | None = None
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._transport: asyncio.BaseTransport | None = None
         self._spawned: list[subprocess.Popen[bytes]] = []
-        self._reconcile_lock = asyncio.Lock()
+        self._queue: WorkQueue[int] = WorkQueue(base_delay=0.1, max_delay=5.0)
+        self._granted: dict[int, Demand] = {}  # allowed to start, not yet RUNNING
+        self._schedule_lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], *, state_dir: Path) -> LocalBackend:
+        values = dict(section)
+        if isinstance(values.get("memory"), str):
+            try:
+                values["memory"] = parse_memory(values["memory"], option="local.memory")
+            except SpecError as exc:
+                raise ConfigError(f"config: {exc}") from exc
+        values.setdefault("state_dir", str(state_dir))
+        return cls(decode_section(values, LocalConfig, "local"))
 
     @property
     def store(self) -> JobStore:
@@ -96,10 +141,17 @@ class LocalBackend(Backend):
         if len(str(self.socket_path)) < 100:
             loop = asyncio.get_running_loop()
             self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Wakeup(self._wake), local_addr=str(self.socket_path), family=socket.AF_UNIX
+                lambda: _Wakeup(self._woken),
+                local_addr=str(self.socket_path),
+                family=socket.AF_UNIX,
             )
-        await self.reconcile()
-        self._task = asyncio.create_task(self._loop(), name="kbatch-local-reconcile")
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"kbatch-local-reconciler-{i}")
+            for i in range(WORKERS)
+        ]
+        self._resync()
+        await self._schedule()
+        self._tasks.append(asyncio.create_task(self._loop(), name="kbatch-local-tick"))
         log.info(
             "local backend: %d CPUs, %s memory, %d GPUs, state in %s",
             self.capacity.cpus,
@@ -109,25 +161,64 @@ class LocalBackend(Backend):
         )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._queue.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._tasks = []
         if self._transport is not None:
             self._transport.close()
         if self._store is not None:
             self._store.close()
             self._store = None
 
+    def _woken(self, data: bytes) -> None:
+        """A supervisor's datagram: its job started or ended."""
+        text = data.decode(errors="replace")
+        if text.isascii() and text.isdigit() and len(text) <= 18:
+            self._queue.put(int(text))
+        self._wake.set()
+
     async def _loop(self) -> None:
+        """The periodic resync: every running job is looked at, and the scheduler runs."""
         while True:
+            # asyncio.timeout, not wait_for: in Python 3.11 wait_for can swallow the
+            # cancellation that stop() sends when the event fires at the same moment.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.config.tick)
+                async with asyncio.timeout(self.config.tick):
+                    await self._wake.wait()
             self._wake.clear()
             try:
-                await self.reconcile()
+                self._resync()
+                await self._schedule()
             except Exception:
-                log.exception("reconciling local jobs failed; retrying")
+                log.exception("the local scheduler failed; retrying")
+
+    def _resync(self) -> None:
+        for job_id in self.store.needing_attention():
+            self._queue.put(job_id)
+
+    async def _worker(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            try:
+                await self._reconcile(job_id)
+                self._queue.forget(job_id)
+            except _Retry:
+                self._queue.put_backoff(job_id)
+            except Exception:
+                log.exception("reconciling job %s failed; retrying", job_id)
+                self._queue.put_backoff(job_id)
+            finally:
+                self._queue.done(job_id)
+
+    async def reconcile(self) -> None:
+        """Look at every job that needs it now, and wait until that is done (for tests)."""
+        self._reap_spawned()
+        await asyncio.gather(*(self._queue.sync(i) for i in self.store.needing_attention()))
+        await self._schedule()
 
     # -- the interface -------------------------------------------------------
 
@@ -164,68 +255,109 @@ class LocalBackend(Backend):
                 f"the working directory {workdir} does not exist; create it or change -D/--chdir",
                 field="workdir",
             )
-        for pattern, name in ((spec.output, "output"), (spec.error, "error")):
-            if pattern is not None:
-                parent = os.path.dirname(
-                    resolve_output(pattern, workdir=workdir, job_id="1", name="x", user=user)
+        self._outside_state_dir(workdir, "working directory", "-D/--chdir", "workdir")
+        paths = output_paths(spec, job_id="1", user=user)
+        for path, name in ((paths.output, "output"), (paths.error, "error")):
+            if path is None:
+                continue
+            if not os.path.isdir(os.path.dirname(path)):
+                raise SpecError(
+                    f"the directory of the {name} file, {os.path.dirname(path)}, does not exist; "
+                    f"create it first or change --{name}",
+                    field=name,
                 )
-                if not os.path.isdir(parent):
-                    raise SpecError(
-                        f"the directory of the {name} file, {parent}, does not exist; "
-                        f"create it first or change --{name}",
-                        field=name,
-                    )
+            self._outside_state_dir(path, f"{name} file", f"--{name}", name)
+
+    def _outside_state_dir(self, path: str, what: str, option: str, field: str) -> None:
+        """Refuse a path in the server's own state (its tokens, database, job records)."""
+        state = os.path.realpath(self.config.state_dir)
+        real = os.path.realpath(path)
+        if real == state or real.startswith(state + os.sep):
+            raise SpecError(
+                f"the {what} {path} is inside the kbatch server's state directory; "
+                f"choose another with {option}",
+                field=field,
+            )
 
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)
-        name = spec.name or "job"
-        workdir = spec.workdir or "/"
 
         def paths(job_id: int) -> tuple[str, str | None]:
-            out = resolve_output(
-                spec.output, workdir=workdir, job_id=str(job_id), name=name, user=user
-            )
-            err = None
-            if spec.error is not None:
-                err = resolve_output(
-                    spec.error, workdir=workdir, job_id=str(job_id), name=name, user=user
-                )
-            return out, err
+            resolved = output_paths(spec, job_id=str(job_id), user=user)
+            return resolved.output, resolved.error
 
-        record = self.store.insert(
+        record, new = self.store.insert(
             user=user, spec=spec, paths=paths, idempotency_key=idempotency_key, now=time.time()
         )
-        if record.state is JobState.PENDING and self.store.pending_before(record.id):
-            # Earlier jobs wait: this one cannot start before them, so a full
-            # reconcile per submission would only slow a burst of submissions.
-            if record.reason != "Priority":
-                self.store.update(record.id, reason="Priority")
-        else:
-            await self.reconcile()  # start it now if it fits: submit-to-start latency matters
+        if not new:
+            return record.to_job()
+        self.events.publish(record.to_job())
+        if record.desired is Desired.RUN:
+            if self.store.pending_before(record.id):
+                # Earlier jobs wait: this one cannot start before them, so a scheduling
+                # pass per submission would only slow a burst of submissions.
+                self._set(record.id, reason="Priority")
+            else:
+                await self._schedule()
+                if record.id in self._granted:  # submit-to-start latency matters: start it now
+                    await self._await_reconcile(record.id)
         return self._record(record.id).to_job()
 
     async def get(self, job_id: str) -> Job:
         return self._record(self._parse_id(job_id)).to_job()
 
     async def list(
-        self, *, user: str | None, states: Collection[JobState] | None = None
-    ) -> list[Job]:
-        return self.store.list_jobs(user=user, states=states)
+        self,
+        *,
+        user: str | None,
+        states: Collection[JobState] | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> JobList:
+        start = None
+        if after is not None:
+            if not (after.isascii() and after.isdigit() and len(after) <= 18):
+                raise InvalidRequest(
+                    f"the cursor {after!r} is not one this server gave",
+                    status=422,
+                    code="bad_cursor",
+                )
+            start = int(after)
+        jobs = self.store.list_jobs(
+            user=user, states=states, limit=None if limit is None else limit + 1, after=start
+        )
+        if limit is not None and len(jobs) > limit:
+            jobs = jobs[:limit]
+            return JobList(jobs=jobs, next=jobs[-1].id)
+        return JobList(jobs=jobs)
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, *, by: str) -> Job:
         record = self._record(self._parse_id(job_id))
-        if record.state is JobState.PENDING:
-            self.store.transition(
-                record.id,
-                JobState.PENDING,
-                state=JobState.CANCELLED,
-                reason="CancelledByUser",
-                finished=time.time(),
-            )
-            await self.notify_finished(self._record(record.id).to_job())
-        elif record.state is JobState.RUNNING:
-            self._jobdir(record.id).request_cancel()
-            self._wake.set()
+        if record.state.is_terminal:
+            return record.to_job()
+        if record.desired is not Desired.CANCEL:
+            self.store.update(record.id, desired=Desired.CANCEL, cancelled_by=by)
+        await self._await_reconcile(record.id)
+        return self._record(record.id).to_job()
+
+    async def hold(self, job_id: str) -> Job:
+        record = self._record(self._parse_id(job_id))
+        self._set_desired(record.id, Desired.HOLD, from_=(Desired.RUN,))
+        await self._await_reconcile(record.id)
+        current = self._record(record.id)
+        if current.state is not JobState.PENDING or current.desired is not Desired.HOLD:
+            if current.desired is Desired.HOLD:  # it started before the hold could take
+                self.store.update(current.id, desired=Desired.RUN)
+            raise not_pending(current.to_job(), "held")
+        return current.to_job()
+
+    async def release(self, job_id: str) -> Job:
+        record = self._record(self._parse_id(job_id))
+        if self._set_desired(record.id, Desired.RUN, from_=(Desired.HOLD,)):
+            self._set(record.id, reason="None")
+            await self._schedule()
+            if record.id in self._granted:
+                await self._await_reconcile(record.id)
         return self._record(record.id).to_job()
 
     async def logs(
@@ -246,46 +378,134 @@ class LocalBackend(Backend):
             await asyncio.sleep(0.2)
             record = self._record(record.id)
 
-    # -- reconciling: the one place that moves jobs between states ---------------
+    # -- the scheduler: who may start ------------------------------------------
 
-    async def reconcile(self) -> None:
-        async with self._reconcile_lock:
+    async def _schedule(self) -> None:
+        """Grant pending jobs the right to start, in order, while they fit, and queue them.
+
+        No await between reading the store and writing grants: one pass sees one state.
+        """
+        async with self._schedule_lock:
             self._reap_spawned()
             store = self.store
-            running = store.list(states=[JobState.RUNNING])
-            still_running: list[JobRecord] = []
-            for record in running:
-                if not await self._check_running(record):
-                    still_running.append(record)
+            running = store.running_demands()
             pending = store.pending_demands()
+            waiting_ids = {demand.job_id for demand, _ in pending}
+            for job_id in [j for j in self._granted if j not in waiting_ids]:
+                del self._granted[job_id]  # started, ended, held or cancelled since
             decision = schedule(
-                self.capacity, [_demand(r) for r in still_running], [d for d, _ in pending]
+                self.capacity,
+                [*running, *self._granted.values()],
+                [d for d, _ in pending if d.job_id not in self._granted],
             )
+            demands = {demand.job_id: demand for demand, _ in pending}
             reasons = {demand.job_id: reason for demand, reason in pending}
             for job_id in decision.start:
-                if not await self._launch(self._record(job_id)):
-                    break  # keep the order: nothing overtakes a job that could not start
+                self._granted[job_id] = demands[job_id]
+                self._queue.put(job_id)
             for job_id, reason in decision.waiting.items():
                 if reasons[job_id] != reason:
-                    store.update(job_id, reason=reason)
+                    self._set(job_id, reason=reason)
 
-    async def _check_running(self, record: JobRecord) -> bool:
-        """Finish the record if its job has ended; True if it did."""
+    # -- the reconciler: the one place that moves a job between states ----------
+
+    async def _reconcile(self, job_id: int) -> None:
+        record = self.store.get(job_id)
+        if record is None:
+            return
+        if record.state.is_terminal:
+            if not record.finalized:
+                await self._finalize(record)
+            return
+        if record.state is JobState.PENDING:
+            if record.desired is Desired.CANCEL:
+                await self._cancel_before_start(record)
+            elif record.desired is Desired.HOLD:
+                self._granted.pop(job_id, None)
+                if record.reason != "JobHeldUser":
+                    self._set(job_id, reason="JobHeldUser")
+            elif job_id in self._granted:
+                await self._launch(record)
+            return
+        await self._check_running(record)
+
+    async def _await_reconcile(self, job_id: int) -> None:
+        """Wait (a while) until the job's reconciler has acted on what was just asked of it."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SYNC_TIMEOUT):
+                await self._queue.sync(job_id)
+
+    def _set(self, job_id: int, **fields: object) -> None:
+        """Record a change that is not a state transition (a reason, a start time) and tell."""
+        self.store.update(job_id, **fields)
+        self.events.publish(self._record(job_id).to_job())
+
+    def _set_desired(self, job_id: int, desired: Desired, *, from_: tuple[Desired, ...]) -> bool:
+        return self.store.transition(job_id, JobState.PENDING, when_desired=from_, desired=desired)
+
+    async def _finish(
+        self,
+        record: JobRecord,
+        expected: JobState,
+        *,
+        state: JobState,
+        reason: str | None,
+        finished: float,
+        exit_code: int | None = None,
+        started: float | None = None,
+    ) -> bool:
+        """Move the job to its terminal state, tell, and run the end hook: once, whatever the path."""
+        check_transition(expected, state)
+        new = state
+        fields: dict[str, object] = {"state": state, "reason": reason, "finished": finished}
+        if exit_code is not None:
+            fields["exit_code"] = exit_code
+        if started is not None:
+            fields["started"] = started
+        if not self.store.transition_fields(record.id, expected, fields):
+            log.warning("job %s is no longer %s; not moving it to %s", record.id, expected, new)
+            return False
+        done = self._record(record.id)
+        log.info("job %s %s (exit code %s)", done.id, done.state, done.exit_code)
+        self.events.publish(done.to_job())
+        await self._finalize(done)
+        self._wake.set()  # its resources are free: schedule soon
+        return True
+
+    async def _cancel_before_start(self, record: JobRecord) -> None:
+        self._granted.pop(record.id, None)
+        await self._finish(
+            record,
+            JobState.PENDING,
+            state=JobState.CANCELLED,
+            reason="CancelledByUser",
+            finished=time.time(),
+        )
+
+    async def _finalize(self, record: JobRecord) -> None:
+        await self.run_finished_hook(record.to_job())
+        self.store.update(record.id, finalized=1)
+
+    async def _check_running(self, record: JobRecord) -> None:
         jobdir = self._jobdir(record.id)
         result = jobdir.read_result()
         if result is None and not jobdir.supervisor_alive():
             result = jobdir.read_result()  # it may have written the result just before exiting
             if result is None:
                 result = self._supervisor_lost(record, jobdir)
-                if result is None:
-                    return True
+                if result is None:  # put back in the queue
+                    return
         if result is None:
+            if record.desired is Desired.CANCEL:
+                jobdir.request_cancel()
+                if record.reason != "Cancelling":
+                    self._set(record.id, reason="Cancelling")
             started = jobdir.read_started()
             if started is not None and record.started != started.started:
-                self.store.update(record.id, started=started.started)
-            return False
-        self.store.transition(
-            record.id,
+                self._set(record.id, started=started.started)
+            return
+        await self._finish(
+            record,
             JobState.RUNNING,
             state=result.state,
             exit_code=result.exit_code,
@@ -293,9 +513,6 @@ class LocalBackend(Backend):
             started=result.started or record.started,
             finished=result.finished,
         )
-        log.info("job %s %s (exit code %s)", record.id, result.state, result.exit_code)
-        await self.notify_finished(self._record(record.id).to_job())
-        return True
 
     def _supervisor_lost(self, record: JobRecord, jobdir: JobDir) -> Result | None:
         started = jobdir.read_started()
@@ -303,9 +520,12 @@ class LocalBackend(Backend):
             # The server stopped between marking the job RUNNING and spawning its
             # supervisor: the job never ran, so it may safely be queued again.
             log.warning("job %s: launch was interrupted; queueing it again", record.id)
+            check_transition(JobState.RUNNING, JobState.PENDING, "LaunchInterrupted")
             self.store.transition(
                 record.id, JobState.RUNNING, state=JobState.PENDING, reason="None", started=None
             )
+            self.events.publish(self._record(record.id).to_job())
+            self._wake.set()
             return None
         log.error("job %s: its supervisor died; stopping what is left of the job", record.id)
         for pid in process_group_members(started.pgid):
@@ -319,26 +539,37 @@ class LocalBackend(Backend):
             finished=time.time(),
         )
 
-    async def _launch(self, record: JobRecord) -> bool:
-        """Start the job's supervisor; False if it must wait (a hook could not run)."""
+    async def _launch(self, record: JobRecord) -> None:
+        """Start a granted job: its start hook, then its supervisor.
+
+        The hook may wait on I/O (a hub token); a cancel that arrives meanwhile
+        is seen afterwards, before anything runs, and the hook's work is undone
+        by the end hook that every terminal path runs.
+        """
         spec = record.spec
+        job = record.to_job()
         try:
-            extra_env = await self.hooks.environment(record.to_job())
+            extra_env = await self.hooks.environment(job)
         except (ServiceUnavailable, TransportError) as exc:
             log.warning("job %s: cannot prepare its start, will retry: %s", record.id, exc)
-            self.store.update(record.id, reason="JobSetupPending")
-            return False
+            if record.reason != "JobSetupPending":
+                self._set(record.id, reason="JobSetupPending")
+            raise _Retry from exc
         except KbatchError as exc:  # refused for good (e.g. the hub will not make its token)
             log.error("job %s: cannot be started: %s", record.id, exc)
-            self.store.transition(
-                record.id,
+            self._granted.pop(record.id, None)
+            await self._finish(
+                record,
                 JobState.PENDING,
                 state=JobState.FAILED,
                 reason=f"JobSetupFailed: {exc}",
                 finished=time.time(),
             )
-            await self.notify_finished(self._record(record.id).to_job())
-            return True
+            return
+        current = self._record(record.id)
+        if current.desired is Desired.CANCEL:  # cancelled while the hook ran: never start it
+            await self._cancel_before_start(current)
+            return
         jobdir = self._jobdir(record.id)
         if jobdir.path.exists():
             shutil.rmtree(jobdir.path)  # left by an interrupted launch
@@ -363,25 +594,34 @@ class LocalBackend(Backend):
         lock_fd = os.open(jobdir.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            self.store.transition(
+            check_transition(JobState.PENDING, JobState.RUNNING)
+            if not self.store.transition(
                 record.id,
                 JobState.PENDING,
+                when_desired=[Desired.RUN, Desired.HOLD],  # a hold during the hook came too late
                 state=JobState.RUNNING,
                 reason=None,
                 started=time.time(),
-            )
-            self._spawned.append(await asyncio.to_thread(self._spawn_supervisor, jobdir, lock_fd))
-        except OSError as exc:
-            log.error("job %s: cannot start its supervisor: %s", record.id, exc)
-            self.store.update(
-                record.id,
-                state=JobState.FAILED,
-                reason=f"LaunchFailed: {exc}",
-                finished=time.time(),
-            )
+            ):
+                raise AssertionError(f"job {record.id} changed while its reconciler held it")
+            self._granted.pop(record.id, None)
+            running = self._record(record.id)
+            self.events.publish(running.to_job())
+            try:
+                self._spawned.append(
+                    await asyncio.to_thread(self._spawn_supervisor, jobdir, lock_fd)
+                )
+            except OSError as exc:
+                log.error("job %s: cannot start its supervisor: %s", record.id, exc)
+                await self._finish(
+                    running,
+                    JobState.RUNNING,
+                    state=JobState.FAILED,
+                    reason=f"LaunchFailed: {exc}",
+                    finished=time.time(),
+                )
         finally:
             os.close(lock_fd)
-        return True
 
     def _spawn_supervisor(self, jobdir: JobDir, lock_fd: int) -> subprocess.Popen[bytes]:
         """fork and exec (in a worker thread: a fork of a large server takes milliseconds)."""
@@ -399,28 +639,15 @@ class LocalBackend(Backend):
             pass_fds=(lock_fd,),
             start_new_session=True,
             cwd="/",
+            env=supervisor_environment(),  # never the server's own: it holds the hub's token
         )
 
     def _job_environment(self, record: JobRecord, spec: JobSpec) -> dict[str, str]:
         env = dict(spec.environment)
         env.setdefault("PATH", DEFAULT_PATH)
-        job_id = str(record.id)
-        extra = {
-            "KBATCH_JOB_ID": job_id,
-            "KBATCH_JOB_NAME": record.name,
-            "KBATCH_SUBMIT_DIR": spec.workdir or "/",
-            # So that scripts written for Slurm find what they look for.
-            "SLURM_JOB_ID": job_id,
-            "SLURM_JOBID": job_id,
-            "SLURM_JOB_NAME": record.name,
-            "SLURM_SUBMIT_DIR": spec.workdir or "/",
-            "SLURM_CPUS_PER_TASK": str(spec.cpus),
-            "SLURM_NTASKS": "1",
-            "SLURM_JOB_NUM_NODES": "1",
-        }
-        if spec.memory:
-            extra["SLURM_MEM_PER_NODE"] = str(spec.memory // (1024 * 1024))
-        env.update(extra)
+        env.update(job_environment(spec, job_id=str(record.id), name=record.name))
+        env.setdefault("KBATCH_SUBMIT_DIR", spec.workdir or "/")
+        env.setdefault("SLURM_SUBMIT_DIR", spec.workdir or "/")
         return env
 
     def _reap_spawned(self) -> None:
@@ -433,11 +660,10 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _parse_id(job_id: str) -> int:
-        if not job_id.isdigit():
-            raise NotFound(
-                f"no job {job_id!r}: local job ids are numbers", status=404, code="not_found"
-            )
-        return int(job_id)
+        ref = parse_job_ref(job_id)
+        if ref.index is not None or not ref.job_id.isdigit() or len(ref.job_id) > 18:
+            raise NotFound(f"no job {job_id!r}", status=404, code="not_found")
+        return int(ref.job_id)
 
     def _record(self, job_id: int) -> JobRecord:
         record = self.store.get(job_id)

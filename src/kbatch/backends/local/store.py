@@ -12,7 +12,7 @@ event loop rather than through a thread pool.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,12 +22,14 @@ from typing import Any
 import msgspec
 
 from kbatch.backends.local.scheduler import Demand
+from kbatch.errors import ApiError, Conflict
+from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
-__all__ = ["JobRecord", "JobStore"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "JobRecord", "JobStore"]
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
+# The schema as the first release made it (version 1); later versions are migrations.
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     user            TEXT NOT NULL,
@@ -54,16 +56,42 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (user, idempotency_ke
 CREATE INDEX IF NOT EXISTS jobs_active ON jobs (state) WHERE state IN ('PENDING', 'RUNNING');
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user, id);
 """
+# Migrations, by the version they lead to: each a script run in one transaction.
+MIGRATIONS: dict[int, str] = {
+    # 2: the desired state (run, hold, cancel) apart from the observed one; whether the
+    # end-of-job hook has run (it had, for every job that ended under version 1); who cancelled.
+    2: """
+ALTER TABLE jobs ADD COLUMN desired TEXT NOT NULL DEFAULT 'run';
+ALTER TABLE jobs ADD COLUMN finalized INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
+UPDATE jobs SET finalized = 1 WHERE state NOT IN ('PENDING', 'RUNNING');
+CREATE INDEX jobs_unfinalized ON jobs (id) WHERE finalized = 0;
+""",
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 # What a listing shows: everything but the spec, which only a job's start needs.
 _JOB_COLUMNS = (
     "id, user, name, state, reason, exit_code, submitted, started, finished, output, error, "
-    "cpus, memory, gpus, time_limit, workdir, comment"
+    "cpus, memory, gpus, time_limit, workdir, comment, cancelled_by"
 )
-_COLUMNS = f"{_JOB_COLUMNS}, spec"
+_COLUMNS = f"{_JOB_COLUMNS}, spec, desired, finalized"
 _STATES = {state.value: state for state in JobState}
 
 
-_UPDATABLE = frozenset({"state", "reason", "exit_code", "started", "finished", "output", "error"})
+_UPDATABLE = frozenset(
+    {
+        "state",
+        "reason",
+        "exit_code",
+        "started",
+        "finished",
+        "output",
+        "error",
+        "desired",
+        "finalized",
+        "cancelled_by",
+    }
+)
 
 
 def _assignments(fields: dict[str, object]) -> tuple[str, list[object]]:
@@ -71,8 +99,25 @@ def _assignments(fields: dict[str, object]) -> tuple[str, list[object]]:
     unknown = set(fields) - _UPDATABLE
     if unknown:
         raise ValueError(f"not updatable: {sorted(unknown)}")
-    values = [str(v) if isinstance(v, JobState) else v for v in fields.values()]
+    values = [str(v) if isinstance(v, JobState | Desired) else v for v in fields.values()]
     return ", ".join(f"{name} = ?" for name in fields), values
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """A full or failing disk is the server's trouble, said as such: 507, never a bare 500."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc)
+        if "full" in text or "disk I/O" in text or "readonly" in text:
+            raise ApiError(
+                f"the kbatch server cannot record the change: its disk is full or failing "
+                f"({text}); an admin must free space, then try again",
+                status=507,
+                code="insufficient_storage",
+            ) from exc
+        raise
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -100,7 +145,10 @@ class JobRecord:
     time_limit: int | None
     workdir: str | None
     comment: str | None
+    cancelled_by: str | None
     spec_json: bytes
+    desired: Desired
+    finalized: int
 
     @property
     def spec(self) -> JobSpec:
@@ -126,6 +174,7 @@ class JobRecord:
                 self.time_limit,
                 self.workdir,
                 self.comment,
+                self.cancelled_by,
             )
         )
 
@@ -133,6 +182,7 @@ class JobRecord:
 def _record(row: tuple[object, ...]) -> JobRecord:
     values = list(row)
     values[3] = _STATES[str(values[3])]
+    values[19] = Desired(str(values[19]))
     return JobRecord(*values)  # type: ignore[arg-type]
 
 
@@ -156,13 +206,19 @@ def _job(row: tuple[Any, ...]) -> Job:
         gpus=row[13],
         time_limit=row[14],
         comment=row[16],
+        cancelled_by=row[17],
         backend="local",
     )
 
 
-def _where(user: str | None, states: Collection[JobState] | None) -> tuple[str, list[object]]:
+def _where(
+    user: str | None, states: Collection[JobState] | None, after: int | None = None
+) -> tuple[str, list[object]]:
     clauses: list[str] = []
     params: list[object] = []
+    if after is not None:
+        clauses.append("id > ?")
+        params.append(after)
     if user is not None:
         clauses.append("user = ?")
         params.append(user)
@@ -181,26 +237,45 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the file to :data:`SCHEMA_VERSION`, one migration (transaction) at a time."""
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(
-                f"{path} was written by a newer kbatch (schema {version}); upgrade kbatch"
+                f"{self.path} was written by a newer kbatch (schema {version}); upgrade kbatch"
             )
-        self._db.executescript(_SCHEMA)  # idempotent; executescript commits by itself
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == 0:
+            self._db.executescript(_SCHEMA_V1)  # new, or version 1 before it was recorded
+            version = 1
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            # executescript commits first; the BEGIN makes the migration all or nothing.
+            try:
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE;\n{MIGRATIONS[target]}\n"
+                    f"PRAGMA user_version={target};\nCOMMIT;"
+                )
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                self._db.close()
+                raise
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with _storage_errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def insert(
         self,
@@ -210,12 +285,14 @@ class JobStore:
         paths: Callable[[int], tuple[str, str | None]],
         idempotency_key: str | None,
         now: float,
-    ) -> JobRecord:
+    ) -> tuple[JobRecord, bool]:
         """Insert a PENDING job, or return the one already made with this idempotency key.
 
         ``paths`` turns the new job's id into its output and error file names
-        (``%j`` needs the id), inside the same transaction.
+        (``%j`` needs the id), inside the same transaction.  Returns the record
+        and whether it is new.  The same key with another spec is a :class:`Conflict`.
         """
+        spec_json = msgspec.json.encode(spec)
         with self.transaction() as db:
             if idempotency_key is not None:
                 row = db.execute(
@@ -223,14 +300,24 @@ class JobStore:
                     (user, idempotency_key),
                 ).fetchone()
                 if row is not None:
-                    return _record(row)
+                    existing = _record(row)
+                    if existing.spec_json != spec_json:
+                        raise Conflict(
+                            f"Idempotency-Key {idempotency_key!r} was used for job {existing.id} "
+                            "with another spec; use a new key for a new job",
+                            status=409,
+                            code="idempotency_key_reused",
+                        )
+                    return existing, False
+            desired = Desired.HOLD if spec.hold else Desired.RUN
             cursor = db.execute(
                 "INSERT INTO jobs (user, name, state, reason, submitted, output, error, cpus, "
-                "memory, gpus, time_limit, workdir, comment, spec, idempotency_key) "
-                "VALUES (?, ?, 'PENDING', 'None', ?, '', NULL, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "memory, gpus, time_limit, workdir, comment, spec, idempotency_key, desired) "
+                "VALUES (?, ?, 'PENDING', ?, ?, '', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user,
                     spec.name or "job",
+                    "JobHeldUser" if spec.hold else "None",
                     now,
                     spec.cpus,
                     spec.memory,
@@ -238,8 +325,9 @@ class JobStore:
                     spec.time_limit,
                     spec.workdir,
                     spec.comment,
-                    msgspec.json.encode(spec),
+                    spec_json,
                     idempotency_key,
+                    str(desired),
                 ),
             )
             job_id = cursor.lastrowid
@@ -249,22 +337,41 @@ class JobStore:
                 "UPDATE jobs SET output = ?, error = ? WHERE id = ?", (output, error, job_id)
             )
             row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return _record(row)
+            return _record(row), True
 
     def get(self, job_id: int) -> JobRecord | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
     def pending_demands(self) -> list[tuple[Demand, str | None]]:
-        """The PENDING jobs in submission order: what each asks for, and its reason."""
+        """The PENDING jobs that may start, in submission order: what each asks for, its reason."""
         rows = self._db.execute(
             "SELECT id, cpus, COALESCE(memory, 0), gpus, reason FROM jobs "
-            "WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' ORDER BY id"
+            "WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' AND desired = 'run' "
+            "ORDER BY id"
         )
         return [
             (Demand(job_id, cpus, memory, gpus), reason)
             for job_id, cpus, memory, gpus, reason in rows
         ]
+
+    def running_demands(self) -> list[Demand]:
+        rows = self._db.execute(
+            "SELECT id, cpus, COALESCE(memory, 0), gpus FROM jobs "
+            "WHERE state IN ('PENDING', 'RUNNING') AND state = 'RUNNING' ORDER BY id"
+        )
+        return [Demand(*row) for row in rows]
+
+    def needing_attention(self) -> list[int]:
+        """Jobs a reconciler must look at after a restart or on a periodic resync: running
+        ones, pending ones not plainly waiting to run, and ended ones whose hook has not run."""
+        rows = self._db.execute(
+            "SELECT id FROM jobs WHERE state IN ('PENDING', 'RUNNING') "
+            "AND (state = 'RUNNING' OR desired != 'run') "
+            "UNION SELECT id FROM jobs WHERE finalized = 0 AND state NOT IN ('PENDING', 'RUNNING') "
+            "ORDER BY id"
+        )
+        return [row[0] for row in rows]
 
     def pending_before(self, job_id: int) -> bool:
         """Whether a job submitted before ``job_id`` is still waiting to start."""
@@ -278,11 +385,22 @@ class JobStore:
         return row is not None
 
     def list_jobs(
-        self, *, user: str | None = None, states: Collection[JobState] | None = None
+        self,
+        *,
+        user: str | None = None,
+        states: Collection[JobState] | None = None,
+        limit: int | None = None,
+        after: int | None = None,
     ) -> list[Job]:
-        """``[r.to_job() for r in list(...)]`` without reading the specs: what ``kqueue`` waits for."""
-        where, params = _where(user, states)
-        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY id", params)
+        """``[r.to_job() for r in list(...)]`` without reading the specs: what ``kqueue`` waits for.
+
+        ``after``/``limit`` page through the jobs by id.
+        """
+        where, params = _where(user, states, after)
+        tail = "" if limit is None else f" LIMIT {int(limit)}"
+        rows = self._db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs {where} ORDER BY id{tail}", params
+        )
         return [_job(row) for row in rows]
 
     def list(
@@ -296,13 +414,38 @@ class JobStore:
         if not fields:
             return
         assignments, values = _assignments(fields)
-        self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
+        with _storage_errors():
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
 
-    def transition(self, job_id: int, expected: JobState, **fields: object) -> bool:
-        """Update only if the job is still in ``expected`` state; True if it was."""
+    def transition(
+        self,
+        job_id: int,
+        expected: JobState,
+        *,
+        when_desired: Sequence[Desired] | None = None,
+        **fields: object,
+    ) -> bool:
+        """Update only if the job is still in ``expected`` state (and, if given, its desired
+        state is one of ``when_desired``); True if it was."""
+        return self.transition_fields(job_id, expected, fields, when_desired=when_desired)
+
+    def transition_fields(
+        self,
+        job_id: int,
+        expected: JobState,
+        fields: dict[str, object],
+        *,
+        when_desired: Sequence[Desired] | None = None,
+    ) -> bool:
+        """:meth:`transition` with the changes as a dict."""
         assignments, values = _assignments(fields)
-        cursor = self._db.execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
-            (*values, job_id, str(expected)),
-        )
+        condition = "id = ? AND state = ?"
+        params: list[object] = [job_id, str(expected)]
+        if when_desired is not None:
+            condition += f" AND desired IN ({', '.join('?' * len(when_desired))})"
+            params.extend(str(d) for d in when_desired)
+        with _storage_errors():
+            cursor = self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE {condition}", (*values, *params)
+            )
         return cursor.rowcount == 1

@@ -31,9 +31,10 @@ from pathlib import Path
 
 from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result, Started
 from kbatch.backends.local.limits import MemoryLimiter, memory_limiter, process_group_members
+from kbatch.hardening import make_undumpable
 from kbatch.models import JobState
 
-__all__ = ["main", "outcome"]
+__all__ = ["main", "outcome", "write_result"]
 
 TICK = 0.1  # seconds between checks of time, memory and cancellation
 
@@ -82,17 +83,29 @@ class Supervisor:
         )
         return os.open(path, flags, 0o644)
 
-    def _start_job(self) -> int:
+    def _start_job(self, started: float) -> int:
+        """Fork the job; it runs the script only once ``started.json`` is on disk.
+
+        The child waits on a pipe for the word of its parent, written after
+        ``started.json``: if the supervisor dies before that, the child reads
+        end-of-file and exits without running anything.  So a job without
+        ``started.json`` never ran, and the server may safely start it again.
+        """
         out_fd = self._open_output(self.spec.output)
         err_fd = self._open_output(self.spec.error) if self.spec.error else out_fd
         null_fd = os.open(os.devnull, os.O_RDONLY)
+        go_read, go_write = os.pipe()
         pid = os.fork()
         if pid == 0:  # the job
             try:
+                os.close(go_write)
                 os.setpgid(0, 0)
                 self.limiter.enter(os.getpid())
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
                     signal.signal(sig, signal.SIG_DFL)
+                if os.read(go_read, 1) != b"1":
+                    os._exit(127)  # the supervisor died before recording the start
+                os.close(go_read)
                 os.dup2(null_fd, 0)
                 os.dup2(out_fd, 1)
                 os.dup2(err_fd, 2)
@@ -102,12 +115,19 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     os.write(2, f"kbatch: cannot start the job: {exc}\n".encode())
                 os._exit(127)
+        os.close(go_read)
         os.close(null_fd)
         os.close(out_fd)
         if err_fd != out_fd:
             os.close(err_fd)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.setpgid(pid, pid)  # also from the parent: no race with the first signal
+        self.jobdir.write(
+            self.jobdir.started,
+            Started(pid=pid, pgid=pid, started=started, limiter=self.limiter.kind),
+        )
+        os.write(go_write, b"1")
+        os.close(go_write)
         return pid
 
     def _signal_group(self, pgid: int, sig: int) -> None:
@@ -118,12 +138,8 @@ class Supervisor:
         spec = self.spec
         self.limiter = memory_limiter(spec.memory, f"kbatch-job-{spec.job_id}", spec.memory_limiter)
         started = time.time()
-        pid = self._start_job()
+        pid = self._start_job(started)
         pgid = pid
-        self.jobdir.write(
-            self.jobdir.started,
-            Started(pid=pid, pgid=pgid, started=started, limiter=self.limiter.kind),
-        )
         notify(spec.notify_socket, spec.job_id)
         pidfd = os.pidfd_open(pid)
         deadline = None if spec.time_limit is None else time.monotonic() + spec.time_limit
@@ -193,6 +209,7 @@ def _daemonize() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    make_undumpable()  # the job runs under our uid: keep it out of our /proc files
     args = sys.argv[1:] if argv is None else argv
     jobdir = JobDir(Path(args[0]))
     lock_fd = int(args[1])
@@ -217,9 +234,28 @@ def main(argv: list[str] | None = None) -> int:
             started=None,
             finished=time.time(),
         )
-    jobdir.write(jobdir.result, result)
+    write_result(jobdir, result)
     notify(spec.notify_socket, spec.job_id)
     return 0
+
+
+def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> None:
+    """Write ``result.json``, waiting for space (or a writable disk) as long as it takes.
+
+    The supervisor keeps its lock meanwhile, so the server sees the job as
+    still running rather than as a lost supervisor (NODE_FAIL); once the disk
+    has room again the job ends in its real state.
+    """
+    delay = 0.1
+    while True:
+        try:
+            jobdir.write(jobdir.result, result)
+            return
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"kbatch: cannot write the job's result ({exc}); retrying\n".encode())
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
 
 
 if __name__ == "__main__":

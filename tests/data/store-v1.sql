@@ -1,0 +1,35 @@
+-- A local store as kbatch 0.1.0 (schema version 1) left it: made by its own
+-- JobStore (commit 139d9e2) with three jobs: COMPLETED, RUNNING and PENDING.
+BEGIN TRANSACTION;
+CREATE TABLE jobs (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    user            TEXT NOT NULL,
+    name            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    reason          TEXT,
+    exit_code       INTEGER,
+    submitted       REAL NOT NULL,
+    started         REAL,
+    finished        REAL,
+    output          TEXT NOT NULL,
+    error           TEXT,
+    cpus            INTEGER NOT NULL,
+    memory          INTEGER,
+    gpus            INTEGER NOT NULL,
+    time_limit      INTEGER,
+    workdir         TEXT,
+    comment         TEXT,
+    spec            BLOB NOT NULL,
+    idempotency_key TEXT
+);
+INSERT INTO "jobs" VALUES(1,'alice','done','COMPLETED',NULL,0,1700000000.0,1700000001.0,1700000002.0,'/home/x/kbatch-1.out',NULL,1,NULL,0,NULL,'/home/a',NULL,X'7B22736372697074223A2223212F62696E2F73685C6E747275655C6E222C226E616D65223A22646F6E65222C22776F726B646972223A222F686F6D652F61227D','k0');
+INSERT INTO "jobs" VALUES(2,'alice','running','RUNNING',NULL,NULL,1700000001.0,1700000003.0,NULL,'/home/x/kbatch-2.out',NULL,2,NULL,0,NULL,'/home/a',NULL,X'7B22736372697074223A2223212F62696E2F73685C6E736C656570203130305C6E222C226E616D65223A2272756E6E696E67222C22776F726B646972223A222F686F6D652F61222C2263707573223A327D','k1');
+INSERT INTO "jobs" VALUES(3,'bob','waiting','PENDING','None',NULL,1700000002.0,NULL,NULL,'/home/x/kbatch-3.out',NULL,1,1073741824,0,NULL,'/home/b',NULL,X'7B22736372697074223A2223212F62696E2F73685C6E747275655C6E222C226E616D65223A2277616974696E67222C22776F726B646972223A222F686F6D652F62222C226D656D6F7279223A313037333734313832347D','k2');
+CREATE UNIQUE INDEX jobs_idempotency ON jobs (user, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_active ON jobs (state) WHERE state IN ('PENDING', 'RUNNING');
+CREATE INDEX jobs_user ON jobs (user, id);
+DELETE FROM "sqlite_sequence";
+INSERT INTO "sqlite_sequence" VALUES('jobs',3);
+COMMIT;
+PRAGMA user_version=1;
