@@ -117,8 +117,16 @@ def _cursor(request: Request) -> str | None:
 
 
 def _no_job(job_id: str) -> NotFound:
-    """The one answer for a job the caller may not see, whatever the reason."""
-    return NotFound(f"no job {job_id!r}", status=404, code="not_found")
+    """The one answer for a job the caller may not see, whatever the reason.
+
+    The id is shown as given when it could be one, quoted (``repr``) when it
+    could not, so that no odd character reaches a terminal or log unescaped.
+    """
+    try:
+        shown = str(parse_job_ref(job_id))
+    except NotFound:
+        shown = repr(job_id)
+    return NotFound(f"no job {shown}", status=404, code="not_found")
 
 
 class _JobIdConvertor(Convertor[str]):
