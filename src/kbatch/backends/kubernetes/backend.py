@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field, fields
@@ -217,6 +218,9 @@ class KubernetesBackend(Backend):
         self._queue: WorkQueue[str] = WorkQueue(base_delay=0.5, max_delay=60.0)
         self._workers: list[asyncio.Task[None]] = []
         self._replica = uuid.uuid4().hex[:12]  # names this replica's claims
+        # job id -> when its start may be tried again (monotonic): watch events, which
+        # queue a job at once, must not cut a hook's backoff short
+        self._retry_at: dict[str, float] = {}
 
     @classmethod
     def from_config(
@@ -328,6 +332,7 @@ class KubernetesBackend(Backend):
             if not self._pods_by_job.get(job_id):
                 self._pods_by_job.pop(job_id, None)
             self._queue.forget(job_id)
+            self._retry_at.pop(job_id, None)
             return
         self._job_keys[job_id] = key
         self._refresh(job_id)
@@ -436,6 +441,7 @@ class KubernetesBackend(Backend):
         elif obj["spec"].get("suspend"):
             await self._release(obj, model)
         self._queue.forget(job_id)
+        self._retry_at.pop(job_id, None)
 
     async def _end(self, obj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         """End the Job through its deadline: the Job controller stops its pods (SIGTERM,
@@ -475,6 +481,10 @@ class KubernetesBackend(Backend):
         """Make the job's environment (its token), write it into its Secret, unsuspend it."""
         annotations = _annotations(obj)
         job_id = job.id
+        wait = self._retry_at.get(job_id, 0.0) - time.monotonic()
+        if wait > 0:
+            self._queue.put_after(job_id, wait)
+            raise _Retrying
         if names.ANNOTATION_OBJECTS_READY not in annotations:
             if _age(obj) < OBJECTS_GRACE_SECONDS:
                 self._queue.put_after(job_id, OBJECTS_GRACE_SECONDS)
@@ -539,6 +549,7 @@ class KubernetesBackend(Backend):
                 await self._fail_setup(claimed, str(exc))
                 return
             delay = self._queue.put_backoff(job_id)
+            self._retry_at[job_id] = time.monotonic() + delay
             log.warning("job %s: cannot start it yet, retrying in %.1f s: %s", job_id, delay, exc)
             current = self._object(job_id) or claimed
             message = str(exc)[:1000] or type(exc).__name__
