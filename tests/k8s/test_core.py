@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from kbatch.backends.base import JobHooks
-from kbatch.backends.kubernetes import backend as backend_module
-from kbatch.backends.kubernetes import names
+from kbatch.backends.kubernetes import names, status
 from kbatch.backends.kubernetes.backend import KubernetesBackend
 from kbatch.errors import Conflict, NotFound, PermissionDenied, ServiceUnavailable
 from kbatch.models import Job, JobEvent, JobState
@@ -109,14 +108,14 @@ async def test_one_bad_object_does_not_stop_the_cache(
         bad = await backend.submit("kate", spec(), idempotency_key=None)
         good = await backend.submit("kate", spec(), idempotency_key=None)
         await final(backend, good.id)
-    real = backend_module.job_from_objects
+    real = status.job_from_objects
 
     def broken(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
         if job["metadata"]["labels"][names.LABEL_JOB_ID] == bad.id:
             raise ValueError("an object this version cannot read")
         return real(job, pods)
 
-    monkeypatch.setattr(backend_module, "job_from_objects", broken)
+    monkeypatch.setattr("kbatch.backends.kubernetes.backend.job_from_objects", broken)
     async with started(shared, instance="badobj", cache_timeout=10) as fresh:
         listed = [j.id for j in (await fresh.list(user="kate")).jobs]
         assert good.id in listed and bad.id not in listed
@@ -183,30 +182,32 @@ async def proxied(installed: Installed, tmp_path: Path) -> AsyncIterator[tuple[P
 async def test_health_says_when_the_cache_is_stale(
     shared: Installed, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with proxied(shared, tmp_path) as (proxy, through):
-        async with started(through, instance="stale", stale_after=2.0) as backend:
-            assert backend.health().ok and backend.health().stale_seconds is None
-            caplog.clear()
-            await proxy.cut()  # the API server is gone
+    async with (
+        proxied(shared, tmp_path) as (proxy, through),
+        started(through, instance="stale", stale_after=2.0) as backend,
+    ):
+        assert backend.health().ok and backend.health().stale_seconds is None
+        caplog.clear()
+        await proxy.cut()  # the API server is gone
 
-            async def unhealthy() -> bool:
-                return not backend.health().ok
+        async def unhealthy() -> bool:
+            return not backend.health().ok
 
-            await until(unhealthy, limit=30, what="health to fail")
-            health = backend.health()
-            assert health.stale_seconds is not None and health.stale_seconds >= 2.0
-            assert "Kubernetes API server" in health.detail
-            await asyncio.sleep(3)  # keep failing: with backoff, and logged once per kind
-            assert backend._jobs is not None and backend._jobs.failures >= 2
-            warnings = [r for r in caplog.records if "watching Job failed" in r.getMessage()]
-            assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]
-            assert backend._jobs.failures < 30  # backoff, not hundreds of attempts a second
-            await proxy.start()  # back (same port)
+        await until(unhealthy, limit=30, what="health to fail")
+        health = backend.health()
+        assert health.stale_seconds is not None and health.stale_seconds >= 2.0
+        assert "Kubernetes API server" in health.detail
+        await asyncio.sleep(3)  # keep failing: with backoff, and logged once per kind
+        assert backend._jobs is not None and backend._jobs.failures >= 2
+        warnings = [r for r in caplog.records if "watching Job failed" in r.getMessage()]
+        assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]
+        assert backend._jobs.failures < 30  # backoff, not hundreds of attempts a second
+        await proxy.start()  # back (same port)
 
-            async def healthy() -> bool:
-                return backend.health().ok and backend.health().stale_seconds is None
+        async def healthy() -> bool:
+            return backend.health().ok and backend.health().stale_seconds is None
 
-            await until(healthy, limit=60, what="health to recover")
+        await until(healthy, limit=60, what="health to recover")
 
 
 async def test_bookkeeping_of_deleted_jobs_is_dropped(
