@@ -62,7 +62,7 @@ async def test_concurrent_retries_make_one_job(cluster: K8sCluster, shared: Inst
         assert len(jobs_labelled(cluster, f"{names.LABEL_IDEMPOTENCY}={label}")) == 1
         with pytest.raises(Conflict) as info:
             await one.submit("ivan", spec(name="other"), idempotency_key="retry-1")
-        assert info.value.status == 409
+        assert (info.value.status, info.value.code) == (409, "idempotency_key_reused")
         assert (await final(one, jobs[0].id)).state is JobState.COMPLETED
 
 
@@ -308,6 +308,27 @@ async def test_permanent_hook_failure_fails_the_job_unstarted(
             "get", "pods", "-n", SHARED_NS, "-l", f"{names.LABEL_JOB_ID}={job.id}"
         )["items"]
         assert not any(p["status"].get("phase") == "Running" for p in pods)
+
+
+async def test_a_token_made_for_a_start_that_fails_is_revoked(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    async with started(shared, instance="revoke") as backend:
+        hooks = Hooks()
+        backend.hooks = hooks
+        job = await backend.submit("pete", spec(hold=True), idempotency_key=None)
+        name = names.job_object_name(job.id)
+        cluster.kubectl("delete", "secret", name, "-n", SHARED_NS)  # the start will fail
+        await backend.release(job.id)
+
+        async def revoked() -> bool:
+            return job.id in hooks.made and job.id in hooks.ended
+
+        await until(revoked, what="the token to be made and revoked")
+        assert await state_of(backend, job.id) == (JobState.PENDING, "JobSetupPending")
+        assert cluster.kubectl_json("get", "job", name, "-n", SHARED_NS)["spec"]["suspend"]
+        done = await backend.cancel(job.id, by="pete")
+        assert done.state is JobState.CANCELLED
 
 
 async def test_hold_release_and_cancel(cluster: K8sCluster, shared: Installed) -> None:

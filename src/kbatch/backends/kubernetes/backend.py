@@ -719,13 +719,15 @@ class KubernetesBackend(Backend):
             raise api_error(exc, "look up the job") from exc
         mine = meta["annotations"][names.ANNOTATION_SPEC_DIGEST]
         theirs = _annotations(found).get(names.ANNOTATION_SPEC_DIGEST)
-        if mine != theirs:
-            raise Conflict(
-                "a job was already submitted with this idempotency key and a different spec",
-                status=409,
-                code="idempotency_conflict",
-            )
         job_id = _job_id_of(found) or ""
+        if mine != theirs:
+            key = meta["annotations"].get(names.ANNOTATION_IDEMPOTENCY, "")
+            raise Conflict(
+                f"Idempotency-Key {key!r} was used for job {job_id} "
+                "with another spec; use a new key for a new job",
+                status=409,
+                code="idempotency_key_reused",
+            )
         if names.ANNOTATION_OBJECTS_READY not in _annotations(found):
             return await self._complete(found, manifests)  # an earlier attempt was cut short
         pods = list(self._pods_by_job.get(job_id, {}).values())
