@@ -23,12 +23,13 @@ from kbatch.backends.kubernetes.backend import KubernetesBackend
 from kbatch.errors import Conflict, NotFound, PermissionDenied, ServiceUnavailable
 from kbatch.models import Job, JobEvent, JobState
 from tests.k8s.conftest import SHARED_NS, Installed
+from tests.k8s.outcomes import outcome_args
 from tests.k8s.test_backend import final, spec, started, until
 from tests.support.k8s_cluster import K8sCluster
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.anyio]
 
-RUNNING = "kbatch-test-outcome=running"  # kwok keeps the pod Running until it is deleted
+RUNNING = outcome_args("running")[0]  # kwok keeps the pod Running until it is deleted
 
 
 @pytest.fixture
@@ -439,13 +440,9 @@ async def test_changes_are_published_and_lists_are_paged(shared: Installed) -> N
 async def test_outcome_by_argument(shared: Installed) -> None:
     async with started(shared, instance="outcomes") as backend:
         failed = await backend.submit(
-            "sam",
-            spec(args=["kbatch-test-outcome=fail", "kbatch-test-exit-code=3"]),
-            idempotency_key=None,
+            "sam", spec(args=outcome_args("fail", exit_code=3)), idempotency_key=None
         )
-        oom = await backend.submit(
-            "sam", spec(args=["kbatch-test-outcome=oom"]), idempotency_key=None
-        )
+        oom = await backend.submit("sam", spec(args=outcome_args("oom")), idempotency_key=None)
         later = await backend.submit(
             "sam", spec(args=["kbatch-test-duration=3s"]), idempotency_key=None
         )
