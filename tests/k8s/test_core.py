@@ -421,6 +421,7 @@ async def test_changes_are_published_and_lists_are_paged(shared: Installed) -> N
 
         await until(completed_seen, what="the COMPLETED event")
         reader.cancel()
+        await stream.aclose()
         states = [e.job.state for e in seen if e.job and e.job.id == job.id]
         assert states[0] is JobState.PENDING and states[-1] is JobState.COMPLETED
         assert all(e.job is None or e.job.user == "rosa" for e in seen)

@@ -793,7 +793,8 @@ class KubernetesBackend(Backend):
     async def _settled(self, job_id: str) -> Job:
         """Wait for the reconciler to act on the job's desired state; the job then."""
         try:
-            await self._queue.sync(job_id, timeout=self.config.cancel_timeout)
+            async with asyncio.timeout(self.config.cancel_timeout):
+                await self._queue.sync(job_id)
         except TimeoutError:
             log.warning("job %s: the reconciler did not finish in time", job_id)
         return await self.get(job_id)
