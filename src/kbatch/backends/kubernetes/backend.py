@@ -493,7 +493,10 @@ class KubernetesBackend(Backend):
             return
         claim = annotations.get(names.ANNOTATION_RELEASING, "")
         owner, _, when = claim.partition(" ")
-        claimed_at = parse_time(when) if when else None
+        try:
+            claimed_at = parse_time(when) if when else None
+        except ValueError:  # unreadable: as if there were no claim
+            claimed_at = None
         if claimed_at is not None and owner != self._replica:
             left = RELEASE_CLAIM_SECONDS - (datetime.now(UTC) - claimed_at).total_seconds()
             if left > 0:
@@ -656,6 +659,7 @@ class KubernetesBackend(Backend):
                 notebook=notebook,
                 template=self.config.job_template,
                 idempotency_key=idempotency_key,
+                submitted=datetime.now(UTC),
             ),
         )
         return await self._create(manifests, keyed=idempotency_key is not None)
@@ -823,7 +827,13 @@ class KubernetesBackend(Backend):
         if job.state is not JobState.PENDING or any(pod_started(p) for p in pods):
             raise not_pending(job, "held")
         await self._set_desired(job_id, {names.ANNOTATION_DESIRED: Desired.HOLD.value})
-        return await self._settled(job_id)
+        held = await self._settled(job_id)
+        pods = self._pods_by_job.get(job_id, {}).values()
+        if held.state is JobState.RUNNING or any(pod_started(p) for p in pods):
+            # it started before the hold took effect: too late, as if it had come later
+            await self._set_desired(job_id, {names.ANNOTATION_DESIRED: Desired.RUN.value})
+            raise not_pending(held, "held")
+        return held
 
     async def release(self, job_id: str) -> Job:
         obj = self._object(job_id)

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.resources import files
 from typing import Any
 
@@ -60,6 +61,7 @@ class JobContext:
     template: dict[str, Any] = field(default_factory=dict)  # admin's Job template, merged in
     extra_environment: dict[str, str] = field(default_factory=dict)  # from job hooks
     idempotency_key: str | None = None
+    submitted: datetime | None = None  # when it was submitted (creationTimestamp has seconds)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,8 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
         labels[names.LABEL_IDEMPOTENCY] = names.idempotency_label(ctx.user, ctx.idempotency_key)
     if error:
         annotations[names.ANNOTATION_ERROR] = error
+    if ctx.submitted is not None:
+        annotations[names.ANNOTATION_SUBMITTED] = ctx.submitted.isoformat()
     container: dict[str, Any] = {
         "name": "job",
         "image": image,

@@ -28,6 +28,7 @@ __all__ = [
     "ANNOTATION_SETUP_PENDING",
     "ANNOTATION_SPEC",
     "ANNOTATION_SPEC_DIGEST",
+    "ANNOTATION_SUBMITTED",
     "ANNOTATION_USER",
     "LABEL_IDEMPOTENCY",
     "LABEL_INSTANCE",
@@ -64,6 +65,7 @@ ANNOTATION_RELEASING = f"{PREFIX}/releasing"  # a replica's claim to start the j
 ANNOTATION_SETUP_PENDING = f"{PREFIX}/setup-pending"  # why a start waits (a hook's transient error)
 ANNOTATION_SETUP_FAILED = f"{PREFIX}/setup-failed"  # why a job could never start
 ANNOTATION_SETUP_FAILED_AT = f"{PREFIX}/setup-failed-at"  # and when
+ANNOTATION_SUBMITTED = f"{PREFIX}/submitted"  # to the microsecond: jobs list in submission order
 ANNOTATION_SPEC_DIGEST = f"{PREFIX}/spec-digest"  # the whole spec's digest, for idempotency
 ANNOTATION_FINALIZED = f"{PREFIX}/finalized"  # the end-of-job hook has run
 ANNOTATION_IDEMPOTENCY = f"{PREFIX}/idempotency-key"

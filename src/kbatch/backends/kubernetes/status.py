@@ -73,6 +73,14 @@ def parse_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def _parse_time_or_none(value: str | None) -> datetime | None:
+    """A time written in an annotation: None when absent or unreadable."""
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
+
+
 def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for condition in obj.get("status", {}).get("conditions") or []:
         if condition.get("type") == kind and condition.get("status") == "True":
@@ -208,7 +216,7 @@ def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
     started = _started(job, pods)
     finished: datetime | None = None
     if state.is_terminal and started is None:  # ended before it started: when it was ended
-        finished = parse_time(
+        finished = _parse_time_or_none(
             annotations.get(names.ANNOTATION_CANCELLED)
             or annotations.get(names.ANNOTATION_SETUP_FAILED_AT)
         )
@@ -225,7 +233,8 @@ def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
         state=state,
         reason=reason,
         exit_code=exit_code,
-        submitted=parse_time(meta.get("creationTimestamp"))
+        submitted=_parse_time_or_none(annotations.get(names.ANNOTATION_SUBMITTED))
+        or parse_time(meta.get("creationTimestamp"))
         or datetime.fromtimestamp(0).astimezone(),
         started=started,
         finished=finished,
