@@ -783,7 +783,8 @@ class KubernetesBackend(Backend):
             for job in self._models.values()
             if (user is None or job.user == user) and (states is None or job.state in states)
         ]
-        jobs.sort(key=_list_key)
+        # (time, id) sorts as the cursors do (ISO times of one offset), far faster
+        jobs.sort(key=lambda j: (j.submitted, j.id))
         return paginate(jobs, limit=limit, after=after, key=_list_key)
 
     async def _set_desired(self, job_id: str, annotations: dict[str, str]) -> None:
