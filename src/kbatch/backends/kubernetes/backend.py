@@ -435,9 +435,13 @@ class KubernetesBackend(Backend):
         elif desired is Desired.CANCEL or names.ANNOTATION_SETUP_FAILED in annotations:
             pass  # ending: the Job controller does the rest
         elif desired is Desired.HOLD:
-            suspended = bool(obj["spec"].get("suspend"))
-            if not suspended and not any(pod_started(p) for p in pods):
-                await self._patch_job(obj, {"spec": {"suspend": True}})
+            patch: dict[str, Any] = {}
+            if not obj["spec"].get("suspend") and not any(pod_started(p) for p in pods):
+                patch["spec"] = {"suspend": True}
+            if names.ANNOTATION_RELEASING in annotations:  # a start the hold cut short
+                patch["metadata"] = {"annotations": {names.ANNOTATION_RELEASING: None}}
+            if patch:
+                await self._patch_job(obj, patch)
         elif obj["spec"].get("suspend"):
             await self._release(obj, model)
         self._queue.forget(job_id)
