@@ -63,6 +63,7 @@ def available() -> str | None:
 
 def _job_manifest(job_id: str, user: str, *, suspend: bool) -> dict[str, Any]:
     """The Job the backend makes for ``kbatch submit --wrap true`` (its pure builder)."""
+    from kbatch.backends.kubernetes import names
     from kbatch.backends.kubernetes.manifests import JobContext, build_manifests
     from kbatch.models import JobSpec
 
@@ -72,6 +73,8 @@ def _job_manifest(job_id: str, user: str, *, suspend: bool) -> dict[str, Any]:
     )
     job = build_manifests(spec, ctx).job
     job["spec"]["suspend"] = suspend
+    if suspend:  # seeded for listing: held, so the backend's reconciler leaves them be
+        job["metadata"]["annotations"][names.ANNOTATION_DESIRED] = "hold"
     return job
 
 

@@ -95,17 +95,19 @@ async def test_submit_runs_a_job_with_owned_objects(cluster: K8sCluster, shared:
         name = names.job_object_name(job.id)
         k8s_job = cluster.kubectl_json("get", "job", name, "-n", SHARED_NS)
         assert k8s_job["metadata"]["labels"][names.LABEL_JOB_ID] == job.id
-        assert k8s_job["spec"]["suspend"] is False
+        assert k8s_job["metadata"]["labels"][names.LABEL_INSTANCE] == "kbatch"
         for kind in ("configmap", "secret"):
             owned = cluster.kubectl_json("get", kind, name, "-n", SHARED_NS)
             assert owned["metadata"]["ownerReferences"][0]["uid"] == k8s_job["metadata"]["uid"]
         done = await final(backend, job.id)
         assert (done.state, done.exit_code) == (JobState.COMPLETED, 0)
         assert done.started is not None and done.finished is not None
-        listed = await backend.list(user="alice", states={JobState.COMPLETED})
+        released = cluster.kubectl_json("get", "job", name, "-n", SHARED_NS)
+        assert released["spec"]["suspend"] is False  # the reconciler started it
+        listed = (await backend.list(user="alice", states={JobState.COMPLETED})).jobs
         assert job.id in [j.id for j in listed]
         assert all(j.user == "alice" for j in listed)
-        assert job.id not in [j.id for j in await backend.list(user="bob")]
+        assert job.id not in [j.id for j in (await backend.list(user="bob")).jobs]
 
 
 async def test_out_of_memory(shared: Installed) -> None:
@@ -139,12 +141,12 @@ async def test_cancel_keeps_the_job_visible(cluster: K8sCluster, shared: Install
     async with started(shared, job_template=outcome("running")) as backend:
         job = await backend.submit("alice", spec(), idempotency_key=None)
         await until(lambda: _state_is(backend, job.id, JobState.RUNNING), what="running")
-        await backend.cancel(job.id)
+        await backend.cancel(job.id, by="alice")
         done = await final(backend, job.id)
         assert (done.state, done.reason) == (JobState.CANCELLED, "CancelledByUser")
         assert cluster.kubectl_json("get", "job", names.job_object_name(job.id), "-n", SHARED_NS)
         assert job.id in [
-            j.id for j in await backend.list(user="alice", states={JobState.CANCELLED})
+            j.id for j in (await backend.list(user="alice", states={JobState.CANCELLED})).jobs
         ]
 
 
@@ -157,7 +159,7 @@ async def test_unschedulable_job_is_pending_with_the_reason(shared: Installed) -
             return current.state is JobState.PENDING and current.reason == "Unschedulable"
 
         await until(unschedulable, what="Unschedulable")
-        await backend.cancel(job.id)
+        await backend.cancel(job.id, by="alice")
         assert (await final(backend, job.id)).state is JobState.CANCELLED
 
 
@@ -179,7 +181,7 @@ async def test_state_survives_a_restart(shared: Installed) -> None:
     async with started(shared) as fresh:  # no database: the objects are the record
         again = await fresh.get(job.id)
         assert (again.name, again.user, again.state) == ("keep", "carol", JobState.COMPLETED)
-        assert job.id in [j.id for j in await fresh.list(user="carol")]
+        assert job.id in [j.id for j in (await fresh.list(user="carol")).jobs]
 
 
 async def test_idempotent_submission(cluster: K8sCluster, shared: Installed) -> None:
@@ -201,7 +203,7 @@ async def test_per_user_namespaces(cluster: K8sCluster, per_user: Installed) -> 
             assert got["metadata"]["annotations"][names.ANNOTATION_USER] in users
         for job in jobs:
             assert (await final(backend, job.id, limit=90)).state is JobState.COMPLETED
-        assert [j.user for j in await backend.list(user=users[0])] == [users[0]]
+        assert [j.user for j in (await backend.list(user=users[0])).jobs] == [users[0]]
 
 
 async def test_failed_submission_leaves_nothing(cluster: K8sCluster, shared: Installed) -> None:
@@ -263,12 +265,12 @@ async def test_kubernetes_rejection_is_a_clear_422(cluster: K8sCluster, shared: 
 
 async def test_bad_input_refused_before_anything_is_created(shared: Installed) -> None:
     async with started(shared) as backend:
-        before = len(await backend.list(user=None))
+        before = len((await backend.list(user=None)).jobs)
         with pytest.raises(SpecError, match="interpreter line"):
             await backend.submit("alice", spec(script="echo no shebang\n"), idempotency_key=None)
         with pytest.raises(SpecError, match="%q is not known"):
             await backend.submit("alice", spec(output="%q.out"), idempotency_key=None)
-        assert len(await backend.list(user=None)) == before
+        assert len((await backend.list(user=None)).jobs) == before
         with pytest.raises(NotFound):
             await backend.get("nosuchjob")
 
@@ -358,13 +360,13 @@ async def test_hooks_run_around_the_job(cluster: K8sCluster, shared: Installed) 
         hooks = RecordingHooks()
         backend.hooks = hooks
         job = await backend.submit("alice", spec(), idempotency_key=None)
+        await final(backend, job.id)
         secret = cluster.kubectl_json(
             "get", "secret", names.job_object_name(job.id), "-n", SHARED_NS
         )
         import base64
 
         assert base64.b64decode(secret["data"]["JOB_SECRET"]).decode() == f"for-{job.id}"
-        await final(backend, job.id)
         await until(lambda: _contains(hooks.ended, job.id), what="the end hook")
 
 
@@ -426,7 +428,7 @@ async def test_pod_lost_to_disruption_is_retried_not_failed(
             1,
         )  # counted as failed pod, not as job failure
         assert not any(c["type"] == "Failed" for c in k8s_job["status"].get("conditions") or [])
-        await backend.cancel(job.id)
+        await backend.cancel(job.id, by="alice")
         assert (await final(backend, job.id)).state is JobState.CANCELLED
 
 

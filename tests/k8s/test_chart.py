@@ -76,6 +76,7 @@ def test_rendered_config_is_what_the_server_reads(
 
     k8s = KubernetesConfig.from_dict(config.extra["kubernetes"])
     assert k8s.namespace_mode == ("per-user" if mode == "per-user" else "shared")
+    assert k8s.instance == "cfg"  # the release name: two releases never share jobs
     if mode == "policy":
         assert (config.policy.max_cpus, config.policy.max_memory) == (4, 16 * 1024**3)
         assert config.policy.max_time == 86400 and config.policy.allowed_images == (

@@ -19,10 +19,12 @@ from kbatch.backends.kubernetes.manifests import (
     check_pod_security,
     merge,
     owner_reference,
+    spec_digest,
 )
 from kbatch.backends.kubernetes.notebook import notebook_defaults
-from kbatch.backends.kubernetes.status import job_from_objects
+from kbatch.backends.kubernetes.status import job_from_objects, parse_time
 from kbatch.errors import SpecError
+from kbatch.lifecycle import check_transition
 from kbatch.models import JobSpec, JobState
 from tests.support.polling import wait_for
 
@@ -498,9 +500,99 @@ def test_api_errors_become_clear_statuses() -> None:
 
 
 def test_a_replacement_pod_speaks_for_the_job() -> None:
+    """A pod that ran and was lost (node loss) is replaced: PENDING, and saying why."""
     lost = pod("Failed", terminated={"exitCode": 137})
     lost["status"]["reason"] = "NodeLost"
     replacement = pod("Pending", waiting="ContainerCreating")
     for pods in ([lost, replacement], [replacement, lost]):
         model = job_from_objects(k8s_job(), pods)
-        assert (model.state, model.reason) == (JobState.PENDING, "ContainerCreating")
+        assert (model.state, model.reason) == (JobState.PENDING, "PodReplaced")
+
+
+def disrupted(p: dict[str, Any]) -> dict[str, Any]:
+    p["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
+    return p
+
+
+@pytest.mark.parametrize(
+    "ended",
+    [
+        pod("Succeeded", terminated={"exitCode": 0, "reason": "Completed"}),
+        pod("Failed", terminated={"exitCode": 3, "reason": "Error"}),
+        pod("Failed", terminated={"exitCode": 137, "reason": "OOMKilled"}),
+    ],
+)
+def test_an_ended_pod_before_the_jobs_condition_is_still_running(ended: dict[str, Any]) -> None:
+    """Issue 11, item 1: between a pod's end and the Job controller's condition (about a
+    second) the job was shown PENDING, so states went PENDING, RUNNING, PENDING, COMPLETED."""
+    running = job_from_objects(k8s_job(), [pod("Running")])
+    after = job_from_objects(k8s_job(), [ended])
+    assert (running.state, after.state) == (JobState.RUNNING, JobState.RUNNING)
+    assert after.reason is None and after.started is not None
+
+
+def test_only_a_replaced_pod_steps_back_to_pending() -> None:
+    lost = disrupted(pod("Failed", terminated={"exitCode": 137}))
+    model = job_from_objects(k8s_job(), [lost])
+    assert (model.state, model.reason) == (JobState.PENDING, "PodReplaced")
+    check_transition(JobState.RUNNING, model.state, model.reason)  # a step the lifecycle allows
+
+
+def test_desired_states_on_the_job() -> None:
+    held = k8s_job(annotations={names.ANNOTATION_DESIRED: "hold"})
+    assert job_from_objects(held, []).reason == "JobHeldUser"
+    waiting = k8s_job(annotations={names.ANNOTATION_SETUP_PENDING: "hub down"})
+    assert (job_from_objects(waiting, []).state, job_from_objects(waiting, []).reason) == (
+        JobState.PENDING,
+        "JobSetupPending",
+    )
+    cancelled = k8s_job(
+        annotations={
+            names.ANNOTATION_DESIRED: "cancel",
+            names.ANNOTATION_CANCELLED: T1,
+            names.ANNOTATION_CANCELLED_BY: "admin",
+        }
+    )
+    model = job_from_objects(cancelled, [])  # suspended, never started: ended at once
+    assert (model.state, model.cancelled_by, model.finished) == (
+        JobState.CANCELLED,
+        "admin",
+        parse_time(T1),
+    )
+    failed = k8s_job(
+        annotations={
+            names.ANNOTATION_SETUP_FAILED: "no token",
+            names.ANNOTATION_SETUP_FAILED_AT: T1,
+        }
+    )
+    model = job_from_objects(failed, [])
+    assert (model.state, model.reason) == (JobState.FAILED, "JobSetupFailed: no token")
+    assert model.finished is not None
+
+
+def test_instance_label_everywhere() -> None:
+    m = build_manifests(JobSpec(script=SCRIPT, hold=True), ctx(instance="blue"))
+    for obj in (m.job, m.config_map, m.secret, m.job["spec"]["template"]):
+        assert obj["metadata"]["labels"][names.LABEL_INSTANCE] == "blue"
+        assert obj["metadata"]["labels"][names.LABEL_MANAGED] == "kbatch"
+    assert m.job["metadata"]["annotations"][names.ANNOTATION_DESIRED] == "hold"
+    assert m.job["spec"]["suspend"] is True
+
+
+def test_keyed_job_ids_are_deterministic_and_scoped() -> None:
+    a = names.keyed_job_id("kbatch", "alice", "k1")
+    assert a == names.keyed_job_id("kbatch", "alice", "k1")
+    others = {
+        names.keyed_job_id("kbatch", "bob", "k1"),
+        names.keyed_job_id("other", "alice", "k1"),
+        names.keyed_job_id("kbatch", "alice", "k2"),
+        names.keyed_job_id("kbatch", "alice\0k", "1"),
+    }
+    assert a not in others and len(others) == 4
+    assert names.is_dns_label(a, 20) and a[0].isalpha()
+
+
+def test_spec_digest_tells_specs_apart() -> None:
+    one = JobSpec(script=SCRIPT, environment={"A": "1"})
+    assert spec_digest(one) == spec_digest(JobSpec(script=SCRIPT, environment={"A": "1"}))
+    assert spec_digest(one) != spec_digest(JobSpec(script=SCRIPT, environment={"A": "2"}))

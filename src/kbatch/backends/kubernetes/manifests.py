@@ -2,21 +2,27 @@
 
 A job is three objects: the Job, a ConfigMap holding the script and the
 entrypoint, and a Secret holding the environment.  The Job is the record:
-labels say whose job it is, annotations hold its name, the spec the user
-sent (without script and environment) and any cancellation.  The ConfigMap
-and the Secret are owned by the Job, so deleting the Job cleans them up.
+labels say whose job it is and which kbatch deployment (instance) made it,
+annotations hold its name, the spec the user sent (without script and
+environment), the desired state (run, hold, cancel) and any cancellation.
+The ConfigMap and the Secret are owned by the Job, so deleting the Job cleans
+them up.  The Job is always created suspended: the reconciler starts it (and
+only then makes the job's token) when its desired state is ``run``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.resources import files
 from typing import Any
 
 import msgspec
 
+from kbatch.backends.derive import job_environment, job_name, output_paths
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.notebook import NotebookDefaults
 from kbatch.errors import SpecError
@@ -30,6 +36,7 @@ __all__ = [
     "check_pod_security",
     "merge",
     "owner_reference",
+    "spec_digest",
 ]
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -46,13 +53,15 @@ class JobContext:
     user: str
     namespace: str
     default_image: str
-    output: str | None = None  # resolved output file path in the job's file system
-    error: str | None = None
+    instance: str = "kbatch"  # the deployment's instance label (its Helm release)
+    output: str | None = None  # output file path in the job's file system; None: derived
+    error: str | None = None  # None: derived (and None when the spec has no error pattern)
     ttl_seconds: int | None = None
     notebook: NotebookDefaults | None = None
     template: dict[str, Any] = field(default_factory=dict)  # admin's Job template, merged in
     extra_environment: dict[str, str] = field(default_factory=dict)  # from job hooks
     idempotency_key: str | None = None
+    submitted: datetime | None = None  # when it was submitted (creationTimestamp has seconds)
 
 
 @dataclass(frozen=True)
@@ -93,34 +102,24 @@ def _resources(spec: JobSpec) -> dict[str, Any]:
     return {"requests": quantities, "limits": limits}
 
 
-def _environment(spec: JobSpec, ctx: JobContext, name: str) -> dict[str, str]:
+def secret_environment(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without what a Secret cannot hold: keys are stricter than shell
+    names, and exported shell functions (BASH_FUNC_x%%) are not wanted in a job."""
+    return {k: v for k, v in env.items() if _SECRET_KEY.match(k)}
+
+
+def _environment(
+    spec: JobSpec, ctx: JobContext, name: str, output: str, error: str | None
+) -> dict[str, str]:
     env: dict[str, str] = dict(ctx.notebook.environment) if ctx.notebook else {}
     env.update(spec.environment)
-    env.update(
-        {
-            "KBATCH_JOB_ID": ctx.job_id,
-            "KBATCH_JOB_NAME": name,
-            "SLURM_JOB_ID": ctx.job_id,
-            "SLURM_JOBID": ctx.job_id,
-            "SLURM_JOB_NAME": name,
-            "SLURM_CPUS_PER_TASK": str(spec.cpus),
-            "SLURM_NTASKS": "1",
-            "SLURM_JOB_NUM_NODES": "1",
-            "KBATCH_OPEN_MODE": spec.open_mode,
-        }
-    )
-    if spec.workdir:
-        env["KBATCH_SUBMIT_DIR"] = env["SLURM_SUBMIT_DIR"] = spec.workdir
-    if spec.memory:
-        env["SLURM_MEM_PER_NODE"] = str(spec.memory // (1024 * 1024))
-    if ctx.output:
-        env["KBATCH_OUTPUT"] = ctx.output
-    if ctx.error:
-        env["KBATCH_ERROR"] = ctx.error
+    env.update(job_environment(spec, job_id=ctx.job_id, name=name))
+    env["KBATCH_OPEN_MODE"] = spec.open_mode
+    env["KBATCH_OUTPUT"] = output
+    if error:
+        env["KBATCH_ERROR"] = error
     env.update(ctx.extra_environment)
-    # Secret keys are stricter than shell names; exported shell functions
-    # (BASH_FUNC_x%%) cannot be carried and are not wanted in a job.
-    return {k: v for k, v in env.items() if _SECRET_KEY.match(k)}
+    return secret_environment(env)
 
 
 def _public_spec(spec: JobSpec) -> str:
@@ -128,28 +127,40 @@ def _public_spec(spec: JobSpec) -> str:
     return msgspec.json.encode(msgspec.structs.replace(spec, script="-", environment={})).decode()
 
 
+def spec_digest(spec: JobSpec) -> str:
+    """A digest of the whole spec (script and environment included): what makes two
+    submissions with one idempotency key the same submission."""
+    return hashlib.sha256(msgspec.msgpack.encode(spec)).hexdigest()[:32]
+
+
 def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
     name = names.job_object_name(ctx.job_id)
-    job_name = spec.name or "job"
+    display_name = job_name(spec)
     notebook = ctx.notebook or NotebookDefaults()
     image = spec.image or notebook.image or ctx.default_image
+    paths = output_paths(spec, job_id=ctx.job_id, user=ctx.user)
+    output = ctx.output or paths.output
+    error = ctx.error or paths.error
     labels = {
-        names.LABEL_MANAGED: names.MANAGED_BY,
+        **names.selector(ctx.instance),
         names.LABEL_JOB_ID: ctx.job_id,
         names.LABEL_USER: names.safe_slug(ctx.user, max_length=63),
     }
     annotations = {
         names.ANNOTATION_USER: ctx.user,
-        names.ANNOTATION_NAME: job_name,
+        names.ANNOTATION_NAME: display_name,
         names.ANNOTATION_SPEC: _public_spec(spec),
+        names.ANNOTATION_SPEC_DIGEST: spec_digest(spec),
+        names.ANNOTATION_DESIRED: "hold" if spec.hold else "run",
+        names.ANNOTATION_OUTPUT: output,
     }
     if ctx.idempotency_key:
         annotations[names.ANNOTATION_IDEMPOTENCY] = ctx.idempotency_key
         labels[names.LABEL_IDEMPOTENCY] = names.idempotency_label(ctx.user, ctx.idempotency_key)
-    if ctx.output:
-        annotations[names.ANNOTATION_OUTPUT] = ctx.output
-    if ctx.error:
-        annotations[names.ANNOTATION_ERROR] = ctx.error
+    if error:
+        annotations[names.ANNOTATION_ERROR] = error
+    if ctx.submitted is not None:
+        annotations[names.ANNOTATION_SUBMITTED] = ctx.submitted.isoformat()
     container: dict[str, Any] = {
         "name": "job",
         "image": image,
@@ -181,7 +192,7 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
         pod_spec["securityContext"] = notebook.security_context
     check_pod_security(pod_spec)
     job_spec: dict[str, Any] = {
-        "suspend": True,  # the ConfigMap and Secret are made before it runs
+        "suspend": True,  # the reconciler starts it (see the module's docstring)
         "backoffLimit": 0,
         "podFailurePolicy": {
             "rules": [
@@ -220,7 +231,7 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
         "kind": "Secret",
         "metadata": copy.deepcopy(meta),
         "type": "Opaque",
-        "stringData": _environment(spec, ctx, job_name),
+        "stringData": _environment(spec, ctx, display_name, output, error),
     }
     return Manifests(job=job, config_map=config_map, secret=secret)
 

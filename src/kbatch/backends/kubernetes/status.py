@@ -6,9 +6,16 @@ Kubernetes                                   kbatch
 condition Complete                           COMPLETED, exit code 0
 condition Failed, reason DeadlineExceeded    TIMEOUT (CANCELLED if we set it)
 condition Failed, container OOMKilled        OUT_OF_MEMORY
+condition Failed, setup-failed annotation    FAILED, JobSetupFailed: <why>
 condition Failed, otherwise                  FAILED, the container's exit code
-cancelled annotation, not yet finished       RUNNING/PENDING, reason Cancelling
-a pod running                                RUNNING
+desired cancel (or setup failed) and no pod  CANCELLED (FAILED) at once: the
+can ever start (suspended / never-schedule)  Job is never started
+desired cancel, a pod may still run          RUNNING/PENDING, reason Cancelling
+a pod running, or one that ended before the  RUNNING (never back to PENDING)
+Job controller wrote its condition
+a pod that ran, replaced by a new one        PENDING, reason PodReplaced
+suspended, desired hold                      PENDING, reason JobHeldUser
+suspended, a start hook failed transiently   PENDING, reason JobSetupPending
 pods pending / none yet / suspended          PENDING, with the scheduler's or
                                              kubelet's reason (Unschedulable,
                                              ImagePullBackOff...)
@@ -23,15 +30,55 @@ from typing import Any
 import msgspec
 
 from kbatch.backends.kubernetes import names
+from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
-__all__ = ["job_from_objects", "parse_time"]
+__all__ = ["can_never_start", "desired_of", "job_from_objects", "parse_time", "pod_started"]
+
+
+def desired_of(job: dict[str, Any]) -> Desired:
+    """The desired state recorded on a Job (``run`` when absent or unreadable)."""
+    value = (job.get("metadata", {}).get("annotations") or {}).get(names.ANNOTATION_DESIRED)
+    try:
+        return Desired(value) if value else Desired.RUN
+    except ValueError:
+        return Desired.RUN
+
+
+def pod_started(pod: dict[str, Any]) -> bool:
+    """Whether the pod's container has started (is running or has run)."""
+    status = pod.get("status", {})
+    if status.get("phase") in ("Running", "Succeeded"):
+        return True
+    for container in status.get("containerStatuses") or []:
+        state = container.get("state") or {}
+        if state.get("running") or state.get("terminated"):
+            return True
+    return False
+
+
+def can_never_start(job: dict[str, Any]) -> bool:
+    """The Job is suspended, or its pods can be scheduled nowhere (how a job that
+    never started is ended without starting it)."""
+    spec = job.get("spec") or {}
+    if spec.get("suspend"):
+        return True
+    pod_spec = (spec.get("template") or {}).get("spec") or {}
+    return names.NEVER_SCHEDULE[0] in (pod_spec.get("nodeSelector") or {})
 
 
 def parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _parse_time_or_none(value: str | None) -> datetime | None:
+    """A time written in an annotation: None when absent or unreadable."""
+    try:
+        return parse_time(value)
+    except ValueError:
+        return None
 
 
 def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -81,14 +128,25 @@ def _pending_reason(pod: dict[str, Any] | None) -> str:
 def _state(
     job: dict[str, Any], pods: list[dict[str, Any]]
 ) -> tuple[JobState, str | None, int | None]:
-    cancelled = names.ANNOTATION_CANCELLED in (job.get("metadata", {}).get("annotations") or {})
+    annotations = job.get("metadata", {}).get("annotations") or {}
+    desired = desired_of(job)
+    cancelled = desired is Desired.CANCEL or names.ANNOTATION_CANCELLED in annotations
+    setup_failed = annotations.get(names.ANNOTATION_SETUP_FAILED)
     pod = _newest(pods)
     if _condition(job, "Complete") or _condition(job, "SuccessCriteriaMet"):
         return JobState.COMPLETED, None, 0
+    ran = any(pod_started(p) for p in pods)
+    if (cancelled or setup_failed) and not ran and can_never_start(job):
+        # ended without ever starting: nothing can run any more, so this is final
+        if setup_failed:
+            return JobState.FAILED, f"JobSetupFailed: {setup_failed}", None
+        return JobState.CANCELLED, "CancelledByUser", None
     failed = _condition(job, "Failed") or _condition(job, "FailureTarget")
     if failed:
         terminated = _terminated(pod)
         exit_code = terminated.get("exitCode") if terminated else None
+        if setup_failed and not ran:
+            return JobState.FAILED, f"JobSetupFailed: {setup_failed}", None
         if cancelled:
             return JobState.CANCELLED, "CancelledByUser", exit_code
         if failed.get("reason") == "DeadlineExceeded":
@@ -110,9 +168,28 @@ def _state(
     active = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
     if active:
         return JobState.RUNNING, "Cancelling" if cancelled else None, None
+    if pod is not None and pod_started(pod) and not _disrupted(pod):
+        # The pod has ended and the Job controller has not yet written the Job's
+        # condition (about a second): still RUNNING, never back to PENDING.
+        return JobState.RUNNING, "Cancelling" if cancelled else None, None
+    if ran:  # a pod ran and was lost (node loss, preemption); its replacement waits
+        return JobState.PENDING, "PodReplaced", None
     if cancelled:
         return JobState.PENDING, "Cancelling", None
+    if (job.get("spec") or {}).get("suspend"):
+        if desired is Desired.HOLD:
+            return JobState.PENDING, "JobHeldUser", None
+        if annotations.get(names.ANNOTATION_SETUP_PENDING):
+            return JobState.PENDING, "JobSetupPending", None
     return JobState.PENDING, _pending_reason(pod), None
+
+
+def _disrupted(pod: dict[str, Any]) -> bool:
+    """The pod was ended from outside (node loss, preemption): the Job replaces it."""
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return True
+    return False
 
 
 def _started(job: dict[str, Any], pods: list[dict[str, Any]]) -> datetime | None:
@@ -138,7 +215,12 @@ def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
     state, reason, exit_code = _state(job, pods)
     started = _started(job, pods)
     finished: datetime | None = None
-    if state.is_terminal:
+    if state.is_terminal and started is None:  # ended before it started: when it was ended
+        finished = _parse_time_or_none(
+            annotations.get(names.ANNOTATION_CANCELLED)
+            or annotations.get(names.ANNOTATION_SETUP_FAILED_AT)
+        )
+    if state.is_terminal and finished is None:
         finished = parse_time(job.get("status", {}).get("completionTime"))
         for kind in ("Failed", "Complete", "FailureTarget", "SuccessCriteriaMet"):
             condition = _condition(job, kind)
@@ -151,7 +233,8 @@ def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
         state=state,
         reason=reason,
         exit_code=exit_code,
-        submitted=parse_time(meta.get("creationTimestamp"))
+        submitted=_parse_time_or_none(annotations.get(names.ANNOTATION_SUBMITTED))
+        or parse_time(meta.get("creationTimestamp"))
         or datetime.fromtimestamp(0).astimezone(),
         started=started,
         finished=finished,
@@ -164,4 +247,7 @@ def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
         time_limit=spec.time_limit,
         comment=spec.comment,
         backend="kubernetes",
+        cancelled_by=annotations.get(names.ANNOTATION_CANCELLED_BY)
+        if state is JobState.CANCELLED
+        else None,
     )
