@@ -7,6 +7,7 @@ caller (and the CLI's single error handler) can catch one type::
     ├── ConfigError          no server configured, unreadable config or token file
     ├── SpecError            bad input found before anything is sent or created
     ├── TransportError       the server could not be reached
+    ├── WaitTimeout          Client.wait gave up (also a TimeoutError)
     └── ApiError             the server answered with an error (carries status, code)
         ├── AuthenticationError   401: missing, unknown or expired token
         ├── PermissionDenied      403: valid token, not allowed
@@ -30,6 +31,7 @@ __all__ = [
     "ServiceUnavailable",
     "SpecError",
     "TransportError",
+    "WaitTimeout",
     "api_error_for_status",
 ]
 
@@ -59,6 +61,10 @@ class SpecError(KbatchError):
 
 class TransportError(KbatchError):
     """The server could not be reached or the connection broke."""
+
+
+class WaitTimeout(KbatchError, TimeoutError):
+    """A wait for a job to end ran out of time; the job goes on."""
 
 
 class ApiError(KbatchError):

@@ -212,6 +212,7 @@ def build_spec(
         environment=environment,
         comment=text("comment"),
         image=text("image"),
+        hold=options.get("hold") is not None,
     )
     return Submission(spec=spec, warnings=warnings)
 

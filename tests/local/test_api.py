@@ -48,7 +48,10 @@ ROUTES = [
     ("POST", "/api/v1/jobs"),
     ("GET", "/api/v1/jobs/1"),
     ("POST", "/api/v1/jobs/1/cancel"),
+    ("POST", "/api/v1/jobs/1/hold"),
+    ("POST", "/api/v1/jobs/1/release"),
     ("GET", "/api/v1/jobs/1/logs"),
+    ("GET", "/api/v1/events"),
 ]
 
 
@@ -68,7 +71,8 @@ def test_no_unauthenticated_route_touches_jobs(server: KbatchServer, workdir: Pa
 
 def test_public_routes_hold_no_job_data(server: KbatchServer) -> None:
     status, body = request(server, "GET", "/api/v1/health")
-    assert status == 200 and set(json.loads(body)) == {"status", "version", "backend"}
+    assert status == 200
+    assert set(json.loads(body)) == {"status", "version", "backend", "detail", "stale_seconds"}
     status, body = request(server, "GET", "/api/v1/openapi.json")
     document = json.loads(body)
     assert status == 200 and document["openapi"].startswith("3.")

@@ -40,6 +40,7 @@ class KbatchServer:
     module: str = "kbatch.cli.main"
     user: str | None = None
     log_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # for the server process only
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KBATCH_", "JUPYTERHUB_"))}
@@ -65,7 +66,7 @@ class KbatchServer:
                     *(["--log-level", self.log_level] if self.log_level else []),
                     *self.args,
                 ],
-                env=self.env(),
+                env=self.env(**self.extra_env),
                 stdout=log,
                 stderr=log,
                 start_new_session=True,

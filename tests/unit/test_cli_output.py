@@ -23,3 +23,21 @@ def test_a_queue_with_users(capsys: pytest.CaptureFixture[str]) -> None:
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == ["JOBID", "USER", "NAME", "STATE", "TIME", "REASON"]
     assert row.split()[:4] == ["7", "alice", "train.sh", "PENDING"]
+
+
+def test_show_says_who_cancelled(capsys: pytest.CaptureFixture[str]) -> None:
+    from kbatch.cli.output import print_job
+
+    job = Job(id="7", user="u", name="n", state=JobState.PENDING, submitted=datetime.now(UTC))
+    print_job(job)
+    assert "CancelledBy" not in capsys.readouterr().out
+    cancelled = Job(
+        id="7",
+        user="u",
+        name="n",
+        state=JobState.CANCELLED,
+        submitted=datetime.now(UTC),
+        cancelled_by="admin",
+    )
+    print_job(cancelled)
+    assert "CancelledBy: admin" in capsys.readouterr().out

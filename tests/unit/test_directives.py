@@ -193,3 +193,13 @@ def test_tasks_and_nodes() -> None:
     with pytest.raises(SpecError, match="whole number"):
         spec_of("#!/bin/sh\n#SBATCH --ntasks=many\necho\n")
     assert "one node" in spec_of("#!/bin/sh\n#SBATCH -N5\necho\n", ignore_unknown=True).warnings[0]
+
+
+def test_hold_is_honoured_from_the_command_line_and_directives() -> None:
+    plain = "#!/bin/sh\ntrue\n"
+    assert spec_of(plain).spec.hold is False
+    assert spec_of(plain, "--hold").spec.hold is True
+    assert spec_of(plain, "-H").spec.hold is True
+    assert spec_of("#!/bin/sh\n#SBATCH --hold\ntrue\n").spec.hold is True
+    assert spec_of("#!/bin/sh\n#SBATCH -H\n#SBATCH -J x\ntrue\n").spec.hold is True
+    assert spec_of("#!/bin/sh\n#KBATCH -H\ntrue\n").warnings == []

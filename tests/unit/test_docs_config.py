@@ -9,6 +9,7 @@ from traitlets.config import Config
 
 from kbatch.errors import ConfigError
 from kbatch.server.config import load_config
+from kbatch.server.main import build_backend
 from tests.support.jupyterhub import docs_block
 
 HUB_ENV = {
@@ -54,7 +55,8 @@ def test_the_documented_configs_load(tmp_path: Path) -> None:
     local = tmp_path / "local.toml"
     local.write_text(docs_block("kbatch.toml"))
     config = load_config(local, environ=env, auth="jupyterhub")
-    assert config.backend == "local" and config.local_config().jobs_share_server_account
+    assert config.backend == "local"
+    assert build_backend(config).config.jobs_share_server_account  # type: ignore[attr-defined]
     assert config.jupyterhub.job_token_scopes == ()
 
     kube = tmp_path / "kube.toml"

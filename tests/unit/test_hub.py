@@ -20,6 +20,7 @@ import pytest
 
 from kbatch.errors import AuthenticationError, PermissionDenied, ServiceUnavailable
 from kbatch.models import Identity, Job, JobState
+from kbatch.server.auth.base import Credentials
 from kbatch.server.auth.jupyterhub import JupyterHubAuthenticator, access_scope, decide
 from kbatch.server.hub import (
     HubClient,
@@ -159,18 +160,18 @@ def test_the_cache_is_keyed_by_a_hash_and_expires() -> None:
     auth = JupyterHubAuthenticator(
         hub, service_name="kbatch", cache_seconds=30, clock=lambda: now[0]
     )
-    assert run(auth.authenticate(SECRET)).name == "alice"
-    assert run(auth.authenticate(SECRET)).name == "alice"
+    assert run(auth.authenticate(Credentials.bearer(SECRET))).name == "alice"
+    assert run(auth.authenticate(Credentials.bearer(SECRET))).name == "alice"
     assert hub.calls == 1
     assert list(auth._cache) == [hashlib.sha256(SECRET.encode()).hexdigest()]
     assert SECRET not in repr(auth._cache)
     now[0] += 31
     del hub.users[SECRET]  # revoked at the hub: noticed once the cache has expired
     with pytest.raises(AuthenticationError):
-        run(auth.authenticate(SECRET))
+        run(auth.authenticate(Credentials.bearer(SECRET)))
     assert hub.calls == 2
     with pytest.raises(AuthenticationError):
-        run(auth.authenticate(SECRET))  # refusals are cached too
+        run(auth.authenticate(Credentials.bearer(SECRET)))  # refusals are cached too
     assert hub.calls == 2
 
 
@@ -181,9 +182,9 @@ def test_an_unreachable_hub_is_not_cached() -> None:
     auth = JupyterHubAuthenticator(hub, service_name="kbatch")
     for _ in range(2):
         with pytest.raises(ServiceUnavailable):
-            run(auth.authenticate(SECRET))
+            run(auth.authenticate(Credentials.bearer(SECRET)))
     hub.down = False
-    assert run(auth.authenticate(SECRET)).name == "alice"
+    assert run(auth.authenticate(Credentials.bearer(SECRET))).name == "alice"
     assert hub.calls == 3
 
 
@@ -191,7 +192,7 @@ def test_no_token_is_401() -> None:
     auth = JupyterHubAuthenticator(FakeHub(), service_name="kbatch")
     for token in (None, ""):
         with pytest.raises(AuthenticationError) as error:
-            run(auth.authenticate(token))
+            run(auth.authenticate(Credentials.bearer(token)))
         assert error.value.code == "no_token"
 
 
@@ -200,7 +201,7 @@ def test_implausible_tokens_are_401_without_asking_the_hub() -> None:
     auth = JupyterHubAuthenticator(hub, service_name="kbatch")
     for token in ("caf\u00e9", "a b", "x" * 2000, "tab\there"):
         with pytest.raises(AuthenticationError) as error:
-            run(auth.authenticate(token))
+            run(auth.authenticate(Credentials.bearer(token)))
         assert error.value.code == "invalid_token"
     assert hub.calls == 0
 
@@ -213,7 +214,7 @@ def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     auth = JupyterHubAuthenticator(hub, service_name="kbatch")
     for i in range(10):
         with pytest.raises(AuthenticationError):
-            run(auth.authenticate(f"t{i}"))
+            run(auth.authenticate(Credentials.bearer(f"t{i}")))
     assert len(auth._cache) == 3
 
 

@@ -14,6 +14,7 @@ from kbatch.client.config import (
 )
 from kbatch.errors import ConfigError
 from kbatch.server.config import JupyterHubConfig, load_config
+from kbatch.server.main import build_backend
 
 SERVICE_ENV = {
     "JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api",
@@ -130,7 +131,8 @@ def test_hub_users_on_the_local_backend_need_the_admins_consent(tmp_path: Path) 
 
     consent = _toml(tmp_path, 'auth = "jupyterhub"\n[local]\njobs_share_server_account = true\n')
     config = load_config(consent, environ=env)
-    assert config.local_config().jobs_share_server_account is True
+    assert config.backend_section("local")["jobs_share_server_account"] is True
+    assert build_backend(config).config.jobs_share_server_account is True  # type: ignore[attr-defined]
     # A single user's own server (token auth) needs no consent; nor does Kubernetes.
     assert load_config(None, environ=env).auth == "token"
     kube = load_config(

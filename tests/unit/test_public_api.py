@@ -19,6 +19,7 @@ def test_exports() -> None:
         "ServiceUnavailable",
         "SpecError",
         "TransportError",
+        "WaitTimeout",
         "api_error_for_status",
     ]
     assert sorted(kbatch.models.__all__) == [
@@ -47,6 +48,10 @@ def test_error_tree() -> None:
     )
 
     assert issubclass(NotFound, ApiError) and issubclass(ApiError, KbatchError)
+    from kbatch.errors import WaitTimeout
+
+    # One except clause catches everything kbatch raises; `except TimeoutError` still works.
+    assert issubclass(WaitTimeout, KbatchError) and issubclass(WaitTimeout, TimeoutError)
     assert api_error_for_status(403) is PermissionDenied
     assert api_error_for_status(418) is ApiError
 

@@ -26,6 +26,7 @@ your session, on Kubernetes or on this machine.
   kqueue                          your pending and running jobs (kbatch queue)
   kbatch logs -f ID               follow a job's output
   kbatch cancel ID                stop a job
+  kbatch hold ID / release ID     keep a pending job from starting / let it start
 """
 
 
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_ids", metavar="ID", nargs="+")
     cancel.set_defaults(handler=_lazy("kbatch.cli.jobs", "cancel"))
 
+    hold = commands.add_parser("hold", help="keep pending jobs from starting, like scontrol hold")
+    hold.add_argument("job_ids", metavar="ID", nargs="+")
+    hold.set_defaults(handler=_lazy("kbatch.cli.jobs", "hold"))
+
+    release = commands.add_parser("release", help="let held jobs start, like scontrol release")
+    release.add_argument("job_ids", metavar="ID", nargs="+")
+    release.set_defaults(handler=_lazy("kbatch.cli.jobs", "release"))
+
     configure = commands.add_parser("configure", help="point the client at a server")
     configure.add_argument(
         "--url", help="the server's URL, e.g. https://hub.example.org/services/kbatch"
@@ -122,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help="port (default: any free one, written to server.json)"
     )
     server.add_argument(
-        "--backend", choices=["local", "kubernetes"], help="where jobs run (default local)"
+        "--backend",
+        metavar="NAME",
+        help="where jobs run: local (default), kubernetes, or an import path mypkg.mod:Backend",
     )
     server.add_argument(
         "--auth",

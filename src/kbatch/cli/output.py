@@ -96,6 +96,8 @@ def print_job(job: Job) -> None:
         "Comment": job.comment or "",
         "Backend": job.backend,
     }
+    if job.cancelled_by:
+        fields["CancelledBy"] = job.cancelled_by
     width = max(len(k) for k in fields)
     for key, value in fields.items():
         print(f"{key.rjust(width)}: {shown(value)}")

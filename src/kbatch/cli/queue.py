@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from kbatch.cli.jobs import check_job_ids
 from kbatch.cli.output import print_job, print_json, print_table
 from kbatch.client import Client
 from kbatch.errors import SpecError
@@ -47,8 +48,9 @@ def queue(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
+    (job_id,) = check_job_ids([args.job_id])
     with Client.from_config() as client:
-        job = client.get(args.job_id)
+        job = client.get(job_id)
     if args.json:
         print_json(job)
     else:

@@ -32,9 +32,7 @@ def _help() -> str:
         f"--{flags.split('--')[1].split()[0]}" for flags, _ in help_lines([Support.IGNORED])
     )
     lines.append(f"accepted and ignored (they only mean something on a cluster): {ignored}")
-    lines.append(
-        "Arrays, dependencies and --hold are not supported yet; they are refused, not dropped."
-    )
+    lines.append("Arrays and dependencies are not supported yet; they are refused, not dropped.")
     return "\n".join(lines)
 
 

@@ -15,17 +15,21 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from kbatch.errors import ApiError, api_error_for_status
-from kbatch.models import API_PREFIX, ErrorBody, JobSpec, SubmitRequest
+from kbatch.models import API_PREFIX, ErrorBody, JobEvent, JobSpec, SubmitRequest
 
 __all__ = [
     "Request",
     "cancel_job",
     "error_from",
+    "events",
     "get_job",
+    "hold_job",
     "is_error_body",
     "job_logs",
     "list_jobs",
     "parse",
+    "parse_event",
+    "release_job",
     "submit_job",
     "whoami",
 ]
@@ -62,8 +66,14 @@ def get_job(job_id: str) -> Request:
 
 
 def list_jobs(
-    *, states: Sequence[str] = (), include_finished: bool = False, all_users: bool = False
+    *,
+    states: Sequence[str] = (),
+    include_finished: bool = False,
+    all_users: bool = False,
+    limit: int | None = None,
+    after: str | None = None,
 ) -> Request:
+    """A page of jobs: ``limit`` of them after the cursor ``after`` (a page's ``next``)."""
     query: dict[str, str] = {}
     if states:
         query["state"] = ",".join(states)
@@ -71,11 +81,33 @@ def list_jobs(
         query["all"] = "true"
     if all_users:
         query["all_users"] = "true"
+    if limit is not None:
+        query["limit"] = str(limit)
+    if after is not None:
+        query["after"] = after
     return Request("GET", _path("jobs", query=query))
 
 
+def _post(*parts: str) -> Request:
+    return Request("POST", _path(*parts), b"", {"Content-Length": "0"})
+
+
 def cancel_job(job_id: str) -> Request:
-    return Request("POST", _path("jobs", job_id, "cancel"), b"", {"Content-Length": "0"})
+    return _post("jobs", job_id, "cancel")
+
+
+def hold_job(job_id: str) -> Request:
+    return _post("jobs", job_id, "hold")
+
+
+def release_job(job_id: str) -> Request:
+    return _post("jobs", job_id, "release")
+
+
+def events(*, all_users: bool = False) -> Request:
+    """The stream of job changes, one JSON :class:`JobEvent` a line."""
+    query = {"all_users": "true"} if all_users else None
+    return Request("GET", _path("events", query=query), headers={"Accept": "application/x-ndjson"})
 
 
 def job_logs(job_id: str, *, follow: bool = False, stream: str = "output") -> Request:
@@ -107,6 +139,20 @@ def error_from(status: int, body: bytes) -> ApiError:
         text = body.decode(errors="replace").strip()[:200]
         return cls(f"server answered HTTP {status}" + (f": {text}" if text else ""), status=status)
     return cls(detail.message, status=status, code=detail.code, field=detail.field)
+
+
+def parse_event(line: bytes) -> JobEvent | None:
+    """One line of the event stream; None for a blank line."""
+    if not line.strip():
+        return None
+    try:
+        return msgspec.json.decode(line, type=JobEvent)
+    except msgspec.DecodeError as exc:
+        raise ApiError(
+            f"the server sent an event that could not be read ({exc})",
+            status=200,
+            code="bad_response",
+        ) from exc
 
 
 def parse(status: int, body: bytes, type: type[T]) -> T:

@@ -6,8 +6,10 @@ fraction of httpx's import time); TLS is imported only for ``https`` URLs.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
@@ -16,13 +18,20 @@ from urllib.parse import urlsplit
 
 from kbatch.client import requests as rq
 from kbatch.client.config import ClientConfig, discover_config
-from kbatch.errors import ConfigError, TransportError
-from kbatch.models import Identity, Job, JobList, JobSpec
+from kbatch.errors import ConfigError, TransportError, WaitTimeout
+from kbatch.lifecycle import parse_job_ref
+from kbatch.models import Identity, Job, JobEvent, JobList, JobSpec
 
 __all__ = ["Client"]
 
 T = TypeVar("T")
 RETRY_STATUSES = frozenset({502, 503, 504})
+PAGE_SIZE = 5000  # jobs per request when listing; list() follows the pages
+
+
+def _job_id(job_id: str) -> str:
+    """The id if it could be one (else NotFound, as the server would say, without asking)."""
+    return str(parse_job_ref(job_id))
 
 
 class Client:
@@ -68,9 +77,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the connection; also ends a stream (logs, events) read by another thread."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):  # wakes a reader blocked on the socket
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
 
     # -- the API -------------------------------------------------------------
 
@@ -81,25 +94,50 @@ class Client:
         return self._call(rq.submit_job(spec, idempotency_key=key, dry_run=dry_run), Job)
 
     def get(self, job_id: str) -> Job:
-        return self._call(rq.get_job(job_id), Job)
+        return self._call(rq.get_job(_job_id(job_id)), Job)
 
     def list(
-        self, *, states: Sequence[str] = (), include_finished: bool = False, all_users: bool = False
+        self,
+        *,
+        states: Sequence[str] = (),
+        include_finished: bool = False,
+        all_users: bool = False,
+        page_size: int = PAGE_SIZE,
     ) -> list[Job]:
-        request = rq.list_jobs(
-            states=states, include_finished=include_finished, all_users=all_users
-        )
-        return self._call(request, JobList).jobs
+        """Every matching job, oldest first, fetched ``page_size`` at a time."""
+        jobs: list[Job] = []
+        after: str | None = None
+        while True:
+            request = rq.list_jobs(
+                states=states,
+                include_finished=include_finished,
+                all_users=all_users,
+                limit=page_size,
+                after=after,
+            )
+            page = self._call(request, JobList)
+            jobs.extend(page.jobs)
+            if page.next is None or page.next == after or not page.jobs:
+                return jobs
+            after = page.next
 
     def cancel(self, job_id: str) -> Job:
-        return self._call(rq.cancel_job(job_id), Job)
+        return self._call(rq.cancel_job(_job_id(job_id)), Job)
+
+    def hold(self, job_id: str) -> Job:
+        """Keep a pending job from starting (Conflict if it has started)."""
+        return self._call(rq.hold_job(_job_id(job_id)), Job)
+
+    def release(self, job_id: str) -> Job:
+        """Let a held job start; a job not held is returned unchanged."""
+        return self._call(rq.release_job(_job_id(job_id)), Job)
 
     def whoami(self) -> Identity:
         return self._call(rq.whoami(), Identity)
 
     def logs(self, job_id: str, *, follow: bool = False, stream: str = "output") -> Iterator[bytes]:
         """The job's output as it arrives; with ``follow`` until the job ends."""
-        response, body = self._send(rq.job_logs(job_id, follow=follow, stream=stream))
+        response, body = self._send(rq.job_logs(_job_id(job_id), follow=follow, stream=stream))
         if response.status >= 400:
             raise rq.error_from(response.status, response.read() if body is None else body)
         try:
@@ -114,15 +152,42 @@ class Client:
             response.close()
             self.close()  # the streamed connection is not reused
 
+    def events(self, *, all_users: bool = False) -> Iterator[JobEvent]:
+        """Changes of your jobs (everyone's for an admin with ``all_users``) as they happen.
+
+        Endless: stop iterating, or :meth:`close` the client (from any thread), to end it.  The first
+        event, of type ``resync``, comes once the stream is live: list the jobs
+        then and no change is missed.  A later ``resync`` means some changes
+        were dropped: list the jobs again.
+        """
+        response, body = self._send(rq.events(all_users=all_users))
+        if response.status >= 400:
+            raise rq.error_from(response.status, response.read() if body is None else body)
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            conn.sock.settimeout(None)  # a quiet stream is not a dead server
+        try:
+            while line := response.readline():
+                event = rq.parse_event(line)
+                if event is not None:
+                    yield event
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransportError(
+                f"lost the connection to {self.url} while reading events: {exc}"
+            ) from exc
+        finally:
+            response.close()
+            self.close()  # the streamed connection is not reused
+
     def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None) -> Job:
-        """Poll until the job has ended; ``TimeoutError`` after ``timeout`` seconds."""
+        """Poll until the job has ended; :class:`~kbatch.errors.WaitTimeout` after ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get(job_id)
             if job.state.is_terminal:
                 return job
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
+                raise WaitTimeout(f"job {job_id} is still {job.state} after {timeout} s")
             time.sleep(poll)
 
     # -- transport -----------------------------------------------------------

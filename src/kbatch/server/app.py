@@ -2,7 +2,12 @@
 
 Every route but ``health`` and ``openapi.json`` needs a valid token; every job
 route checks that the caller owns the job (or is an admin) and answers 404
-otherwise, so job ids of other users are not even confirmed to exist.
+otherwise, so job ids of other users are not even confirmed to exist.  A job id
+no backend could have made (see :func:`kbatch.lifecycle.parse_job_ref`) is
+answered the same 404 before the backend sees it.
+
+The routes are declared once, in :data:`ROUTES`; the app and the OpenAPI
+document's test both read that table.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -32,6 +38,7 @@ from kbatch.errors import (
     PermissionDenied,
     SpecError,
 )
+from kbatch.lifecycle import parse_job_ref
 from kbatch.models import (
     ACTIVE_STATES,
     API_PREFIX,
@@ -39,21 +46,26 @@ from kbatch.models import (
     ErrorDetail,
     Identity,
     Job,
+    JobEvent,
     JobSpec,
     JobState,
     SubmitRequest,
 )
-from kbatch.server.auth.base import Authenticator, token_from_header
+from kbatch.server.auth.base import Authenticator, Credentials
 from kbatch.server.openapi import openapi_document
 from kbatch.server.policy import Policy, check
 
-__all__ = ["create_app"]
+__all__ = ["ROUTES", "create_app"]
 
 log = logging.getLogger("kbatch.server")
 access_log = logging.getLogger("kbatch.access")
 _encoder = msgspec.json.Encoder()
 MAX_BODY = 4 * 1024 * 1024
 IDEMPOTENCY_KEY_MAX = 200
+MAX_LIST_LIMIT = 10_000
+CURSOR_MAX = 1024
+NDJSON = "application/x-ndjson"
+_RESYNC = _encoder.encode(JobEvent(type="resync")) + b"\n"
 
 
 def json_response(value: object, status: int = 200) -> Response:
@@ -66,8 +78,70 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     )
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").lower() in ("1", "true", "yes", "on")
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _flag(request: Request, name: str) -> bool:
+    """A boolean query parameter: ``true``/``false``/``1``/``0``, absent is false; else 422."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return False
+    value = _BOOLEANS.get(raw.lower())
+    if value is None:
+        raise InvalidRequest(
+            f"{name} must be true or false, not {raw[:50]!r}", status=422, code="invalid_query"
+        )
+    return value
+
+
+def _limit(request: Request) -> int | None:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6 and 1 <= int(raw) <= MAX_LIST_LIMIT):
+        raise InvalidRequest(
+            f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, not {raw[:50]!r}",
+            status=422,
+            code="invalid_query",
+        )
+    return int(raw)
+
+
+def _cursor(request: Request) -> str | None:
+    raw = request.query_params.get("after")
+    if raw is not None and not (0 < len(raw) <= CURSOR_MAX and raw.isprintable()):
+        raise InvalidRequest(
+            "after must be the 'next' cursor of the previous page", status=422, code="invalid_query"
+        )
+    return raw
+
+
+def _no_job(job_id: str) -> NotFound:
+    """The one answer for a job the caller may not see, whatever the reason.
+
+    The id is shown as given when it could be one, quoted (``repr``) when it
+    could not, so that no odd character reaches a terminal or log unescaped.
+    """
+    try:
+        shown = str(parse_job_ref(job_id))
+    except NotFound:
+        shown = repr(job_id)
+    return NotFound(f"no job {shown}", status=404, code="not_found")
+
+
+class _JobIdConvertor(Convertor[str]):
+    """Like ``str`` but matches the empty id too, so ``/jobs//cancel`` is the usual 404."""
+
+    regex = "[^/]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("kbatch_job_id", _JobIdConvertor())
 
 
 class Api:
@@ -79,26 +153,41 @@ class Api:
         self.policy = policy
 
     async def identity(self, request: Request) -> Identity:
-        identity = await self.auth.authenticate(
-            token_from_header(request.headers.get("authorization"))
-        )
+        identity = await self.auth.authenticate(Credentials.from_request(request))
         request.state.user = identity.name
         return identity
 
     async def owned_job(self, request: Request, identity: Identity) -> Job:
-        job_id = request.path_params["job_id"]
+        job_id: str = request.path_params["job_id"]
         try:
-            job = await self.backend.get(job_id)
+            ref = parse_job_ref(job_id)
+            job = await self.backend.get(str(ref))
         except NotFound:
-            raise NotFound(f"no job {job_id}", status=404, code="not_found") from None
+            raise _no_job(job_id) from None
         if job.user != identity.name and not identity.admin:
-            raise NotFound(f"no job {job_id}", status=404, code="not_found")
+            raise _no_job(job_id)
         return job
+
+    def all_users(self, request: Request, identity: Identity) -> bool:
+        all_users = _flag(request, "all_users")
+        if all_users and not identity.admin:
+            raise PermissionDenied(
+                "only admins may see every user's jobs (--all-users)", status=403, code="not_admin"
+            )
+        return all_users
 
     # -- routes -----------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        return json_response({"status": "ok", "version": __version__, "backend": self.backend.name})
+        health = self.backend.health()
+        body = {
+            "status": "ok" if health.ok else "unavailable",
+            "version": __version__,
+            "backend": self.backend.name,
+            "detail": health.detail,
+            "stale_seconds": health.stale_seconds,
+        }
+        return json_response(body, 200 if health.ok else 503)
 
     async def openapi(self, request: Request) -> Response:
         return json_response(openapi_document())
@@ -108,11 +197,8 @@ class Api:
 
     async def list_jobs(self, request: Request) -> Response:
         identity = await self.identity(request)
-        all_users = _truthy(request.query_params.get("all_users"))
-        if all_users and not identity.admin:
-            raise PermissionDenied(
-                "only admins may list every user's jobs (--all-users)", status=403, code="not_admin"
-            )
+        all_users = self.all_users(request, identity)
+        limit, after = _limit(request), _cursor(request)
         states: set[JobState] | None = None
         if raw := request.query_params.get("state"):
             try:
@@ -123,9 +209,11 @@ class Api:
                     status=422,
                     code="invalid_state",
                 ) from exc
-        elif not _truthy(request.query_params.get("all")):
+        elif not _flag(request, "all"):
             states = set(ACTIVE_STATES)
-        page = await self.backend.list(user=None if all_users else identity.name, states=states)
+        page = await self.backend.list(
+            user=None if all_users else identity.name, states=states, limit=limit, after=after
+        )
         return json_response(page)
 
     async def submit(self, request: Request) -> Response:
@@ -140,7 +228,7 @@ class Api:
                 status=400,
                 code="bad_key",
             )
-        if _truthy(request.query_params.get("dry_run")):
+        if _flag(request, "dry_run"):
             await self.backend.validate(identity.name, spec)
             return json_response(_preview(identity.name, spec, self.backend.name))
         job = await self.backend.submit(identity.name, spec, idempotency_key=key)
@@ -159,16 +247,50 @@ class Api:
         log.info("user %s cancelled job %s", identity.name, job.id)
         return json_response(await self.backend.cancel(job.id, by=identity.name))
 
+    async def hold(self, request: Request) -> Response:
+        identity = await self.identity(request)
+        job = await self.owned_job(request, identity)
+        log.info("user %s held job %s", identity.name, job.id)
+        return json_response(await self.backend.hold(job.id))
+
+    async def release(self, request: Request) -> Response:
+        identity = await self.identity(request)
+        job = await self.owned_job(request, identity)
+        log.info("user %s released job %s", identity.name, job.id)
+        return json_response(await self.backend.release(job.id))
+
+    async def events(self, request: Request) -> Response:
+        """Changes of the caller's jobs (everyone's for an admin with all_users) as NDJSON."""
+        identity = await self.identity(request)
+        user = None if self.all_users(request, identity) else identity.name
+        return StreamingResponse(_ndjson(self.backend, user), media_type=NDJSON)
+
     async def logs(self, request: Request) -> Response:
         identity = await self.identity(request)
         job = await self.owned_job(request, identity)
         stream = request.query_params.get("stream", "output")
         if stream not in ("output", "error"):
             raise InvalidRequest("stream must be output or error", status=422, code="bad_stream")
-        chunks = self.backend.logs(
-            job.id, follow=_truthy(request.query_params.get("follow")), stream=stream
-        )
+        chunks = self.backend.logs(job.id, follow=_flag(request, "follow"), stream=stream)
         return StreamingResponse(chunks, media_type="application/octet-stream")
+
+
+async def _ndjson(backend: Backend, user: str | None) -> AsyncIterator[bytes]:
+    """Changes of ``user``'s jobs, one JSON event a line, after a first ``resync``.
+
+    The subscription is made before the first line is sent, so that line tells a
+    client that it may list the jobs now without missing a change.  It is made
+    here, not in the handler, so that a client gone before the body starts
+    leaves no subscription behind; when the client leaves later, Starlette
+    cancels the response and ``finally`` unsubscribes.
+    """
+    events = backend.watch(user)
+    try:
+        yield _RESYNC
+        async for event in events:
+            yield _encoder.encode(event) + b"\n"
+    finally:
+        await events.aclose()
 
 
 def _preview(user: str, spec: JobSpec, backend: str) -> Job:
@@ -206,7 +328,9 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, msgspec.DecodeError):
         return error_response(400, "malformed_json", f"the request body is not valid JSON: {exc}")
     if isinstance(exc, HTTPException):
-        return error_response(exc.status_code, "http_error", str(exc.detail))
+        response = error_response(exc.status_code, "http_error", str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. Allow with a 405
+        return response
     if isinstance(exc, KbatchError):
         return error_response(500, "server_error", exc.message)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -245,20 +369,41 @@ class AccessLog:
             )
 
 
+_JOB = "{job_id:kbatch_job_id}"
+# path -> {method: name of the Api handler}.  One Route per path, so that a 405
+# names every method the path has in its Allow header.
+ROUTES: dict[str, dict[str, str]] = {
+    f"{API_PREFIX}/health": {"GET": "health"},
+    f"{API_PREFIX}/openapi.json": {"GET": "openapi"},
+    f"{API_PREFIX}/whoami": {"GET": "whoami"},
+    f"{API_PREFIX}/events": {"GET": "events"},
+    f"{API_PREFIX}/jobs": {"GET": "list_jobs", "POST": "submit"},
+    f"{API_PREFIX}/jobs/{_JOB}": {"GET": "get_job"},
+    f"{API_PREFIX}/jobs/{_JOB}/cancel": {"POST": "cancel"},
+    f"{API_PREFIX}/jobs/{_JOB}/hold": {"POST": "hold"},
+    f"{API_PREFIX}/jobs/{_JOB}/release": {"POST": "release"},
+    f"{API_PREFIX}/jobs/{_JOB}/logs": {"GET": "logs"},
+}
+
+
+def _route(api: Api, path: str, methods: dict[str, str]) -> Route:
+    handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
+        method: getattr(api, name) for method, name in methods.items()
+    }
+    if "GET" in handlers:
+        handlers["HEAD"] = handlers["GET"]
+
+    async def endpoint(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    return Route(path, endpoint, methods=list(methods), name=",".join(methods.values()))
+
+
 def create_app(
     backend: Backend, authenticator: Authenticator, policy: Policy, *, prefix: str = ""
 ) -> Starlette:
     api = Api(backend, authenticator, policy)
-    routes: list[BaseRoute] = [
-        Route(f"{API_PREFIX}/health", api.health),
-        Route(f"{API_PREFIX}/openapi.json", api.openapi),
-        Route(f"{API_PREFIX}/whoami", api.whoami),
-        Route(f"{API_PREFIX}/jobs", api.list_jobs, methods=["GET"]),
-        Route(f"{API_PREFIX}/jobs", api.submit, methods=["POST"]),
-        Route(f"{API_PREFIX}/jobs/{{job_id}}", api.get_job, methods=["GET"]),
-        Route(f"{API_PREFIX}/jobs/{{job_id}}/cancel", api.cancel, methods=["POST"]),
-        Route(f"{API_PREFIX}/jobs/{{job_id}}/logs", api.logs, methods=["GET"]),
-    ]
+    routes: list[BaseRoute] = [_route(api, path, methods) for path, methods in ROUTES.items()]
     if prefix:
         routes = [Mount(prefix, routes=routes)]
 

@@ -4,11 +4,11 @@ Example ``kbatch.toml``::
 
     host = "127.0.0.1"
     port = 8765
-    backend = "local"          # or "kubernetes"
+    backend = "local"          # or "kubernetes", or an import path "mypkg.backend:MyBackend"
     auth = "token"             # or "jupyterhub"
 
-    [local]
-    cpus = 8
+    [local]                    # the backend's own section, named after it; the backend
+    cpus = 8                   # decodes it (Backend.from_config), the server never reads it
     memory = "32G"
     kill_grace = 10
     # with auth = "jupyterhub": every hub user's job runs as this server's account
@@ -40,13 +40,22 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from kbatch.backends.local.backend import LocalConfig
 from kbatch.errors import ConfigError, SpecError
 from kbatch.paths import state_dir
 from kbatch.server.policy import Policy
 from kbatch.units import parse_memory, parse_time_limit
 
-__all__ = ["JupyterHubConfig", "ServerConfig", "check_shared_account", "load_config"]
+__all__ = [
+    "BACKEND_OPTIONS",
+    "JupyterHubConfig",
+    "ServerConfig",
+    "check_shared_account",
+    "load_config",
+]
+
+# Command-line options of `kbatch server` that belong to the backend: passed raw into
+# its section (ServerConfig.backend_overrides); the backend decodes and checks them.
+BACKEND_OPTIONS = frozenset({"cpus", "memory", "gpus", "kill_grace", "memory_limiter"})
 
 
 @dataclass(frozen=True)
@@ -74,12 +83,16 @@ class ServerConfig:
     auth: str = "token"
     log_level: str = "info"
     policy: Policy = field(default_factory=Policy)
-    local: LocalConfig | None = None
     jupyterhub: JupyterHubConfig = field(default_factory=JupyterHubConfig)
-    extra: dict[str, Any] = field(default_factory=dict)  # backend/auth sections, passed through
+    # Every other [section] of the file, raw, by name: a backend's own configuration,
+    # passed untouched to Backend.from_config (the server knows none of their keys).
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Command-line options meant for the backend (--cpus, --memory), raw, over its section.
+    backend_overrides: dict[str, Any] = field(default_factory=dict)
 
-    def local_config(self) -> LocalConfig:
-        return self.local or LocalConfig(state_dir=self.state_dir)
+    def backend_section(self, name: str) -> dict[str, Any]:
+        """The raw ``[name]`` section for the backend called ``name``, with the overrides."""
+        return {**self.extra.get(name, {}), **self.backend_overrides}
 
 
 def _size(value: object, key: str) -> int:
@@ -190,22 +203,20 @@ def load_config(
             raise ConfigError(f"cannot read the config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    local_section = dict(data.pop("local", {}))
     policy_section = dict(data.pop("policy", {}))
     hub_section = dict(data.pop("jupyterhub", {}))
-    extra: dict[str, Any] = {k: data.pop(k) for k in ("kubernetes",) if k in data}
+    extra: dict[str, dict[str, Any]] = {
+        k: data.pop(k) for k, v in list(data.items()) if isinstance(v, dict)
+    }
+    backend_overrides: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in ("cpus", "memory", "gpus", "kill_grace", "memory_limiter"):
-            local_section[key] = value
+        if key in BACKEND_OPTIONS:
+            backend_overrides[key] = value
         else:
             data[key] = value
     sd = Path(data.pop("state_dir", None) or state_dir(env))
-    if "memory" in local_section:
-        local_section["memory"] = _size(local_section["memory"], "local.memory")
-    _known(local_section, LocalConfig, "local")
-    local = LocalConfig(state_dir=sd, **local_section)
     for key in ("max_memory",):
         if key in policy_section:
             policy_section[key] = _size(policy_section[key], f"policy.{key}")
@@ -218,9 +229,9 @@ def load_config(
     _known(policy_section, Policy, "policy")
     known_top = {f.name for f in fields(ServerConfig)} - {
         "policy",
-        "local",
         "jupyterhub",
         "extra",
+        "backend_overrides",
         "state_dir",
     }
     unknown = set(data) - known_top
@@ -238,15 +249,13 @@ def load_config(
     config = ServerConfig(
         state_dir=sd,
         policy=Policy(**policy_section),
-        local=local,
         jupyterhub=hub,
         extra=extra,
+        backend_overrides=backend_overrides,
         **data,
     )
-    if config.backend not in ("local", "kubernetes"):
-        raise ConfigError(
-            f"config: backend {config.backend!r} is not known; use local or kubernetes"
-        )
+    if not isinstance(config.backend, str) or not config.backend:
+        raise ConfigError("config: backend must be a name (local, kubernetes) or an import path")
     if config.auth not in ("token", "jupyterhub"):
         raise ConfigError(f"config: auth {config.auth!r} is not known; use token or jupyterhub")
     if config.auth == "jupyterhub":
@@ -270,7 +279,9 @@ def check_shared_account(config: ServerConfig) -> None:
     """
     if config.backend != "local":
         return
-    shared = config.local_config().jobs_share_server_account
+    # The one key of a backend's section the server reads: a security decision that
+    # combines [local] with [jupyterhub].  The local backend declares it too.
+    shared = config.backend_section("local").get("jobs_share_server_account", False)
     if not isinstance(shared, bool):
         raise ConfigError("config [local]: jobs_share_server_account must be true or false")
     if config.jupyterhub.job_token_scopes:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 
-from kbatch.backends.base import Backend
+from kbatch.backends.base import BACKENDS, Backend, backend_class
 from kbatch.client.config import SERVER_FILE, TOKEN_FILE
 from kbatch.errors import ConfigError
 from kbatch.hardening import make_undumpable, scrub_environment
@@ -45,17 +45,12 @@ TOKENS_FILE = "tokens.json"
 
 
 def build_backend(config: ServerConfig) -> Backend:
-    if config.backend == "local":
-        from kbatch.backends.local.backend import LocalBackend
-
-        return LocalBackend(config.local_config())
-    try:
-        from kbatch.backends.kubernetes.backend import KubernetesBackend
-    except ImportError as exc:
-        raise ConfigError(
-            f"the kubernetes backend needs the kubernetes extra: pip install 'kbatch[kubernetes]' ({exc})"
-        ) from exc
-    return KubernetesBackend.from_config(config.extra.get("kubernetes", {}))
+    """The configured backend, from its own ``[name]`` section; only it knows the keys."""
+    cls = backend_class(config.backend)  # a ConfigError names what is wrong
+    for name in config.extra:
+        if name != cls.name and name not in BACKENDS:
+            log.warning("config section [%s] is not used by the %s backend", name, cls.name)
+    return cls.from_config(config.backend_section(cls.name), state_dir=config.state_dir)
 
 
 def build_authenticator(config: ServerConfig, hub: HubClient | None = None) -> Authenticator:

@@ -1,4 +1,8 @@
-"""The OpenAPI document, generated from the wire schema in :mod:`kbatch.models`."""
+"""The OpenAPI document, generated from the wire schema in :mod:`kbatch.models`.
+
+Its paths and methods are tested against the app's real routes
+(``tests/unit/test_openapi.py``): a route added without a document fails there.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,15 @@ from typing import Any
 import msgspec
 
 from kbatch import __version__
-from kbatch.models import API_PREFIX, ErrorBody, Identity, Job, JobList, SubmitRequest
+from kbatch.models import (
+    API_PREFIX,
+    ErrorBody,
+    Identity,
+    Job,
+    JobEvent,
+    JobList,
+    SubmitRequest,
+)
 
 __all__ = ["openapi_document"]
 
@@ -21,35 +33,102 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 
 def openapi_document() -> dict[str, Any]:
-    (_, _, _, _, _), components = msgspec.json.schema_components(
-        [SubmitRequest, Job, JobList, Identity, ErrorBody],
+    (_, _, _, _, _, _), components = msgspec.json.schema_components(
+        [SubmitRequest, Job, JobList, JobEvent, Identity, ErrorBody],
         ref_template="#/components/schemas/{name}",
     )
-    error = {
-        str(code): _json(_ref("ErrorBody"), text)
-        for code, text in (
-            (401, "no or invalid token"),
-            (403, "not allowed"),
-            (404, "no such job"),
-            (422, "the job was refused; the message says what to change"),
-            (503, "a service the server depends on is unavailable"),
-        )
+    texts = {
+        400: "the request is malformed (not JSON, a bad header)",
+        401: "no or invalid token",
+        403: "not allowed",
+        404: "no such job (or not one of yours)",
+        409: "the job's state does not allow this",
+        413: "the request body is too large",
+        422: "the input was refused; the message says what to change",
+        503: "a service the server depends on is unavailable",
     }
-    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def errors(*codes: int) -> dict[str, Any]:
+        return {str(c): _json(_ref("ErrorBody"), texts[c]) for c in (401, 403, 503, *codes)}
+
+    def flag(name: str, description: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "query",
+            "schema": {"type": "boolean"},
+            "description": description + " (true/false/1/0)",
+        }
+
+    job_id = {
+        "name": "job_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9-]{0,62}(_[0-9]{1,9})?$"},
+        "description": "any other id is answered 404",
+    }
+    all_users = flag("all_users", "every user's jobs (admins only, else 403)")
     security: list[dict[str, list[str]]] = [{"bearer": []}]
+
+    def job_action(summary: str, *codes: int) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "security": security,
+                "parameters": [job_id],
+                "responses": {"200": _json(_ref("Job")), **errors(404, *codes)},
+            }
+        }
+
+    health = {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["ok", "unavailable"]},
+            "version": {"type": "string"},
+            "backend": {"type": "string"},
+            "detail": {"type": "string"},
+            "stale_seconds": {"type": ["number", "null"]},
+        },
+    }
     paths: dict[str, Any] = {
         f"{API_PREFIX}/health": {
             "get": {
-                "summary": "Liveness (no job data)",
+                "summary": "Liveness and the backend's health (no job data)",
+                "security": [],
+                "responses": {
+                    "200": _json(health, "the server and its backend answer"),
+                    "503": _json(health, "the backend cannot answer with current data"),
+                },
+            }
+        },
+        f"{API_PREFIX}/openapi.json": {
+            "get": {
+                "summary": "This document",
                 "security": [],
                 "responses": {"200": _json({"type": "object"})},
+            }
+        },
+        f"{API_PREFIX}/events": {
+            "get": {
+                "summary": "Changes of your jobs as they happen, one JSON JobEvent a line",
+                "description": "Endless.  The first line is a resync event, sent once the "
+                "stream is live: list the jobs then, and no change is missed.  A later "
+                "resync means some changes were dropped: list the jobs again.",
+                "security": security,
+                "parameters": [all_users],
+                "responses": {
+                    "200": {
+                        "description": "a stream of JobEvent, one a line",
+                        "content": {"application/x-ndjson": {"schema": _ref("JobEvent")}},
+                    },
+                    **errors(422),
+                },
             }
         },
         f"{API_PREFIX}/whoami": {
             "get": {
                 "summary": "The caller's identity",
                 "security": security,
-                "responses": {"200": _json(_ref("Identity")), **error},
+                "responses": {"200": _json(_ref("Identity")), **errors()},
             }
         },
         f"{API_PREFIX}/jobs": {
@@ -63,20 +142,23 @@ def openapi_document() -> dict[str, Any]:
                         "schema": {"type": "string"},
                         "description": "comma-separated states",
                     },
+                    flag("all", "include finished jobs"),
+                    all_users,
                     {
-                        "name": "all",
+                        "name": "limit",
                         "in": "query",
-                        "schema": {"type": "boolean"},
-                        "description": "include finished jobs",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 10000},
+                        "description": "at most this many jobs; the answer's next is the "
+                        "cursor of the following page (none: every job)",
                     },
                     {
-                        "name": "all_users",
+                        "name": "after",
                         "in": "query",
-                        "schema": {"type": "boolean"},
-                        "description": "every user's jobs (admins only)",
+                        "schema": {"type": "string"},
+                        "description": "the next cursor of the previous page",
                     },
                 ],
-                "responses": {"200": _json(_ref("JobList")), **error},
+                "responses": {"200": _json(_ref("JobList")), **errors(422)},
             },
             "post": {
                 "summary": "Submit a job",
@@ -88,12 +170,7 @@ def openapi_document() -> dict[str, Any]:
                         "schema": {"type": "string"},
                         "description": "a retried request with the same key returns the same job",
                     },
-                    {
-                        "name": "dry_run",
-                        "in": "query",
-                        "schema": {"type": "boolean"},
-                        "description": "validate only",
-                    },
+                    flag("dry_run", "validate only"),
                 ],
                 "requestBody": {
                     "required": True,
@@ -104,7 +181,7 @@ def openapi_document() -> dict[str, Any]:
                     "200": _json(
                         _ref("Job"), "Validated (dry run) or already submitted with this key"
                     ),
-                    **error,
+                    **errors(400, 409, 413, 422),
                 },
             },
         },
@@ -113,24 +190,25 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "One job",
                 "security": security,
                 "parameters": [job_id],
-                "responses": {"200": _json(_ref("Job")), **error},
+                "responses": {"200": _json(_ref("Job")), **errors(404)},
             }
         },
-        f"{API_PREFIX}/jobs/{{job_id}}/cancel": {
-            "post": {
-                "summary": "Cancel a job",
-                "security": security,
-                "parameters": [job_id],
-                "responses": {"200": _json(_ref("Job")), **error},
-            }
-        },
+        f"{API_PREFIX}/jobs/{{job_id}}/cancel": job_action(
+            "Cancel a job (an ended job is returned unchanged)"
+        ),
+        f"{API_PREFIX}/jobs/{{job_id}}/hold": job_action(
+            "Keep a pending job from starting (409 once it has started)", 409
+        ),
+        f"{API_PREFIX}/jobs/{{job_id}}/release": job_action(
+            "Let a held job start (a job not held is returned unchanged)", 409
+        ),
         f"{API_PREFIX}/jobs/{{job_id}}/logs": {
             "get": {
                 "summary": "The job's output (streamed while following)",
                 "security": security,
                 "parameters": [
                     job_id,
-                    {"name": "follow", "in": "query", "schema": {"type": "boolean"}},
+                    flag("follow", "stream until the job has ended"),
                     {
                         "name": "stream",
                         "in": "query",
@@ -142,7 +220,7 @@ def openapi_document() -> dict[str, Any]:
                         "description": "output bytes",
                         "content": {"application/octet-stream": {}},
                     },
-                    **error,
+                    **errors(404, 422),
                 },
             }
         },

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 from kbatch.errors import AuthenticationError, PermissionDenied
 from kbatch.models import Identity
-from kbatch.server.auth.base import Authenticator
+from kbatch.server.auth.base import Authenticator, Credentials
 from kbatch.server.hub import HubClient, HubUser
 
 __all__ = ["JupyterHubAuthenticator", "access_scope", "decide"]
@@ -83,7 +83,8 @@ class JupyterHubAuthenticator(Authenticator):
     async def stop(self) -> None:
         await self.hub.aclose()
 
-    async def authenticate(self, token: str | None) -> Identity:
+    async def authenticate(self, credentials: Credentials) -> Identity:
+        token = credentials.token
         if not token:
             raise AuthenticationError(
                 "no token: send 'Authorization: token <token>' with a JupyterHub API token "

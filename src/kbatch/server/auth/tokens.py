@@ -16,7 +16,7 @@ from pathlib import Path
 from kbatch.errors import AuthenticationError, ConfigError
 from kbatch.models import Identity
 from kbatch.paths import write_private
-from kbatch.server.auth.base import Authenticator
+from kbatch.server.auth.base import Authenticator, Credentials
 
 __all__ = ["TokenFileAuthenticator", "add_token", "hash_token"]
 
@@ -67,7 +67,8 @@ class TokenFileAuthenticator(Authenticator):
         }
         self._mtime = mtime
 
-    async def authenticate(self, token: str | None) -> Identity:
+    async def authenticate(self, credentials: Credentials) -> Identity:
+        token = credentials.token
         if token is None:
             raise AuthenticationError(
                 "no token: send 'Authorization: Bearer <token>'", status=401, code="no_token"
