@@ -22,6 +22,7 @@ contract's executable form: a backend is done when it passes.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -89,6 +90,16 @@ def decode_section(section: Mapping[str, Any], cls: type[C], name: str, **extra:
 
     Unknown keys and wrong types are a :class:`ConfigError` naming the key.
     """
+    known = (
+        {f.name for f in dataclasses.fields(cls)}
+        if dataclasses.is_dataclass(cls)
+        else set(getattr(cls, "__struct_fields__", ()))
+    )
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(
+            f"config [{name}]: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     try:
         return msgspec.convert({**section, **extra}, type=cls, strict=False)
     except msgspec.ValidationError as exc:

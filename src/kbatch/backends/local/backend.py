@@ -122,7 +122,7 @@ class LocalBackend(Backend):
                 values["memory"] = parse_memory(values["memory"], option="local.memory")
             except SpecError as exc:
                 raise ConfigError(f"config: {exc}") from exc
-        values.setdefault("state_dir", str(state_dir))
+        values.setdefault("state_dir", state_dir)
         return cls(decode_section(values, LocalConfig, "local"))
 
     @property
