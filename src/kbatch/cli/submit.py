@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
 __all__ = ["submit", "submit_words"]
 
-USAGE = "usage: kbatch submit [OPTIONS] SCRIPT [ARGS...]\n       kbatch submit [OPTIONS] --wrap COMMAND\n"
+USAGE = (
+    "usage: kbatch submit [OPTIONS] SCRIPT [ARGS...]\n"
+    "       kbatch submit [OPTIONS] --wrap COMMAND\n"
+    "       kbatch submit [OPTIONS] NOTEBOOK.ipynb [-p NAME VALUE ...] [--params-yaml FILE]\n"
+)
 
 
 def _help() -> str:
@@ -71,6 +75,7 @@ def submit_words(words: list[str]) -> int:
 
 
 def submit_parsed(cli: ParsedOptions) -> int:
+    from kbatch import notebooks
     from kbatch.client import Client
     from kbatch.spec import build_spec, default_job_name, wrap_script
 
@@ -87,7 +92,13 @@ def submit_parsed(cli: ParsedOptions) -> int:
         if not cli.positionals:
             raise SpecError("no script given; use kbatch submit SCRIPT or kbatch submit --wrap CMD")
         script_path, *script_args = cli.positionals
-        script = _read_script(script_path)
+        if notebooks.is_notebook(script_path):
+            script = notebooks.notebook_job_script(script_path, script_args, cli, cwd=os.getcwd())
+            script_args = []
+        else:
+            script = _read_script(script_path)
+    if script_path is None or not notebooks.is_notebook(script_path):
+        notebooks.refuse_notebook_options(cli)
     submission = build_spec(
         script,
         cli=cli,
