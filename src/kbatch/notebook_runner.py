@@ -22,9 +22,11 @@ task of an array will get its own row of a sweep.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -222,6 +224,71 @@ def _check_output(path: str) -> None:
         raise RunnerError(f"cannot write the executed notebook to {path}: {directory} is read-only")
 
 
+def _kernel_groups() -> list[int]:
+    """Process groups led by this process's children: the kernel's (jupyter_client starts
+    it in a session of its own, out of the job's process group)."""
+    groups: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return groups
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[1]) == os.getpid() and int(fields[2]) == int(entry) != os.getpgrp():
+            groups.append(int(entry))
+    return groups
+
+
+def _stop_kernels(grace: float = 1.0) -> None:
+    """End the kernel and what it started, as the job's process group is being ended."""
+    groups = _kernel_groups()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            with contextlib.suppress(OSError):
+                os.killpg(group, sig)
+        deadline = time.monotonic() + grace
+        while groups and time.monotonic() < deadline:
+            _reap()
+            groups = [g for g in groups if _alive(g)]
+            time.sleep(0.02)
+        if not groups:
+            return
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except OSError:
+        return False
+    return True
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """Cancelled or out of time: the kernel goes with the job, then the job ends."""
+    sys.stdout.flush()
+    sys.stderr.write(f"kbatch: stopping the notebook: signal {signum}\n")
+    sys.stderr.flush()
+    _stop_kernels()
+    os._exit(128 + signum)
+
+
 def _run(payload: dict[str, Any], environ: Mapping[str, str]) -> int:
     name = str(payload["name"])
     kernel = str(payload["kernel"])
@@ -291,6 +358,8 @@ def _run(payload: dict[str, Any], environ: Mapping[str, str]) -> int:
 def main(payload_text: str, environ: Mapping[str, str] | None = None) -> int:
     """Run the notebook in the payload; the exit code of the job."""
     env = os.environ if environ is None else environ
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
     try:
         return _run(decode_payload(payload_text), env)
     except RunnerError as exc:

@@ -24,6 +24,7 @@ import math
 import os
 import posixpath
 import re
+import uuid
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
@@ -303,15 +304,19 @@ def resolve_parameters(
 
 
 def _job_notebook(notebook: Notebook, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The notebook as it travels: outputs cleared (papermill clears them anyway), and
-    the parameters cell of an earlier papermill run dropped when new ones are given."""
+    """The notebook as it travels: outputs cleared (papermill clears them anyway), cell
+    ids added where nbformat 4.5 wants them, and the parameters cell of an earlier
+    papermill run dropped when new ones are given."""
     content = dict(notebook.content)
+    needs_ids = isinstance(content.get("nbformat_minor"), int) and content["nbformat_minor"] >= 5
     cells = []
     for cell in content["cells"]:
         if parameters and "injected-parameters" in _tags(cell):
             continue
         if cell.get("cell_type") == "code":
             cell = {**cell, "outputs": [], "execution_count": None}
+        if needs_ids and "id" not in cell:  # nbformat 4.5 wants them; papermill would warn
+            cell = {**cell, "id": uuid.uuid4().hex[:8]}
         cells.append(cell)
     content["cells"] = cells
     return content

@@ -300,3 +300,59 @@ def test_logs_follow_shows_cells_as_they_run(server: KbatchServer, workdir: Path
     assert seen.index("released") < seen.index("kbatch: cell 3/4 finished in")
     assert seen.index("kbatch: cell 4/4 started") < seen.index("last\n")
     assert server.wait_state(job_id).state is JobState.COMPLETED
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+SLEEPER = code("import os, time\nopen('kernel.pid', 'w').write(str(os.getpid()))\ntime.sleep(300)")
+
+
+def kernel_pid(workdir: Path) -> int:
+    text = wait_for(
+        lambda: (workdir / "kernel.pid").exists() and (workdir / "kernel.pid").read_text(),
+        timeout=120,
+        what="the kernel to start",
+    )
+    return int(text)
+
+
+def test_cancel_ends_the_kernel_too(server: KbatchServer, workdir: Path) -> None:
+    write_notebook(workdir / "long.ipynb", SLEEPER)
+    job_id = submit(server, workdir, "long.ipynb").stdout.strip()
+    pid = kernel_pid(workdir)  # jupyter_client starts it in a session of its own
+    assert server.cli("cancel", job_id).returncode == 0
+    job = server.wait_state(job_id, timeout=60)
+    assert job.state is JobState.CANCELLED
+    wait_for(lambda: pid_gone(pid), timeout=10, what=f"the kernel {pid} to end")
+    assert (workdir / f"long-{job_id}.ipynb").exists()  # saved when the cell started
+
+
+def test_time_limit_gives_timeout_and_ends_the_kernel(server: KbatchServer, workdir: Path) -> None:
+    write_notebook(workdir / "long.ipynb", SLEEPER)
+    job_id = submit(server, workdir, "--time=0:15", "long.ipynb").stdout.strip()
+    pid = kernel_pid(workdir)
+    job = server.wait_state(job_id, timeout=60)
+    assert (job.state, job.reason) == (JobState.TIMEOUT, "TimeLimit")
+    wait_for(lambda: pid_gone(pid), timeout=10, what=f"the kernel {pid} to end")
+
+
+def test_memory_limit_counts_the_kernel(server: KbatchServer, workdir: Path) -> None:
+    write_notebook(
+        workdir / "big.ipynb",
+        code("import time\nx = bytearray(400 * 1024 * 1024)\ntime.sleep(30)"),
+    )
+    job_id = submit(server, workdir, "--mem=150M", "big.ipynb").stdout.strip()
+    job = server.wait_state(job_id, timeout=120)
+    started = json.loads((server.state_dir / "jobs" / job_id / "started.json").read_text())
+    log = (workdir / f"kbatch-{job_id}.out").read_text()
+    if started["limiter"] == "polling":
+        # The kernel runs in a session of its own (jupyter_client does that), outside the
+        # job's process group that the polling limiter sums: only a cgroup counts it.
+        pytest.xfail("known gap: without cgroups a notebook's kernel escapes --mem")
+    assert job.state is JobState.OUT_OF_MEMORY, log
