@@ -35,6 +35,11 @@ def _help() -> str:
     ignored = ", ".join(
         f"--{flags.split('--')[1].split()[0]}" for flags, _ in help_lines([Support.IGNORED])
     )
+    lines.append(
+        "A NOTEBOOK.ipynb runs with papermill in the job's python3.  After its path:\n"
+        "  -p NAME VALUE (typed as papermill does), -r NAME VALUE (a string),\n"
+        "  --params-yaml FILE, --kernel NAME, --nb-output PATTERN.\n"
+    )
     lines.append(f"accepted and ignored (they only mean something on a cluster): {ignored}")
     lines.append(
         "Arrays, dependencies and --hold are not supported yet; they are refused, not dropped."
