@@ -355,11 +355,14 @@ def _run(payload: dict[str, Any], environ: Mapping[str, str]) -> int:
     return 0
 
 
-def main(payload_text: str, environ: Mapping[str, str] | None = None) -> int:
+def main(
+    payload_text: str, environ: Mapping[str, str] | None = None, *, handle_signals: bool = True
+) -> int:
     """Run the notebook in the payload; the exit code of the job."""
     env = os.environ if environ is None else environ
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, _on_signal)
+    if handle_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, _on_signal)
     try:
         return _run(decode_payload(payload_text), env)
     except RunnerError as exc:

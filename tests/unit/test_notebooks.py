@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from kbatch.models import MAX_SCRIPT_BYTES
 from kbatch.notebooks import (
     Notebook,
     build_notebook_script,
+    notebook_job_script,
     parameter_names,
     parse_notebook,
     parse_notebook_words,
@@ -225,3 +228,56 @@ def test_payload_round_trip() -> None:
     assert notebook_runner.decode_payload(encoded) == payload
     with pytest.raises(notebook_runner.RunnerError, match="payload version 9"):
         notebook_runner.decode_payload(notebook_runner.encode_payload({"version": 9}))
+
+
+def test_a_setup_failure_is_reported_and_written_to_the_reason_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reason = tmp_path / "reason"
+    env = {"KBATCH_REASON_FILE": str(reason)}
+    bad = notebook_runner.encode_payload(
+        {"version": 1, "name": "nb.ipynb", "kernel": "k", "output": "/nonexistent/dir/o.ipynb"}
+    )
+    assert notebook_runner.main(bad, env, handle_signals=False) == notebook_runner.EXIT_SETUP_FAILED
+    err = capsys.readouterr().err
+    assert "kbatch: cannot write the executed notebook to /nonexistent/dir/o.ipynb" in err
+    assert reason.read_text().startswith("cannot write the executed notebook")
+
+
+def test_kubernetes_job_shape_of_a_notebook_job(tmp_path: Path) -> None:
+    """Pure: the script goes in the ConfigMap and the entrypoint runs it; no cluster here."""
+    from kbatch.backends.kubernetes.manifests import JobContext, build_manifests
+    from kbatch.spec import build_spec
+
+    path = tmp_path / "nb.ipynb"
+    path.write_bytes(notebook(code("a = 1", "parameters"), code("print(a)")))
+    cli = parse_tokens(["-c", "2", "nb.ipynb", "-p", "a", "5"])
+    script = notebook_job_script(str(path), cli.positionals[1:], cli, cwd="/home/jovyan")
+    spec = build_spec(
+        script, cli=cli, args=[], cwd="/home/jovyan", environ={}, default_name="nb.ipynb"
+    ).spec
+    m = build_manifests(
+        spec, JobContext(job_id="abc12345", user="ada", namespace="ns", default_image="img")
+    )
+    container = m.job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["/bin/sh", "/kbatch/entrypoint", "/kbatch/script"]
+    assert m.config_map["data"]["script"] == script
+    assert script.startswith("#!/usr/bin/env python3\n")
+    assert m.secret["stringData"]["SLURM_JOB_ID"] == "abc12345"  # the runner's %j
+    payload = notebook_runner.decode_payload(
+        script.split('KBATCH_PAYLOAD = """')[1].split('"""')[0]
+    )
+    assert payload["output"] == f"{tmp_path}/nb-%j.ipynb"  # beside the notebook
+    assert payload["parameters"] == {"a": 5}
+
+
+def test_without_papermill_in_the_jobs_python_the_job_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in ("jupyter_client", "jupyter_client.kernelspec", "papermill"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    payload = notebook_runner.encode_payload(
+        {"version": 1, "name": "nb.ipynb", "kernel": "python3", "output": f"{tmp_path}/o.ipynb"}
+    )
+    assert notebook_runner.main(payload, {}, handle_signals=False) == 2
+    assert "papermill is not installed in the job's Python" in capsys.readouterr().err
