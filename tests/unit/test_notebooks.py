@@ -281,3 +281,21 @@ def test_without_papermill_in_the_jobs_python_the_job_says_so(
     )
     assert notebook_runner.main(payload, {}, handle_signals=False) == 2
     assert "papermill is not installed in the job's Python" in capsys.readouterr().err
+
+
+def test_the_runner_is_self_contained_and_old_python_grammar() -> None:
+    """It runs in the job's python3, which may be older than kbatch's and lack kbatch."""
+    import ast
+
+    source = Path(notebook_runner.__file__).read_text()
+    tree = ast.parse(source, feature_version=(3, 8))
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in (
+            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
+        )
+    }
+    assert "kbatch" not in imported
+    assert imported - set(sys.stdlib_module_names) == {"jupyter_client", "nbformat", "papermill"}
