@@ -172,6 +172,20 @@ OPTIONS: tuple[OptionDef, ...] = (
     OptionDef(
         "ignore-unknown", None, None, Support.CLI, "warn about unknown options instead of failing"
     ),
+    # Notebooks (kbatch.notebooks); also accepted after the notebook's path.
+    OptionDef(
+        "kernel", None, "NAME", Support.CLI, "a notebook's kernel (default: the one it names)"
+    ),
+    OptionDef(
+        "nb-output",
+        None,
+        "PATTERN",
+        Support.CLI,
+        "the executed notebook (default NOTEBOOK-%j.ipynb beside the notebook)",
+    ),
+    OptionDef(
+        "params-yaml", None, "FILE", Support.CLI, "a notebook's parameters from a YAML mapping"
+    ),
 )
 
 _BY_LONG = {o.long: o for o in OPTIONS}
