@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from kbatch.dependencies import parse_dependency
 from kbatch.errors import SpecError
 from kbatch.models import JobSpec
 from kbatch.spec import SECRET_ENVIRONMENT
 from kbatch.units import format_duration, format_memory
 
-__all__ = ["Policy", "check"]
+__all__ = ["BEGIN_SLACK", "Policy", "check"]
+
+BEGIN_SLACK = timedelta(seconds=60)  # clocks of client and server may differ a little
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class Policy:
     max_script_bytes: int = 1024 * 1024
     max_env_bytes: int = 256 * 1024
     admin_groups: tuple[str, ...] = field(default=())
+    # sbatch --kill-on-invalid-dep for jobs that do not say: cancel a job whose
+    # dependency can never be met (True), or leave it pending with that reason.
+    kill_on_invalid_dep: bool = False
 
 
 def check(spec: JobSpec, policy: Policy) -> JobSpec:
@@ -86,8 +93,26 @@ def check(spec: JobSpec, policy: Policy) -> JobSpec:
             raise SpecError(f"environment variable name {name!r} is not valid", field="environment")
     environment = {k: v for k, v in spec.environment.items() if k not in SECRET_ENVIRONMENT}
     memory = spec.memory or None  # memory 0 means no limit, as the CLI's --mem=0 does
-    if time_limit == spec.time_limit and environment == spec.environment and memory == spec.memory:
-        return spec
+    dependency = spec.dependency
+    if dependency is not None:
+        dependency = str(parse_dependency(dependency))  # refused here, normalised for backends
+    kill = (
+        policy.kill_on_invalid_dep if spec.kill_on_invalid_dep is None else spec.kill_on_invalid_dep
+    )
+    if spec.begin is not None:
+        if spec.begin.tzinfo is None:
+            raise SpecError("begin must be a time with its zone (e.g. ...+00:00)", field="begin")
+        if spec.begin < datetime.now(UTC) - BEGIN_SLACK:
+            raise SpecError(
+                f"begin {spec.begin.isoformat()} is in the past; give a later time, or none "
+                "to start as soon as possible",
+                field="begin",
+            )
     return msgspec.structs.replace(
-        spec, time_limit=time_limit, environment=environment, memory=memory
+        spec,
+        time_limit=time_limit,
+        environment=environment,
+        memory=memory,
+        dependency=dependency,
+        kill_on_invalid_dep=kill if dependency is not None else None,
     )
