@@ -128,6 +128,7 @@ class LocalBackend(Backend):
         self._spawned: list[subprocess.Popen[bytes]] = []
         self._queue: WorkQueue[int] = WorkQueue(base_delay=0.1, max_delay=5.0)
         self._granted: dict[int, Demand] = {}  # allowed to start, not yet RUNNING
+        self._last_started: dict[str, float] = {}  # per user: the fair-share tie-break
         self._schedule_lock = asyncio.Lock()
 
     @classmethod
@@ -154,6 +155,7 @@ class LocalBackend(Backend):
         if self.config.runs_as_users:
             self._secure_state_dir()
         self._store = JobStore(self.config.state_dir / "jobs.sqlite")
+        self._last_started = self._store.last_started()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         if len(str(self.socket_path)) < 100:
@@ -337,15 +339,20 @@ class LocalBackend(Backend):
             return resolved.output, resolved.error
 
         record, new = self.store.insert(
-            user=user, spec=spec, paths=paths, idempotency_key=idempotency_key, now=time.time()
+            user=user,
+            spec=spec,
+            paths=paths,
+            idempotency_key=idempotency_key,
+            now=time.time(),
+            max_active=self.limits.max_submitted_jobs_per_user,
         )
         if not new:
             return record.to_job()
         self.events.publish(record.to_job())
         if record.desired is Desired.RUN:
-            if self.store.pending_before(record.id):
-                # Earlier jobs wait: this one cannot start before them, so a scheduling
-                # pass per submission would only slow a burst of submissions.
+            if self.store.pending_before(record.id, user):
+                # Earlier jobs of this user wait: this one cannot start before them, so a
+                # scheduling pass per submission would only slow a burst of submissions.
                 self._set(record.id, reason="Priority")
             else:
                 await self._schedule()
@@ -455,11 +462,15 @@ class LocalBackend(Backend):
                 self.capacity,
                 [*running, *self._granted.values()],
                 [d for d, _ in pending if d.job_id not in self._granted],
+                limits=self.limits,
+                last_started=self._last_started,
             )
             demands = {demand.job_id: demand for demand, _ in pending}
             reasons = {demand.job_id: reason for demand, reason in pending}
+            now = time.time()
             for job_id in decision.start:
                 self._granted[job_id] = demands[job_id]
+                self._last_started[demands[job_id].user] = now
                 self._queue.put(job_id)
             for job_id, reason in decision.waiting.items():
                 if reasons[job_id] != reason:
@@ -751,7 +762,7 @@ class LocalBackend(Backend):
 
 
 def _demand(record: JobRecord) -> Demand:
-    return Demand(record.id, record.cpus, record.memory or 0, record.gpus)
+    return Demand(record.id, record.cpus, record.memory or 0, record.gpus, record.user)
 
 
 def _read_from(path: str, offset: int, size: int = 65536, *, owner: int | None = None) -> bytes:
