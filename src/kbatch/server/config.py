@@ -23,6 +23,14 @@ Example ``kbatch.toml``::
     max_memory = "16G"
     max_time = "1-00:00:00"
     allowed_images = ["quay.io/jupyter/*"]
+    # per user, at once (local backend): beyond these a job waits, PENDING with Slurm's
+    # reason (QOSMaxJobsPerUserLimit, QOSMaxCpuPerUserLimit, ...); beyond
+    # max_submitted_jobs_per_user a submission is refused
+    max_running_jobs_per_user = 8
+    max_submitted_jobs_per_user = 1000
+    max_cpus_per_user = 16
+    max_memory_per_user = "64G"
+    max_gpus_per_user = 1
 
     [jupyterhub]               # with auth = "jupyterhub"; see docs/jupyterhub.md
     # api_url, api_token and service_name default to the JUPYTERHUB_API_URL,
@@ -221,7 +229,7 @@ def load_config(
         else:
             data[key] = value
     sd = Path(data.pop("state_dir", None) or state_dir(env))
-    for key in ("max_memory",):
+    for key in ("max_memory", "max_memory_per_user"):
         if key in policy_section:
             policy_section[key] = _size(policy_section[key], f"policy.{key}")
     for key in ("max_time", "default_time"):
@@ -264,6 +272,11 @@ def load_config(
         raise ConfigError(f"config: auth {config.auth!r} is not known; use token or jupyterhub")
     if config.auth == "jupyterhub":
         _check_jupyterhub(config.jupyterhub)
+    if config.backend != "local" and config.policy.user_limits().any():
+        raise ConfigError(
+            "config [policy]: the per-user limits (max_*_per_user) are enforced by the local "
+            "backend only, not yet on Kubernetes; remove them, or use namespace ResourceQuotas"
+        )
     check_shared_account(config)
     config.prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
     return config
