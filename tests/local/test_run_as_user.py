@@ -270,3 +270,17 @@ def test_output_files_wait_for_the_job_to_exist(multi: MultiUser) -> None:
     path = carol.home / f"who-{job_id}.log"
     assert wait_for_file(path) == carol.name
     assert path.stat().st_uid == carol.uid
+
+
+def test_a_name_with_the_job_id_is_checked_by_its_directory(multi: MultiUser) -> None:
+    """kbatch-%j.out names a file not made yet: another file that the check's stand-in
+    id happens to name (kbatch-1.out, root's) must not refuse the job."""
+    alice = multi.people[0]
+    stand_in = alice.home / "kbatch-1.out"
+    stand_in.write_text("root's\n")
+    try:
+        with multi.client(alice) as client:
+            job = _wait(client, client.submit(_spec(alice, "true\n")).id)
+        assert job.state is JobState.COMPLETED
+    finally:
+        stand_in.unlink()

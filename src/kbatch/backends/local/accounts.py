@@ -106,24 +106,29 @@ def can_write_directory(account: Account, path: str) -> bool:
     return _test_as(account, "-d", path, "-a", "-w", path, "-a", "-x", path)
 
 
-def can_write_file(account: Account, path: str) -> bool:
+def can_write_file(account: Account, path: str, *, exists: bool = True) -> bool:
     """Whether the account could open ``path`` for writing: the file if it exists
-    (``/dev/null`` too), else a new file in its directory."""
-    if _test_as(account, "-e", path):
+    (``/dev/null`` too), else a new file in its directory.  With ``exists`` False the
+    file is known to be new (its name has the job's id): only its directory counts."""
+    if exists and _test_as(account, "-e", path):
         return _test_as(account, "-w", path) and not _test_as(account, "-d", path)
     return can_write_directory(account, os.path.dirname(path) or "/")
 
 
-def check_paths(account: Account, workdir: str, files: dict[str, str]) -> None:
-    """:class:`SpecError` unless the account could work in ``workdir`` and write each file."""
+def check_paths(account: Account, workdir: str, files: dict[str, tuple[str, bool]]) -> None:
+    """:class:`SpecError` unless the account could work in ``workdir`` and write each file.
+
+    ``files`` maps ``output``/``error`` to the path and whether that very file may
+    already exist (False when its name holds the job's id, not known yet).
+    """
     if not can_write_directory(account, workdir):
         raise SpecError(
             f"the working directory {workdir} is not one the account {account.name} can enter "
             "and write; change -D/--chdir",
             field="workdir",
         )
-    for name, path in files.items():
-        if not can_write_file(account, path):
+    for name, (path, exists) in files.items():
+        if not can_write_file(account, path, exists=exists):
             raise SpecError(
                 f"the account {account.name} cannot write the {name} file {path}; "
                 f"change --{name} to a place it may write",

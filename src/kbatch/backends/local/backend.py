@@ -298,9 +298,11 @@ class LocalBackend(Backend):
             # Everything as the user's account would see it: the server (root) could
             # write anywhere, so its own view of the paths says nothing.
             account = lookup(user, self.config.account_policy())
-            files = {"output": paths.output}
+            # A name with the job's id (%j) is a new file: only its directory counts.
+            other = output_paths(spec, job_id="2", user=user)
+            files = {"output": (paths.output, paths.output == other.output)}
             if paths.error is not None:
-                files["error"] = paths.error
+                files["error"] = (paths.error, paths.error == other.error)
             await asyncio.to_thread(check_paths, account, workdir, files)
             return
         if not os.path.isdir(workdir):
