@@ -284,3 +284,16 @@ def test_a_name_with_the_job_id_is_checked_by_its_directory(multi: MultiUser) ->
         assert job.state is JobState.COMPLETED
     finally:
         stand_in.unlink()
+
+
+def test_limits_hold_for_a_job_of_another_account(multi: MultiUser) -> None:
+    """The supervisor (root) still enforces --mem and --time on the account's processes."""
+    carol = multi.people[2]
+    with multi.client(carol) as client:
+        # tail keeps a line without a newline in memory: it grows until the limit kills it
+        hog = client.submit(
+            _spec(carol, "head -c 400000000 /dev/zero | tail\n", memory=64 * 1024**2)
+        ).id
+        slow = client.submit(_spec(carol, "exec sleep 60\n", time_limit=1)).id
+        assert _wait(client, hog).state is JobState.OUT_OF_MEMORY
+        assert _wait(client, slow).state is JobState.TIMEOUT
