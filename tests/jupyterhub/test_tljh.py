@@ -169,3 +169,37 @@ def test_a_hub_user_without_an_account_is_refused(tljh: TljhHub) -> None:
     assert f"no Unix account 'jupyter-{name}'" in result.stderr, result.stderr
     listed = hub.notebook_cli(env, "kqueue", "--all", "--json")
     assert json.loads(listed.stdout) == []
+
+
+def test_a_job_reaches_nothing_of_the_services(tljh: TljhHub) -> None:
+    """The job runs as the user's account: the root server's environment (with the
+    service's hub token), its state directory and its token file are closed to it.
+
+    (Both files sit in pytest's directory, root's 0700, here; that the state
+    directory's own modes keep a job out is shown in tests/local/test_run_as_user.py.)"""
+    hub = tljh
+    assert hub.kbatch is not None and hub.kbatch.proc is not None
+    server_pid = hub.kbatch.proc.pid
+    targets = {
+        "environ": f"/proc/{server_pid}/environ",
+        "state": str(hub.kbatch.state_dir / "jobs.sqlite"),
+        "token-file": str(hub.root / "hub.env"),
+    }
+    script = "; ".join(
+        f'if cat {path} >/dev/null 2>&1; then echo "{label} read"; else echo "{label} denied"; fi'
+        for label, path in targets.items()
+    )
+    with ExitStack() as stack:
+        name, entry = _hub_user(hub, stack)
+        env = hub.spawn(name)
+        result = hub.notebook_cli(
+            env, "submit", "--parsable", "--wrap", script + "; env; cat /proc/$PPID/environ"
+        )
+        assert result.returncode == 0, result.stderr
+        job_id = result.stdout.strip()
+        out = Path(env["HOME"]) / f"kbatch-{job_id}.out"
+        wait_for(lambda: "token-file" in (out.read_text() if out.exists() else ""), timeout=30)
+        lines = out.read_text().splitlines()
+        assert lines[:3] == ["environ denied", "state denied", "token-file denied"], lines
+        assert hub.service_token not in out.read_text()
+        assert out.stat().st_uid == entry.pw_uid
