@@ -91,21 +91,14 @@ class LocalAsUserHarness(LocalHarness):
         super().__init__(state_dir, workdir)
         self.account = account
 
-    @contextlib.asynccontextmanager
-    async def backend(self) -> AsyncIterator[Backend]:
-        backend = LocalBackend(
-            LocalConfig(
-                state_dir=self.state_dir,
-                cpus=2,
-                tick=0.2,
-                kill_grace=1,
-                run_as_user=True,
-                user_template=self.account,
-            )
+    def backend(self) -> contextlib.AbstractAsyncContextManager[Backend]:
+        config = LocalConfig(
+            state_dir=self.state_dir,
+            cpus=2,
+            tick=0.2,
+            kill_grace=1,
+            run_as_user=True,
+            user_template=self.account,
         )
-        assert backend.config.runs_as_users
-        await backend.start()
-        try:
-            yield backend
-        finally:
-            await backend.stop()
+        assert config.runs_as_users
+        return started(LocalBackend(config))
