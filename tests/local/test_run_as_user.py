@@ -24,7 +24,7 @@ import pytest
 from kbatch.client import Client
 from kbatch.errors import InvalidRequest, PermissionDenied
 from kbatch.models import Job, JobSpec, JobState
-from tests.support.accounts import reachable_dir, unix_account
+from tests.support.accounts import account_python, reachable_dir, unix_account
 from tests.support.polling import wait_for, wait_for_file
 from tests.support.servers import KbatchServer
 
@@ -297,3 +297,35 @@ def test_limits_hold_for_a_job_of_another_account(multi: MultiUser) -> None:
         slow = client.submit(_spec(carol, "exec sleep 60\n", time_limit=1)).id
         assert _wait(client, hog).state is JobState.OUT_OF_MEMORY
         assert _wait(client, slow).state is JobState.TIMEOUT
+
+
+def test_without_root_run_as_user_changes_nothing() -> None:
+    """A server of an ordinary account (a laptop) runs every job as itself, as before."""
+    with reachable_dir("kbnr-") as world, unix_account("kbnr") as account:
+        python = account_python(account, world)
+        entry = pwd.getpwnam(account)
+        state = world / "s"
+        state.mkdir(mode=0o700)
+        shutil.chown(state, account, account)
+        config = _config(world)
+        config.chmod(0o644)
+        work = world / "work"
+        work.mkdir()
+        shutil.chown(work, account, account)
+        server = KbatchServer(
+            state,
+            args=["--cpus", "1", "--config", str(config)],
+            python=str(python),
+            user=account,
+            log_dir=world,
+        )
+        server.start()
+        try:
+            with server.client() as client:  # the owner's token: the server's own account
+                spec = JobSpec(script="#!/bin/sh\nid -u\n", workdir=str(work))
+                job = _wait(client, client.submit(spec).id)
+            assert job.state is JobState.COMPLETED
+            assert (work / f"kbatch-{job.id}.out").read_text().strip() == str(entry.pw_uid)
+            assert "run_as_user needs a server running as root" in server.log()
+        finally:
+            server.stop()
