@@ -258,3 +258,20 @@ def test_hub_users_run_as_their_accounts_with_a_root_server(
         'auth = "jupyterhub"\n[local]\nrun_as_user = true\njobs_share_server_account = true\n',
     )
     assert not build_backend(load_config(shared, environ=env)).config.runs_as_users  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"run_as_user": "yes"}, "run_as_user"),
+        ({"min_uid": "x"}, "min_uid"),
+        ({"user_template": 3}, "user_template"),
+    ],
+)
+def test_run_as_user_settings_are_typed(
+    tmp_path: Path, section: dict[str, object], key: str
+) -> None:
+    from kbatch.backends.local.backend import LocalBackend
+
+    with pytest.raises(ConfigError, match=key):
+        LocalBackend.from_config(section, state_dir=tmp_path)
