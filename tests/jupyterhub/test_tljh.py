@@ -126,7 +126,7 @@ def _hub_user(hub: Hub, stack: ExitStack) -> tuple[str, pwd.struct_passwd]:
     home = hub.homes / name  # where the hub's spawner starts the user's server
     home.mkdir(parents=True, mode=0o700)
     shutil.chown(home, entry.pw_uid, entry.pw_gid)
-    stack.callback(shutil.rmtree, home, True)
+    # The home stays until the hub stops: Hub.stop finds the user's server by its pid file there.
     return name, entry
 
 
