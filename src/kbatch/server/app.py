@@ -422,6 +422,7 @@ def create_app(
     backend: Backend, authenticator: Authenticator, policy: Policy, *, prefix: str = ""
 ) -> Starlette:
     api = Api(backend, authenticator, policy)
+    backend.limits = policy.user_limits()  # the policy's per-user limits, enforced by the backend
     routes: list[BaseRoute] = [_route(api, path, methods) for path, methods in ROUTES.items()]
     if prefix:
         routes = [Mount(prefix, routes=routes)]

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from kbatch.backends.local.scheduler import Demand
-from kbatch.errors import ApiError, Conflict
+from kbatch.errors import ApiError, Conflict, PermissionDenied
 from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
@@ -285,12 +285,15 @@ class JobStore:
         paths: Callable[[int], tuple[str, str | None]],
         idempotency_key: str | None,
         now: float,
+        max_active: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert a PENDING job, or return the one already made with this idempotency key.
 
         ``paths`` turns the new job's id into its output and error file names
         (``%j`` needs the id), inside the same transaction.  Returns the record
         and whether it is new.  The same key with another spec is a :class:`Conflict`.
+        With ``max_active``, a user who already has that many jobs pending or running
+        is refused (:class:`PermissionDenied`), counted in the same transaction.
         """
         spec_json = msgspec.json.encode(spec)
         with self.transaction() as db:
@@ -309,6 +312,19 @@ class JobStore:
                             code="idempotency_key_reused",
                         )
                     return existing, False
+            if max_active is not None:
+                (active,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE user = ? AND state IN ('PENDING', 'RUNNING')",
+                    (user,),
+                ).fetchone()
+                if active >= max_active:
+                    raise PermissionDenied(
+                        f"you have {active} jobs pending or running; the limit (policy "
+                        f"max_submitted_jobs_per_user) is {max_active}: wait for some to end "
+                        "or cancel some",
+                        status=403,
+                        code="submit_limit",
+                    )
             desired = Desired.HOLD if spec.hold else Desired.RUN
             cursor = db.execute(
                 "INSERT INTO jobs (user, name, state, reason, submitted, output, error, cpus, "
@@ -346,21 +362,28 @@ class JobStore:
     def pending_demands(self) -> list[tuple[Demand, str | None]]:
         """The PENDING jobs that may start, in submission order: what each asks for, its reason."""
         rows = self._db.execute(
-            "SELECT id, cpus, COALESCE(memory, 0), gpus, reason FROM jobs "
+            "SELECT id, cpus, COALESCE(memory, 0), gpus, user, reason FROM jobs "
             "WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' AND desired = 'run' "
             "ORDER BY id"
         )
         return [
-            (Demand(job_id, cpus, memory, gpus), reason)
-            for job_id, cpus, memory, gpus, reason in rows
+            (Demand(job_id, cpus, memory, gpus, user), reason)
+            for job_id, cpus, memory, gpus, user, reason in rows
         ]
 
     def running_demands(self) -> list[Demand]:
         rows = self._db.execute(
-            "SELECT id, cpus, COALESCE(memory, 0), gpus FROM jobs "
+            "SELECT id, cpus, COALESCE(memory, 0), gpus, user FROM jobs "
             "WHERE state IN ('PENDING', 'RUNNING') AND state = 'RUNNING' ORDER BY id"
         )
         return [Demand(*row) for row in rows]
+
+    def last_started(self) -> dict[str, float]:
+        """When each user's latest job started (the fair-share tie-break, after a restart)."""
+        rows = self._db.execute(
+            "SELECT user, MAX(started) FROM jobs WHERE started IS NOT NULL GROUP BY user"
+        )
+        return {user: started for user, started in rows}
 
     def needing_attention(self) -> list[int]:
         """Jobs a reconciler must look at after a restart or on a periodic resync: running
@@ -373,14 +396,14 @@ class JobStore:
         )
         return [row[0] for row in rows]
 
-    def pending_before(self, job_id: int) -> bool:
-        """Whether a job submitted before ``job_id`` is still waiting to start."""
+    def pending_before(self, job_id: int, user: str) -> bool:
+        """Whether a job ``user`` submitted before ``job_id`` is still waiting to start."""
         # The IN term is the partial index's own condition: with it SQLite searches the
         # index of active jobs instead of every older row.
         row = self._db.execute(
             "SELECT 1 FROM jobs WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' "
-            "AND id < ? LIMIT 1",
-            (job_id,),
+            "AND id < ? AND user = ? LIMIT 1",
+            (job_id, user),
         ).fetchone()
         return row is not None
 
