@@ -25,6 +25,7 @@ lives.  It imports nothing from the server.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -308,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> None:
-    """Write ``result.json``, waiting for space (or a writable disk) as long as it takes.
+    """Write ``result.json``, waiting for space as long as it takes.
 
     The supervisor keeps its lock meanwhile, so the server sees the job as
     still running rather than as a lost supervisor (NODE_FAIL); once the disk
-    has room again the job ends in its real state.
+    has room again the job ends in its real state.  Only a full disk or quota
+    is waited for: any other error (the job's directory removed) gives up.
     """
     delay = 0.1
     while True:
@@ -320,6 +322,8 @@ def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> N
             jobdir.write(jobdir.result, result)
             return
         except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             with contextlib.suppress(OSError):
                 os.write(2, f"kbatch: cannot write the job's result ({exc}); retrying\n".encode())
             time.sleep(delay)
