@@ -27,6 +27,7 @@ from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
 from kbatch.backends.workqueue import WorkQueue
+from kbatch.dependencies import DependencyStatus, evaluate, parse_dependency
 from kbatch.errors import (
     ConfigError,
     InvalidRequest,
@@ -130,6 +131,8 @@ class LocalBackend(Backend):
         self._granted: dict[int, Demand] = {}  # allowed to start, not yet RUNNING
         self._last_started: dict[str, float] = {}  # per user: the fair-share tie-break
         self._schedule_lock = asyncio.Lock()
+        self._begin_timer: asyncio.TimerHandle | None = None
+        self._begin_at = 0.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], *, state_dir: Path) -> LocalBackend:
@@ -204,6 +207,8 @@ class LocalBackend(Backend):
             path.chmod(0o700)
 
     async def stop(self) -> None:
+        if self._begin_timer is not None:
+            self._begin_timer.cancel()
         self._queue.close()
         for task in self._tasks:
             task.cancel()
@@ -352,7 +357,8 @@ class LocalBackend(Backend):
             return record.to_job()
         self.events.publish(record.to_job())
         if record.desired is Desired.RUN:
-            if self.store.pending_before(record.id, user):
+            gated = spec.dependency is not None or spec.begin is not None
+            if not gated and self.store.pending_before(record.id, user):
                 # Earlier jobs of this user wait: this one cannot start before them, so a
                 # scheduling pass per submission would only slow a burst of submissions.
                 self._set(record.id, reason="Priority")
@@ -457,13 +463,14 @@ class LocalBackend(Backend):
             store = self.store
             running = store.running_demands()
             pending = store.pending_demands()
+            gates = self._gates()
             waiting_ids = {demand.job_id for demand, _ in pending}
             for job_id in [j for j in self._granted if j not in waiting_ids]:
                 del self._granted[job_id]  # started, ended, held or cancelled since
             decision = schedule(
                 self.capacity,
                 [*running, *self._granted.values()],
-                [d for d, _ in pending if d.job_id not in self._granted],
+                [d for d, _ in pending if d.job_id not in self._granted and d.job_id not in gates],
                 limits=self.limits,
                 last_started=self._last_started,
             )
@@ -474,9 +481,57 @@ class LocalBackend(Backend):
                 self._granted[job_id] = demands[job_id]
                 self._last_started[demands[job_id].user] = now
                 self._queue.put(job_id)
-            for job_id, reason in decision.waiting.items():
-                if reasons[job_id] != reason:
+            for job_id, reason in [*decision.waiting.items(), *gates.items()]:
+                if reasons.get(job_id) != reason:
                     self._set(job_id, reason=reason)
+
+    def _gates(self) -> dict[int, str]:
+        """Why each pending job that may run waits for something besides resources:
+        its --begin (``BeginTime``) or its dependency (``Dependency``,
+        ``DependencyNeverSatisfied``).  A job whose dependency can never be met and
+        that asked for it (--kill-on-invalid-dep) is handed to its reconciler to cancel."""
+        store = self.store
+        gates: dict[int, str] = {}
+        now = time.time()
+        next_begin: float | None = None
+        for job_id, user, name, text, kill, begin, _ in store.gated():
+            if begin is not None and begin > now:
+                gates[job_id] = "BeginTime"
+                next_begin = begin if next_begin is None else min(next_begin, begin)
+                continue
+            if text is None:
+                continue
+            dependency = parse_dependency(text)
+            ids = [int(i) for i in dependency.job_ids if i.isascii() and i.isdigit()]
+            singleton = any(t.kind == "singleton" for t in dependency.terms)
+            status, _, _ = evaluate(
+                dependency,
+                store.states(ids),
+                singleton_clear=not (singleton and store.active_earlier(user, name, job_id)),
+            )
+            if status is DependencyStatus.MET:
+                continue
+            gates[job_id] = str(status.value)
+            if status is DependencyStatus.NEVER and kill:
+                store.update(job_id, desired=Desired.CANCEL, reason=str(status.value))
+                self._queue.put(job_id)
+        if next_begin is not None:
+            self._wake_at(next_begin)
+        return gates
+
+    def _wake_at(self, moment: float) -> None:
+        """Run the scheduler again at ``moment`` (for a --begin), unless it runs sooner."""
+        if self._begin_timer is not None and self._begin_at <= moment:
+            return
+        if self._begin_timer is not None:
+            self._begin_timer.cancel()
+        self._begin_at = moment
+        delay = max(0.0, moment - time.time()) + 0.01
+        self._begin_timer = asyncio.get_running_loop().call_later(delay, self._begin_due)
+
+    def _begin_due(self) -> None:
+        self._begin_timer = None
+        self._wake.set()
 
     # -- the reconciler: the one place that moves a job between states ----------
 
@@ -549,7 +604,10 @@ class LocalBackend(Backend):
             record,
             JobState.PENDING,
             state=JobState.CANCELLED,
-            reason="CancelledByUser",
+            # The scheduler cancels a job whose dependency can never be met (and says so).
+            reason="DependencyNeverSatisfied"
+            if record.cancelled_by is None and record.reason == "DependencyNeverSatisfied"
+            else "CancelledByUser",
             finished=time.time(),
         )
 
