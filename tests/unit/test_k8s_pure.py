@@ -14,6 +14,7 @@ import pytest
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.manifests import (
     ENTRYPOINT,
+    TIME_LIMIT_GRACE,
     JobContext,
     build_manifests,
     check_pod_security,
@@ -107,7 +108,7 @@ def test_job_manifest() -> None:
     js = job["spec"]
     assert (
         js["backoffLimit"] == 0
-        and js["activeDeadlineSeconds"] == 600
+        and js["activeDeadlineSeconds"] == 600 + TIME_LIMIT_GRACE
         and js["ttlSecondsAfterFinished"] == 3600
     )
     assert js["suspend"] is True

@@ -163,7 +163,10 @@ def api_error(exc: Exception, doing: str) -> KbatchApiError:
 
 _HTTP_ERRORS = (ApiError, httpx.HTTPError)
 RELEASE_CLAIM_SECONDS = 60.0  # a replica's claim to start a job lapses after this
-OBJECTS_GRACE_SECONDS = 120.0  # a Job whose ConfigMap/Secret never came is ended after this
+OBJECTS_GRACE_SECONDS = 120.0
+SAVED_LOG_CHARS = (
+    512 * 1024
+)  # the tail of a log kept in the ConfigMap (1 MiB at most)  # a Job whose ConfigMap/Secret never came is ended after this
 
 
 def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
@@ -186,6 +189,20 @@ def _is_transient(exc: BaseException) -> bool:
 
 class _Retrying(Exception):
     """The reconciler has scheduled its own retry (with backoff) of this job."""
+
+
+def _namespace_missing(exc: ApiError, namespace: str) -> bool:
+    """The API server refused an object because its namespace is gone (or going)."""
+    message = exc.status.message or ""
+    if exc.status.code == 404:
+        return f'namespaces "{namespace}" not found' in message
+    return exc.status.code == 403 and "because it is being terminated" in message
+
+
+def _ended(pods: list[dict[str, Any]]) -> bool:
+    return bool(pods) and all(
+        p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods
+    )
 
 
 def _list_key(job: Job) -> str:
@@ -246,6 +263,9 @@ class KubernetesBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        httpx_log = logging.getLogger("httpx2")  # lightkube's HTTP client: a line per request
+        if httpx_log.level == logging.NOTSET:
+            httpx_log.setLevel(logging.WARNING)
         if self._client is None:
             if self.config.kubeconfig:
                 kubeconfig = KubeConfig.from_file(self.config.kubeconfig)
@@ -266,8 +286,11 @@ class KubernetesBackend(Backend):
         self._jobs.start()
         try:
             async with asyncio.timeout(self.config.cache_timeout):
-                await self._pods.ready.wait()
-                await self._jobs.ready.wait()
+                while not (self._pods.ready.is_set() and self._jobs.ready.is_set()):
+                    for cache in (self._jobs, self._pods):
+                        if cache.last_status in (401, 403):  # no retry will fix RBAC: say so now
+                            raise ConfigError(self._forbidden(cache))
+                    await asyncio.sleep(0.05)
         except TimeoutError:
             errors = "; ".join(
                 f"{c.kind}: {c.last_error}" for c in (self._jobs, self._pods) if c.last_error
@@ -281,6 +304,18 @@ class KubernetesBackend(Backend):
             for i in range(self.config.reconcile_workers)
         ]
         log.info("kubernetes backend: %d jobs known", len(self._job_keys))
+
+    def _forbidden(self, cache: WatchCache) -> str:
+        """One line naming the permission the server's ServiceAccount lacks."""
+        info = cache.resource._api_info
+        plural = f"{info.plural}.{info.resource.group}" if info.resource.group else info.plural
+        where = "all namespaces" if cache.namespace == ALL_NS else f"namespace {cache.namespace}"
+        verb = "forbidden" if cache.last_status == 403 else "unauthorized"
+        return (
+            f"cannot list {plural} in {where}: {verb} "
+            f"(the kbatch server's RBAC must allow list and watch; the API server said: "
+            f"{cache.last_error})"
+        )
 
     async def stop(self) -> None:
         self._queue.close()
@@ -444,8 +479,57 @@ class KubernetesBackend(Backend):
                 await self._patch_job(obj, patch)
         elif obj["spec"].get("suspend"):
             await self._release(obj, model)
+        else:
+            await self._enforce_time_limit(obj, model, pods)
         self._queue.forget(job_id)
         self._retry_at.pop(job_id, None)
+
+    async def _enforce_time_limit(
+        self, obj: dict[str, Any], job: Job, pods: list[dict[str, Any]]
+    ) -> None:
+        """At the job's time limit: keep its log, then end it through its deadline (TIMEOUT).
+
+        The Job's own deadline lies TIME_LIMIT_GRACE later, for when no server is up."""
+        started = parse_time((obj.get("status") or {}).get("startTime"))
+        if not job.time_limit or started is None or obj["spec"].get("activeDeadlineSeconds") == 1:
+            return
+        left = job.time_limit - (datetime.now(UTC) - started).total_seconds()
+        if left > 0:
+            self._queue.put_after(job.id, left)
+            return
+        obj = await self._save_log(obj, pods)
+        await self._patch_job(obj, {"spec": {"activeDeadlineSeconds": 1}})
+
+    async def _save_log(self, obj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+        """Copy the log of the job's pod into its ConfigMap before the pod (and its log)
+        is deleted by a cancel or a time limit; the Job is marked (log-saved).  A failure
+        is logged, never a reason not to end the job."""
+        ran = sorted(
+            (p for p in pods if pod_started(p)),
+            key=lambda p: p["metadata"].get("creationTimestamp") or "",
+        )
+        if not ran:
+            return obj
+        meta = obj["metadata"]
+        namespace = meta["namespace"]
+        try:
+            lines = [
+                line
+                async for line in self.client.log(
+                    ran[-1]["metadata"]["name"], namespace=namespace, container="job"
+                )
+            ]
+            text = "".join(lines)
+            if len(text) > SAVED_LOG_CHARS:
+                text = text[-SAVED_LOG_CHARS:]
+            await self.client.patch(
+                ConfigMap, meta["name"], {"data": {"log": text}}, namespace=namespace
+            )
+            saved = {"metadata": {"annotations": {names.ANNOTATION_LOG_SAVED: _now()}}}
+            return await self._patch_job(obj, saved) or obj
+        except (*_HTTP_ERRORS, KbatchError) as exc:
+            log.warning("job %s: cannot keep its log before it ends: %s", _job_id_of(obj), exc)
+            return obj
 
     async def _end(self, obj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         """End the Job through its deadline: the Job controller stops its pods (SIGTERM,
@@ -453,6 +537,8 @@ class KubernetesBackend(Backend):
         spec = obj["spec"]
         if spec.get("activeDeadlineSeconds") == 1 and not spec.get("suspend"):
             return None  # done already; the Job controller does the rest
+        if any(pod_started(p) for p in pods) and not _ended(pods):
+            obj = await self._save_log(obj, pods)  # the Job controller deletes the pod
         patch: dict[str, Any] = {"spec": {"activeDeadlineSeconds": 1, "suspend": False}}
         if spec.get("suspend") and not any(pod_started(p) for p in pods):
             # never started: make sure it never does (the template is mutable while suspended)
@@ -681,7 +767,15 @@ class KubernetesBackend(Backend):
         namespace = job["metadata"]["namespace"]
         name = job["metadata"]["name"]
         try:
-            created = self._observe(await self.client.create(from_dict(job)))
+            try:
+                created = self._observe(await self.client.create(from_dict(job)))
+            except ApiError as exc:
+                if not _namespace_missing(exc, namespace) or namespace not in self._namespaces:
+                    raise
+                # an admin deleted the namespace since it was made: make it again, once
+                self._namespaces.discard(namespace)
+                await self._ensure_namespace(namespace)
+                created = self._observe(await self.client.create(from_dict(job)))
         except ApiError as exc:
             if not (keyed and exc.status.code == 409):
                 raise api_error(exc, "create the job") from exc
@@ -789,7 +883,11 @@ class KubernetesBackend(Backend):
         ]
         # (time, id) sorts as the cursors do (ISO times of one offset), far faster
         jobs.sort(key=lambda j: (j.submitted, j.id))
-        return paginate(jobs, limit=limit, after=after, key=_list_key)
+        page = paginate(jobs, limit=limit, after=after, key=_list_key)
+        stale = self.health().stale_seconds
+        if stale is not None:
+            page.stale_seconds = round(stale, 1)
+        return page
 
     async def _set_desired(self, job_id: str, annotations: dict[str, str]) -> None:
         namespace, name = await self._lookup(job_id)
@@ -853,7 +951,15 @@ class KubernetesBackend(Backend):
     async def logs(
         self, job_id: str, *, follow: bool, stream: str = "output"
     ) -> AsyncIterator[bytes]:
-        namespace, _ = await self._lookup(job_id)
+        namespace, name = await self._lookup(job_id)
+        try:  # the API server answers (else a 503 before anything is sent), and the Job is there
+            current = self._observe(await self.client.get(K8sJob, name, namespace=namespace))
+        except ApiError as exc:
+            if exc.status.code == 404:
+                raise NotFound(f"no job {job_id}", status=404, code="not_found") from exc
+            raise api_error(exc, "read the job's log") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "read the job's log") from exc
         while True:
             pods = sorted(
                 self._pods_by_job.get(job_id, {}).values(),
@@ -868,6 +974,8 @@ class KubernetesBackend(Backend):
                 break
             job = await self.get(job_id)
             if not follow or job.state.is_terminal:
+                async for chunk in self._kept_log(job, self._object(job_id) or current):
+                    yield chunk
                 return
             await asyncio.sleep(0.5)
         pod = started[-1]
@@ -882,6 +990,38 @@ class KubernetesBackend(Backend):
             return
         async for chunk in self._follow(job_id, pod_name, namespace):
             yield chunk
+
+    async def _kept_log(self, job: Job, obj: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The log of a job whose pod is gone: the copy kept when it was cancelled or
+        timed out, else (if it ran) a 410 saying it is gone, never an empty success."""
+        meta = obj["metadata"]
+        if names.ANNOTATION_LOG_SAVED in _annotations(obj):
+            try:
+                kept = await self.client.get(ConfigMap, meta["name"], namespace=meta["namespace"])
+            except _HTTP_ERRORS as exc:
+                raise api_error(exc, "read the job's kept log") from exc
+            text = (kept.data or {}).get("log", "")
+            if text:
+                yield text.encode()
+            return
+        counts = obj.get("status") or {}
+        uncounted = counts.get("uncountedTerminatedPods") or {}
+        ran = (
+            counts.get("succeeded")
+            or counts.get("failed")
+            or uncounted.get("succeeded")
+            or uncounted.get("failed")
+            or job.started is not None
+            or job.state is JobState.COMPLETED
+        )
+        if ran:
+            where = f"; its output file was {job.output}" if job.output else ""
+            raise KbatchApiError(
+                f"the output of job {job.id} is gone: its pod was deleted and no copy "
+                f"of its log was kept{where}",
+                status=410,
+                code="output_gone",
+            )
 
     async def _follow(self, job_id: str, pod_name: str, namespace: str) -> AsyncIterator[bytes]:
         """Follow a running pod's log until the job has ended and the log is quiet.

@@ -68,6 +68,7 @@ class WatchCache:
         self.max_delay = max_delay
         self.failures = 0  # consecutive failed attempts to list or watch
         self.last_error: str | None = None
+        self.last_status: int | None = None  # the HTTP status of the last failure, if any
         self.synced_at: float | None = None  # monotonic: the last successful list
         self._broken_since: float | None = None  # monotonic: when the watch last broke
         self._on_change = on_change
@@ -151,6 +152,7 @@ class WatchCache:
             )
         self.failures = 0
         self.last_error = None
+        self.last_status = None
         self._broken_since = None
 
     def _failed(self, error: str) -> float:
@@ -191,6 +193,8 @@ class WatchCache:
             except ApiError as exc:
                 if exc.status.code == 410:  # too old a version: re-list at once
                     continue
+                self.last_status = exc.status.code
                 await asyncio.sleep(self._failed(f"{exc.status.code}: {exc.status.message}"))
             except Exception as exc:  # noqa: BLE001 - the cache must outlive any error
+                self.last_status = None
                 await asyncio.sleep(self._failed(f"{type(exc).__name__}: {exc}"))

@@ -30,6 +30,7 @@ from kbatch.models import JobSpec
 
 __all__ = [
     "GPU_RESOURCE",
+    "TIME_LIMIT_GRACE",
     "JobContext",
     "Manifests",
     "build_manifests",
@@ -41,6 +42,7 @@ __all__ = [
 
 GPU_RESOURCE = "nvidia.com/gpu"
 SCRIPT_DIR = "/kbatch"
+TIME_LIMIT_GRACE = 30  # seconds the Job's deadline lies after the time limit the reconciler keeps
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 ENTRYPOINT = files("kbatch.backends.kubernetes").joinpath("entrypoint.sh").read_text()
 
@@ -203,7 +205,10 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
         "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
     }
     if spec.time_limit:
-        job_spec["activeDeadlineSeconds"] = spec.time_limit
+        # The reconciler ends the job at its time limit, after keeping its log (the
+        # Job controller deletes the pod, and its log with it); the Job's own deadline,
+        # a little later, ends it should the kbatch server be down then.
+        job_spec["activeDeadlineSeconds"] = spec.time_limit + TIME_LIMIT_GRACE
     if ctx.ttl_seconds is not None:
         job_spec["ttlSecondsAfterFinished"] = ctx.ttl_seconds
     job: dict[str, Any] = {

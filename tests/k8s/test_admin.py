@@ -1,0 +1,231 @@
+"""What a cluster admin and a hub user meet on a real cluster (issue 11), on the real
+control plane: outages of the API server, missing RBAC, a deleted namespace, the log.
+
+Each test here failed on the backend before the change that made it pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kbatch.backends.kubernetes import names
+from kbatch.backends.kubernetes.backend import KubernetesBackend, KubernetesConfig
+from kbatch.errors import ApiError as KbatchApiError
+from kbatch.errors import ConfigError, ServiceUnavailable
+from kbatch.models import API_PREFIX, Identity, JobState
+from kbatch.server.app import create_app
+from kbatch.server.auth.base import Authenticator
+from kbatch.server.policy import Policy
+from tests.k8s.conftest import SHARED_NS, Installed
+from tests.k8s.outcomes import outcome_args
+from tests.k8s.test_backend import final, spec, started, until
+from tests.k8s.test_core import proxied
+from tests.support.k8s_cluster import K8sCluster
+
+pytestmark = [pytest.mark.kubernetes, pytest.mark.anyio]
+
+RUNNING = outcome_args("running")[0]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- 5. API server outages ------------------------------------------------------------
+
+
+async def test_submit_during_an_outage_is_a_503_naming_the_api_server(
+    shared: Installed, tmp_path: Path
+) -> None:
+    async with (
+        proxied(shared, tmp_path) as (proxy, through),
+        started(through, instance="outage") as backend,
+    ):
+        await proxy.cut()
+        for key in (None, "outage-key"):  # both the plain and the idempotent path
+            with pytest.raises(ServiceUnavailable) as info:
+                await backend.submit("oscar", spec(), idempotency_key=key)
+            assert info.value.status == 503
+            assert "Kubernetes API server" in str(info.value)
+
+
+async def test_logs_during_an_outage_fail_before_anything_is_sent(
+    shared: Installed, tmp_path: Path
+) -> None:
+    async with (
+        proxied(shared, tmp_path) as (proxy, through),
+        started(through, instance="outage-logs") as backend,
+    ):
+        job = await backend.submit("oscar", spec(), idempotency_key=None)
+        await final(backend, job.id)
+        await proxy.cut()
+        for follow in (False, True):
+            chunks = backend.logs(job.id, follow=follow)
+            # the first step (what the server awaits before it answers 200) fails
+            with pytest.raises(ServiceUnavailable, match="Kubernetes API server"):
+                await asyncio.wait_for(anext(chunks), 30)
+
+
+async def test_list_says_how_stale_it_may_be(shared: Installed, tmp_path: Path) -> None:
+    async with (
+        proxied(shared, tmp_path) as (proxy, through),
+        started(through, instance="outage-list") as backend,
+    ):
+        job = await backend.submit("oscar", spec(args=[RUNNING]), idempotency_key=None)
+        assert (await backend.list(user="oscar")).stale_seconds is None
+        await proxy.cut()
+
+        async def stale() -> float | None:
+            return (await backend.list(user="oscar")).stale_seconds
+
+        seconds = await until(stale, limit=30, what="the list to say it is stale")
+        assert seconds > 0
+        assert [j.id for j in (await backend.list(user="oscar")).jobs] == [job.id]  # from cache
+        await proxy.start()
+        await backend.cancel(job.id, by="oscar")
+
+
+# -- 6. missing RBAC ------------------------------------------------------------------------
+
+
+async def test_missing_rbac_fails_at_once_naming_the_permission(
+    cluster: K8sCluster, shared: Installed, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster.kubectl("create", "namespace", "kbatch-norbac", check=False)
+    backend = KubernetesBackend(
+        KubernetesConfig(
+            kubeconfig=str(shared.kubeconfig),
+            namespace_mode="shared",
+            namespace="kbatch-norbac",
+            cache_timeout=30,
+        )
+    )
+    begun = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        await backend.start()
+    took = time.monotonic() - begun
+    await backend.stop()
+    assert took < 5, took  # not after cache_timeout
+    message = str(info.value)
+    assert "\n" not in message
+    assert "cannot list" in message and "in namespace kbatch-norbac: forbidden" in message
+    assert "jobs.batch" in message or "pods" in message
+    failures = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) <= 4  # no storm of attempts logged
+
+
+# -- 7. a namespace an admin deleted ------------------------------------------------------
+
+
+async def test_deleted_namespace_is_recreated_on_the_next_submit(
+    cluster: K8sCluster, per_user: Installed
+) -> None:
+    async with started(per_user) as backend:
+        first = await backend.submit("nina", spec(), idempotency_key=None)
+        await final(backend, first.id)
+        namespace = backend.namespace_of("nina")
+        cluster.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=60s")
+        job = await backend.submit("nina", spec(), idempotency_key=None)
+        assert (await final(backend, job.id)).state is JobState.COMPLETED
+        assert cluster.kubectl_json("get", "namespace", namespace)["metadata"]["name"] == namespace
+
+
+# -- 8. one log line per API request ---------------------------------------------------------
+
+
+async def test_api_requests_are_not_logged_one_by_one(
+    shared: Installed, caplog: pytest.LogCaptureFixture
+) -> None:
+    logging.getLogger("httpx2").setLevel(logging.NOTSET)  # as a fresh process has it
+    caplog.set_level(logging.INFO)
+    async with started(shared, instance="quiet") as backend:
+        job = await backend.submit("quinn", spec(), idempotency_key=None)
+        await final(backend, job.id)
+    lines = [r for r in caplog.records if r.name.startswith("httpx")]
+    assert lines == [], [r.getMessage() for r in lines[:3]]
+
+
+async def test_logs_error_is_an_http_error_status_not_a_dropped_200(
+    shared: Installed, tmp_path: Path
+) -> None:
+    async with (
+        proxied(shared, tmp_path) as (proxy, through),
+        started(through, instance="outage-http") as backend,
+    ):
+        job = await backend.submit("oscar", spec(), idempotency_key=None)
+        await final(backend, job.id)
+        await proxy.cut()
+        app = create_app(backend, OneUser("oscar"), Policy())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kbatch") as http:
+            for follow in ("0", "1"):
+                response = await http.get(
+                    f"{API_PREFIX}/jobs/{job.id}/logs", params={"follow": follow}
+                )
+                assert response.status_code == 503, response.text
+                assert "Kubernetes API server" in response.json()["error"]["message"]
+
+
+class OneUser(Authenticator):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def authenticate(self, token: str | None) -> Identity:
+        return Identity(name=self.name)
+
+
+# -- 4. the output of jobs that were cancelled or timed out ---------------------------------
+
+
+async def test_output_of_timed_out_and_cancelled_jobs_is_kept(
+    shared: Installed, pod_log: Callable[[str], None]
+) -> None:
+    pod_log("working...\nstill working\n")
+    async with started(shared, instance="kept") as backend:
+        timed = await backend.submit(
+            "kim", spec(args=[RUNNING], time_limit=3), idempotency_key=None
+        )
+        cancelled = await backend.submit("kim", spec(args=[RUNNING]), idempotency_key=None)
+        await until(lambda: _running(backend, cancelled.id), what="running")
+        await backend.cancel(cancelled.id, by="kim")
+        assert (await final(backend, timed.id)).state is JobState.TIMEOUT
+        assert (await final(backend, cancelled.id)).state is JobState.CANCELLED
+        for job in (timed, cancelled):
+
+            async def pods_gone(job_id: str = job.id) -> bool:
+                return not backend._pods_by_job.get(job_id)
+
+            await until(pods_gone, what="the pod to be deleted")
+            text = b"".join([c async for c in backend.logs(job.id, follow=False)])
+            assert text == b"working...\nstill working\n", job.id
+
+
+async def test_output_that_is_gone_is_an_error_not_nothing(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    async with started(shared, instance="gone") as backend:
+        job = await backend.submit("kim", spec(), idempotency_key=None)
+        await final(backend, job.id)
+        cluster.kubectl(
+            "delete", "pods", "-n", SHARED_NS, "-l", f"{names.LABEL_JOB_ID}={job.id}", "--wait"
+        )
+
+        async def pods_gone() -> bool:
+            return not backend._pods_by_job.get(job.id)
+
+        await until(pods_gone, what="the pod to be deleted")
+        with pytest.raises(KbatchApiError) as info:
+            _ = [c async for c in backend.logs(job.id, follow=False)]
+        assert info.value.status == 410 and "is gone" in str(info.value)
+
+
+async def _running(backend: KubernetesBackend, job_id: str) -> bool:
+    return (await backend.get(job_id)).state is JobState.RUNNING
