@@ -86,10 +86,18 @@ class Client:
     def list(
         self, *, states: Sequence[str] = (), include_finished: bool = False, all_users: bool = False
     ) -> list[Job]:
+        return self.list_page(
+            states=states, include_finished=include_finished, all_users=all_users
+        ).jobs
+
+    def list_page(
+        self, *, states: Sequence[str] = (), include_finished: bool = False, all_users: bool = False
+    ) -> JobList:
+        """As :meth:`list`, with what the server says of the list (``stale_seconds``)."""
         request = rq.list_jobs(
             states=states, include_finished=include_finished, all_users=all_users
         )
-        return self._call(request, JobList).jobs
+        return self._call(request, JobList)
 
     def cancel(self, job_id: str) -> Job:
         return self._call(rq.cancel_job(job_id), Job)
