@@ -7,9 +7,11 @@ Each test here failed on the backend before the change that made it pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,7 @@ import pytest
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.backend import KubernetesBackend, KubernetesConfig
 from kbatch.errors import ApiError as KbatchApiError
-from kbatch.errors import ConfigError, ServiceUnavailable
+from kbatch.errors import ConfigError, ServiceUnavailable, SpecError
 from kbatch.models import API_PREFIX, Identity, JobState
 from kbatch.server.app import create_app
 from kbatch.server.auth.base import Authenticator
@@ -229,3 +231,69 @@ async def test_output_that_is_gone_is_an_error_not_nothing(
 
 async def _running(backend: KubernetesBackend, job_id: str) -> bool:
     return (await backend.get(job_id)).state is JobState.RUNNING
+
+
+# -- 2. security context: restricted by default, the notebook's user, no root if forbidden ---
+
+
+@contextlib.contextmanager
+def pod_security_restricted(cluster: K8sCluster) -> Iterator[None]:
+    label = "pod-security.kubernetes.io/enforce"
+    cluster.kubectl("label", "namespace", SHARED_NS, f"{label}=restricted", "--overwrite")
+    try:
+        yield
+    finally:
+        cluster.kubectl("label", "namespace", SHARED_NS, f"{label}-")
+
+
+async def test_default_job_is_accepted_by_pod_security_restricted(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    with pod_security_restricted(cluster):
+        async with started(shared, instance="restricted", notebook_namespace=None) as backend:
+            job = await backend.submit("rita", spec(), idempotency_key=None)
+            assert (await final(backend, job.id, limit=30)).state is JobState.COMPLETED
+
+
+async def test_forbidden_root_is_refused_before_anything_is_created(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    root = {"spec": {"template": {"spec": {"securityContext": {"runAsUser": 0}}}}}
+    async with started(shared, instance="noroot", forbid_root=True, job_template=root) as backend:
+        with pytest.raises(SpecError, match="may not run as root"):
+            await backend.submit("rita", spec(), idempotency_key=None)
+    assert (
+        cluster.kubectl_json(
+            "get", "jobs", "-n", SHARED_NS, "-l", f"{names.LABEL_INSTANCE}=noroot"
+        )["items"]
+        == []
+    )
+
+
+# -- 3. a job that can't get a pod says why -------------------------------------------------
+
+
+async def test_job_refused_a_pod_says_why(cluster: K8sCluster, shared: Installed) -> None:
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "kbatch-test-cpu", "namespace": SHARED_NS},
+        "spec": {"hard": {"requests.cpu": "1"}},
+    }
+    cluster.apply(json.dumps(quota))
+    try:
+        async with started(shared, instance="quota") as backend:
+            job = await backend.submit("rita", spec(cpus=2), idempotency_key=None)
+
+            async def explained() -> str | None:
+                current = await backend.get(job.id)
+                reason = current.reason or ""
+                return reason if reason.startswith("FailedCreate: ") else None
+
+            reason = await until(explained, limit=30, what="the FailedCreate reason")
+            assert "exceeded quota" in reason and "requests.cpu" in reason, reason
+            assert len(reason) <= 220
+            await backend.cancel(job.id, by="rita")
+            assert (await final(backend, job.id)).state is JobState.CANCELLED
+    finally:
+        cluster.kubectl("delete", "resourcequota", "kbatch-test-cpu", "-n", SHARED_NS)

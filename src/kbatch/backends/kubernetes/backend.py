@@ -41,12 +41,13 @@ import httpx2 as httpx  # lightkube is built on httpx2, a fork of httpx
 from lightkube import ALL_NS, ApiError, AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.resources.batch_v1 import Job as K8sJob
-from lightkube.resources.core_v1 import ConfigMap, Pod, Secret
+from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Secret
 
 from kbatch.backends.base import Backend, BackendHealth, decode_section, not_pending, paginate
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.cache import WatchCache
 from kbatch.backends.kubernetes.manifests import (
+    RESTRICTED,
     JobContext,
     Manifests,
     build_manifests,
@@ -60,6 +61,7 @@ from kbatch.backends.kubernetes.notebook import (
 )
 from kbatch.backends.kubernetes.status import (
     desired_of,
+    failed_create_reason,
     job_from_objects,
     parse_time,
     pod_started,
@@ -105,6 +107,10 @@ class KubernetesConfig:
     stale_after: float = 5.0  # /health fails when the watch has been broken this long
     reconcile_workers: int = 8
     cancel_timeout: float = 30.0  # how long cancel/hold/release wait for the reconciler
+    # The job container's securityContext where the notebook's does not say: what Pod
+    # Security "restricted" asks (the notebook's container context is merged over it).
+    security_context: dict[str, Any] = field(default_factory=lambda: dict(RESTRICTED))
+    forbid_root: bool = False  # refuse jobs that would run as user 0 (runAsUser: 0)
 
     def __post_init__(self) -> None:
         if self.namespace_mode not in ("per-user", "shared"):
@@ -164,6 +170,7 @@ def api_error(exc: Exception, doing: str) -> KbatchApiError:
 _HTTP_ERRORS = (ApiError, httpx.HTTPError)
 RELEASE_CLAIM_SECONDS = 60.0  # a replica's claim to start a job lapses after this
 OBJECTS_GRACE_SECONDS = 120.0
+NO_POD_RECHECK = 5.0  # how often a released Job without a pod is asked why
 SAVED_LOG_CHARS = (
     512 * 1024
 )  # the tail of a log kept in the ConfigMap (1 MiB at most)  # a Job whose ConfigMap/Secret never came is ended after this
@@ -238,6 +245,8 @@ class KubernetesBackend(Backend):
         # job id -> when its start may be tried again (monotonic): watch events, which
         # queue a job at once, must not cut a hook's backoff short
         self._retry_at: dict[str, float] = {}
+        self._no_pod: dict[str, str] = {}  # job id -> why the Job controller made no pod
+        self._events_warned = False
 
     @classmethod
     def from_config(
@@ -368,6 +377,7 @@ class KubernetesBackend(Backend):
                 self._pods_by_job.pop(job_id, None)
             self._queue.forget(job_id)
             self._retry_at.pop(job_id, None)
+            self._no_pod.pop(job_id, None)
             return
         self._job_keys[job_id] = key
         self._refresh(job_id)
@@ -401,7 +411,11 @@ class KubernetesBackend(Backend):
         obj = self._object(job_id)
         if obj is None:
             return None
-        model = job_from_objects(obj, list(self._pods_by_job.get(job_id, {}).values()))
+        model = job_from_objects(
+            obj,
+            list(self._pods_by_job.get(job_id, {}).values()),
+            no_pod=self._no_pod.get(job_id),
+        )
         self._models[job_id] = model
         self.events.publish(model)
         return model
@@ -481,8 +495,49 @@ class KubernetesBackend(Backend):
             await self._release(obj, model)
         else:
             await self._enforce_time_limit(obj, model, pods)
+            await self._explain_no_pod(obj, model, pods)
         self._queue.forget(job_id)
         self._retry_at.pop(job_id, None)
+
+    async def _explain_no_pod(
+        self, obj: dict[str, Any], job: Job, pods: list[dict[str, Any]]
+    ) -> None:
+        """A released Job without a pod: read the Job controller's events for why (Pod
+        Security or a ResourceQuota refused the pod), shown as the job's reason; looked
+        again every NO_POD_RECHECK seconds while it lasts.
+
+        Events are read on demand, for this rare case, rather than watched: they carry
+        no labels of kbatch's, so a watch would follow every Job event of the namespace
+        (of the cluster, per-user) for the few that matter."""
+        job_id = job.id
+        started = (obj.get("status") or {}).get("startTime")
+        if pods or job.state is not JobState.PENDING or not started:
+            if self._no_pod.pop(job_id, None) is not None:
+                self._refresh(job_id)
+            return
+        meta = obj["metadata"]
+        try:
+            events = [
+                event.to_dict()
+                async for event in self.client.list(
+                    Event,
+                    namespace=meta["namespace"],
+                    fields={"involvedObject.kind": "Job", "involvedObject.uid": meta["uid"]},
+                )
+            ]
+        except _HTTP_ERRORS as exc:
+            if not self._events_warned:
+                self._events_warned = True
+                log.warning("cannot read the events of Jobs (why a job has no pod): %s", exc)
+            return
+        reason = failed_create_reason(events)
+        if reason != self._no_pod.get(job_id):
+            if reason is None:
+                self._no_pod.pop(job_id, None)
+            else:
+                self._no_pod[job_id] = reason
+            self._refresh(job_id)
+        self._queue.put_after(job_id, NO_POD_RECHECK)
 
     async def _enforce_time_limit(
         self, obj: dict[str, Any], job: Job, pods: list[dict[str, Any]]
@@ -750,6 +805,8 @@ class KubernetesBackend(Backend):
                 template=self.config.job_template,
                 idempotency_key=idempotency_key,
                 submitted=datetime.now(UTC),
+                security_context=self.config.security_context,
+                forbid_root=self.config.forbid_root,
             ),
         )
         return await self._create(manifests, keyed=idempotency_key is not None)
