@@ -297,7 +297,9 @@ class KubernetesBackend(Backend):
             async with asyncio.timeout(self.config.cache_timeout):
                 while not (self._pods.ready.is_set() and self._jobs.ready.is_set()):
                     for cache in (self._jobs, self._pods):
-                        if cache.last_status in (401, 403):  # no retry will fix RBAC: say so now
+                        # refused three times in a row (not a Role still being made):
+                        # no retry will fix RBAC, so say so now rather than at the timeout
+                        if cache.last_status in (401, 403) and cache.failures >= 3:
                             raise ConfigError(self._forbidden(cache))
                     await asyncio.sleep(0.05)
         except TimeoutError:
