@@ -25,7 +25,7 @@ from kbatch.models import API_PREFIX, Identity, JobState
 from kbatch.server.app import create_app
 from kbatch.server.auth.base import Authenticator
 from kbatch.server.policy import Policy
-from tests.k8s.conftest import SHARED_NS, Installed
+from tests.k8s.conftest import SHARED_NS, Installed, _install
 from tests.k8s.outcomes import outcome_args
 from tests.k8s.test_backend import final, spec, started, until
 from tests.k8s.test_core import proxied
@@ -297,3 +297,38 @@ async def test_job_refused_a_pod_says_why(cluster: K8sCluster, shared: Installed
             assert (await final(backend, job.id)).state is JobState.CANCELLED
     finally:
         cluster.kubectl("delete", "resourcequota", "kbatch-test-cpu", "-n", SHARED_NS)
+
+
+# -- 9. per-user namespaces: Pod Security label and quota (chart and config options) -------
+
+
+async def test_per_user_namespaces_get_the_admins_labels_and_quota(
+    cluster: K8sCluster, helm: Path
+) -> None:
+    installed = _install(
+        cluster,
+        helm,
+        "kbatch-pq",
+        "--set",
+        "kubernetes.namespaceMode=per-user",
+        "--set-json",
+        'kubernetes.namespaceQuota={"requests.cpu":"4"}',
+    )
+    labels = {"pod-security.kubernetes.io/enforce": "restricted"}
+    async with started(
+        installed,
+        instance="kbatch-pq",
+        namespace_mode="per-user",
+        namespace_template="kbatch-pq-{username}",
+        namespace_labels=labels,
+        namespace_quota={"requests.cpu": "4"},
+        notebook_namespace=None,
+    ) as backend:
+        job = await backend.submit("paula", spec(), idempotency_key=None)
+        namespace = backend.namespace_of("paula")
+        made = cluster.kubectl_json("get", "namespace", namespace)
+        assert made["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        quota = cluster.kubectl_json("get", "resourcequota", "kbatch", "-n", namespace)
+        assert quota["spec"]["hard"] == {"requests.cpu": "4"}
+        # the default job passes Pod Security restricted and fits the quota
+        assert (await final(backend, job.id, limit=30)).state is JobState.COMPLETED

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -92,10 +93,15 @@ log = logging.getLogger("kbatch.kubernetes")
 class KubernetesConfig:
     kubeconfig: str | None = None  # default: in-cluster config, else $KUBECONFIG / ~/.kube/config
     context: str | None = None
-    namespace_mode: str = "per-user"  # or "shared"
+    namespace_mode: str = "shared"  # or "per-user" (as the README and the chart say)
     namespace_template: str = "kbatch-{username}"
     namespace: str = "default"  # the namespace of every job in shared mode
     create_namespaces: bool = True
+    # per-user mode: labels of each namespace it creates (e.g. Pod Security's
+    # {"pod-security.kubernetes.io/enforce" = "restricted"}), and a ResourceQuota's
+    # spec.hard made in it (e.g. {"requests.cpu" = "8", "count/jobs.batch" = "100"})
+    namespace_labels: dict[str, str] = field(default_factory=dict)
+    namespace_quota: dict[str, str] = field(default_factory=dict)
     image: str = "quay.io/jupyter/minimal-notebook:latest"  # when there is no notebook to copy
     ttl_seconds: int | None = 7 * 24 * 3600
     notebook_namespace: str | None = None  # where the hub's singleuser pods run; None: don't look
@@ -129,6 +135,14 @@ class KubernetesConfig:
             raise ConfigError(
                 f"config [kubernetes]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
             )
+        tables = ("job_template", "security_context", "namespace_labels", "namespace_quota")
+        data = dict(data)
+        for key in tables:  # a table may also be given as JSON text (the chart does)
+            if isinstance(data.get(key), str):
+                try:
+                    data[key] = json.loads(data[key])
+                except ValueError as exc:
+                    raise ConfigError(f"config [kubernetes]: {key} is not JSON: {exc}") from exc
         return decode_section(data, cls, "kubernetes")
 
 
@@ -743,11 +757,12 @@ class KubernetesBackend(Backend):
         if namespace in self._namespaces or self.config.namespace_mode == "shared":
             return
         if self.config.create_namespaces:
+            labels = {**self.config.namespace_labels, **self.selector}
             body = from_dict(
                 {
                     "apiVersion": "v1",
                     "kind": "Namespace",
-                    "metadata": {"name": namespace, "labels": dict(self.selector)},
+                    "metadata": {"name": namespace, "labels": labels},
                 }
             )
             try:
@@ -757,7 +772,25 @@ class KubernetesBackend(Backend):
                     raise api_error(exc, f"create the namespace {namespace}") from exc
             except httpx.HTTPError as exc:
                 raise api_error(exc, f"create the namespace {namespace}") from exc
+            if self.config.namespace_quota:
+                await self._ensure_quota(namespace)
         self._namespaces.add(namespace)
+
+    async def _ensure_quota(self, namespace: str) -> None:
+        """The admin's ResourceQuota (namespace_quota) in a per-user namespace."""
+        quota = {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "kbatch", "namespace": namespace, "labels": dict(self.selector)},
+            "spec": {"hard": dict(self.config.namespace_quota)},
+        }
+        try:
+            await self.client.create(from_dict(quota))
+        except ApiError as exc:
+            if exc.status.code != 409:  # there already: the admin may have changed it
+                raise api_error(exc, f"create the ResourceQuota of {namespace}") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, f"create the ResourceQuota of {namespace}") from exc
 
     async def _notebook(self, user: str, namespace: str) -> Any:
         if not self.config.notebook_namespace:
