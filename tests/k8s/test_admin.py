@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -332,3 +333,44 @@ async def test_per_user_namespaces_get_the_admins_labels_and_quota(
         assert quota["spec"]["hard"] == {"requests.cpu": "4"}
         # the default job passes Pod Security restricted and fits the quota
         assert (await final(backend, job.id, limit=30)).state is JobState.COMPLETED
+
+
+# -- 10. submissions at volume: fewer requests per job ------------------------------------
+
+
+async def test_a_job_with_nothing_to_do_before_it_starts_costs_two_patches(
+    shared: Installed,
+) -> None:
+    async with started(shared, instance="fewer") as backend:
+        client = backend.client
+        calls: list[str] = []
+        real_patch, real_create = client.patch, client.create
+
+        async def patch(*args: Any, **kwargs: Any) -> Any:
+            calls.append(f"patch {args[0].__name__}")
+            return await real_patch(*args, **kwargs)
+
+        async def create(*args: Any, **kwargs: Any) -> Any:
+            calls.append(f"create {args[0].kind}")
+            return await real_create(*args, **kwargs)
+
+        client.patch, client.create = patch, create  # type: ignore[method-assign]
+        job = await backend.submit("fern", spec(), idempotency_key=None)
+        assert (await final(backend, job.id)).state is JobState.COMPLETED
+
+        async def finalized() -> bool:
+            obj = backend._object(job.id) or {}
+            return names.ANNOTATION_FINALIZED in (obj["metadata"].get("annotations") or {})
+
+        await until(finalized, what="the end to be recorded")
+        # the Job, its ConfigMap and Secret; ready-and-started in one patch; the end
+        assert sorted(calls) == [
+            "create ConfigMap",
+            "create Job",
+            "create Secret",
+            "patch Job",
+            "patch Job",
+        ], calls
+        held = await backend.submit("fern", spec(hold=True), idempotency_key=None)
+        assert (await backend.get(held.id)).reason == "JobHeldUser"  # held: not started
+        await backend.cancel(held.id, by="fern")

@@ -44,7 +44,14 @@ from lightkube.codecs import from_dict
 from lightkube.resources.batch_v1 import Job as K8sJob
 from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Secret
 
-from kbatch.backends.base import Backend, BackendHealth, decode_section, not_pending, paginate
+from kbatch.backends.base import (
+    Backend,
+    BackendHealth,
+    JobHooks,
+    decode_section,
+    not_pending,
+    paginate,
+)
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.cache import WatchCache
 from kbatch.backends.kubernetes.manifests import (
@@ -658,20 +665,26 @@ class KubernetesBackend(Backend):
             claimed_at = parse_time(when) if when else None
         except ValueError:  # unreadable: as if there were no claim
             claimed_at = None
-        if claimed_at is not None and owner != self._replica:
-            left = RELEASE_CLAIM_SECONDS - (datetime.now(UTC) - claimed_at).total_seconds()
-            if left > 0:
-                self._queue.put_after(job_id, left)
-                return  # another replica is starting it
-        claimed = await self._patch_job(
-            obj,
-            {
-                "metadata": {
-                    "annotations": {names.ANNOTATION_RELEASING: f"{self._replica} {_now()}"}
-                }
-            },
-            precondition=True,
+        left = (
+            RELEASE_CLAIM_SECONDS - (datetime.now(UTC) - claimed_at).total_seconds()
+            if claimed_at is not None
+            else 0.0
         )
+        if left > 0 and owner != self._replica:
+            self._queue.put_after(job_id, left)
+            return  # another replica is starting it
+        if left > RELEASE_CLAIM_SECONDS / 2 and owner == self._replica:
+            claimed: dict[str, Any] | None = obj  # claimed with its submission: ours still
+        else:
+            claimed = await self._patch_job(
+                obj,
+                {
+                    "metadata": {
+                        "annotations": {names.ANNOTATION_RELEASING: f"{self._replica} {_now()}"}
+                    }
+                },
+                precondition=True,
+            )
         if claimed is None:
             return  # changed meanwhile (held, cancelled, claimed): the watch brings it back
         environment: dict[str, str] | None = None
@@ -895,13 +908,38 @@ class KubernetesBackend(Backend):
 
         try:
             await asyncio.gather(make(config_map), make(secret))
-            ready = {"metadata": {"annotations": {names.ANNOTATION_OBJECTS_READY: "true"}}}
-            patched = await self._patch_job(created, ready)
+            ready: dict[str, Any] = {
+                "metadata": {"annotations": {names.ANNOTATION_OBJECTS_READY: "true"}}
+            }
+            patched = None
+            if self._starts_at_once(created):
+                # Nothing to do before it starts: mark it ready and start it in one
+                # request, if nothing changed it since it was made (a hold, a cancel, a
+                # replica): else as below, and the reconciler decides.
+                patched = await self._patch_job(
+                    created, {**ready, "spec": {"suspend": False}}, precondition=True
+                )
+            elif desired_of(created) is Desired.RUN:
+                # this replica will start it: claim that now, saving the reconciler a
+                # request (a crash leaves the claim, which lapses: RELEASE_CLAIM_SECONDS)
+                claim = f"{self._replica} {_now()}"
+                ready["metadata"]["annotations"][names.ANNOTATION_RELEASING] = claim
+            if patched is None:
+                patched = await self._patch_job(created, ready)
         except _HTTP_ERRORS as exc:
             raise api_error(exc, "create the job") from exc
         if patched is None:
             raise NotFound("the job was deleted while it was being created", status=404)
         return job_from_objects(patched, [])
+
+    def _starts_at_once(self, created: dict[str, Any]) -> bool:
+        """Whether a just-made Job may be started by its submitter, saving the
+        reconciler two requests (claim, release): nothing is to run before it starts
+        (the start hook is the default one, which makes no environment) and its
+        desired state is run.  Any condition the reconciler checks before a release
+        must be checked here too."""
+        no_start_hook = type(self.hooks).environment is JobHooks.environment
+        return no_start_hook and desired_of(created) is Desired.RUN
 
     async def _existing(self, manifests: Manifests) -> Job:
         meta = manifests.job["metadata"]
