@@ -43,6 +43,7 @@ from lightkube import ALL_NS, ApiError, AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.resources.batch_v1 import Job as K8sJob
 from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Secret
+from lightkube.types import PatchType
 
 from kbatch.backends.base import (
     Backend,
@@ -192,6 +193,8 @@ _HTTP_ERRORS = (ApiError, httpx.HTTPError)
 RELEASE_CLAIM_SECONDS = 60.0  # a replica's claim to start a job lapses after this
 OBJECTS_GRACE_SECONDS = 120.0
 NO_POD_RECHECK = 5.0  # how often a released Job without a pod is asked why
+NOTEBOOKS_FOR = 2.0  # seconds one listing of the notebook pods serves submissions
+NO_POD_GRACE = 3.0  # seconds a released Job may have no pod before its events are read
 SAVED_LOG_CHARS = (
     512 * 1024
 )  # the tail of a log kept in the ConfigMap (1 MiB at most)  # a Job whose ConfigMap/Secret never came is ended after this
@@ -268,6 +271,8 @@ class KubernetesBackend(Backend):
         self._retry_at: dict[str, float] = {}
         self._no_pod: dict[str, str] = {}  # job id -> why the Job controller made no pod
         self._events_warned = False
+        self._notebooks: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self._notebooks_lock = asyncio.Lock()
 
     @classmethod
     def from_config(
@@ -538,6 +543,11 @@ class KubernetesBackend(Backend):
             if self._no_pod.pop(job_id, None) is not None:
                 self._refresh(job_id)
             return
+        waited = (datetime.now(UTC) - (parse_time(started) or datetime.now(UTC))).total_seconds()
+        if waited < NO_POD_GRACE and job_id not in self._no_pod:
+            # the pod is usually on its way: ask only if it has not come after a while
+            self._queue.put_after(job_id, NO_POD_GRACE - waited)
+            return
         meta = obj["metadata"]
         try:
             events = [
@@ -805,16 +815,27 @@ class KubernetesBackend(Backend):
         except httpx.HTTPError as exc:
             raise api_error(exc, f"create the ResourceQuota of {namespace}") from exc
 
-    async def _notebook(self, user: str, namespace: str) -> Any:
-        if not self.config.notebook_namespace:
-            return None
-        try:
+    async def _notebook_pods(self) -> list[dict[str, Any]]:
+        """The hub's notebook pods, listed at most once every NOTEBOOKS_FOR seconds
+        (concurrent submissions share one listing: one request, not one each)."""
+        async with self._notebooks_lock:
+            listed_at, pods = self._notebooks
+            if time.monotonic() - listed_at < NOTEBOOKS_FOR:
+                return pods
             pods = [
                 pod.to_dict()
                 async for pod in self.client.list(
                     Pod, namespace=self.config.notebook_namespace, labels=dict(NOTEBOOK_LABELS)
                 )
             ]
+            self._notebooks = (time.monotonic(), pods)
+            return pods
+
+    async def _notebook(self, user: str, namespace: str) -> Any:
+        if not self.config.notebook_namespace:
+            return None
+        try:
+            pods = await self._notebook_pods()
         except (ApiError, httpx.HTTPError) as exc:
             log.warning("cannot look up the notebook of %s: %s", user, exc)
             return None
@@ -914,11 +935,9 @@ class KubernetesBackend(Backend):
             patched = None
             if self._starts_at_once(created):
                 # Nothing to do before it starts: mark it ready and start it in one
-                # request, if nothing changed it since it was made (a hold, a cancel, a
-                # replica): else as below, and the reconciler decides.
-                patched = await self._patch_job(
-                    created, {**ready, "spec": {"suspend": False}}, precondition=True
-                )
+                # request, if its desired state is still run (no hold or cancel came
+                # meanwhile): else as below, and the reconciler decides.
+                patched = await self._ready_and_start(created)
             elif desired_of(created) is Desired.RUN:
                 # this replica will start it: claim that now, saving the reconciler a
                 # request (a crash leaves the claim, which lapses: RELEASE_CLAIM_SECONDS)
@@ -931,6 +950,28 @@ class KubernetesBackend(Backend):
         if patched is None:
             raise NotFound("the job was deleted while it was being created", status=404)
         return job_from_objects(patched, [])
+
+    async def _ready_and_start(self, created: dict[str, Any]) -> dict[str, Any] | None:
+        """Mark the Job ready and unsuspend it, if its desired state is still ``run``
+        (a JSON patch's test: not a resourceVersion precondition, which the Job
+        controller's own status updates would fail); None if it is not."""
+        meta = created["metadata"]
+        desired = "/metadata/annotations/" + names.ANNOTATION_DESIRED.replace("/", "~1")
+        ready = "/metadata/annotations/" + names.ANNOTATION_OBJECTS_READY.replace("/", "~1")
+        ops = [
+            {"op": "test", "path": desired, "value": Desired.RUN.value},
+            {"op": "add", "path": ready, "value": "true"},
+            {"op": "replace", "path": "/spec/suspend", "value": False},
+        ]
+        try:
+            patched = await self.client.patch(
+                K8sJob, meta["name"], ops, namespace=meta["namespace"], patch_type=PatchType.JSON
+            )
+        except ApiError as exc:
+            if exc.status.code in (409, 422):  # the test failed: held or cancelled meanwhile
+                return None
+            raise
+        return self._observe(patched)
 
     def _starts_at_once(self, created: dict[str, Any]) -> bool:
         """Whether a just-made Job may be started by its submitter, saving the
