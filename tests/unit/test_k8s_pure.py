@@ -694,3 +694,18 @@ def test_failed_create_event_is_the_reason_of_a_job_without_pods() -> None:
     assert (job.state, job.reason) == (JobState.PENDING, reason)
     running = job_from_objects(k8s_job(), [pod("Running")], no_pod=reason)
     assert running.reason is None  # a pod came: the old reason no longer holds
+
+
+def test_a_late_reply_does_not_bring_a_deleted_object_back() -> None:
+    from kbatch.backends.kubernetes.cache import WatchCache
+
+    cache = WatchCache(None, object, labels={})  # type: ignore[arg-type]
+    obj = {"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "5"}}
+    cache.observe(obj)
+    deleted = {"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "7"}}
+    cache._tombstone(("ns", "j"), deleted)
+    cache._apply(("ns", "j"), None)
+    cache.observe({"metadata": {**obj["metadata"], "resourceVersion": "6"}})  # a patch's reply
+    assert cache.objects == {}
+    cache.observe({"metadata": {**obj["metadata"], "resourceVersion": "9"}})  # made again
+    assert ("ns", "j") in cache.objects
