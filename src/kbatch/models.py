@@ -142,6 +142,9 @@ class JobList(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     jobs: list[Job]
     next: str | None = None
+    # Set when the backend answers from data it could not refresh for this long (its
+    # API server is unreachable): the jobs are as they were then, and may have moved on.
+    stale_seconds: float | None = None
 
 
 class JobEvent(msgspec.Struct, kw_only=True):

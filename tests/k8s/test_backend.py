@@ -156,7 +156,13 @@ async def test_unschedulable_job_is_pending_with_the_reason(shared: Installed) -
 
         async def unschedulable() -> bool:
             current = await backend.get(job.id)
-            return current.state is JobState.PENDING and current.reason == "Unschedulable"
+            # the scheduler's message, not just its reason (issue 11, item 3)
+            reason = current.reason or ""
+            return (
+                current.state is JobState.PENDING
+                and reason.startswith("Unschedulable: 0/")
+                and "Insufficient cpu" in reason
+            )
 
         await until(unschedulable, what="Unschedulable")
         await backend.cancel(job.id, by="alice")

@@ -17,6 +17,20 @@ pytestmark = pytest.mark.kubernetes
 MODES = {
     "shared": ["--set", "kubernetes.namespace=kbatch-jobs"],
     "per-user": ["--set", "kubernetes.namespaceMode=per-user"],
+    "per-user-admin": [
+        "--set",
+        "kubernetes.namespaceMode=per-user",
+        "--set-json",
+        'kubernetes.namespaceLabels={"pod-security.kubernetes.io/enforce":"restricted"}',
+        "--set-json",
+        'kubernetes.namespaceQuota={"requests.cpu":"8","count/jobs.batch":"100"}',
+        "--set-json",
+        'kubernetes.securityContext={"runAsNonRoot":true,"runAsUser":1000}',
+        "--set-json",
+        'kubernetes.jobTemplate={"spec":{"template":{"spec":{"priorityClassName":"batch"}}}}',
+        "--set",
+        "kubernetes.forbidRoot=true",
+    ],
     "policy": [
         "--set",
         "policy.maxCpus=4",
@@ -75,7 +89,13 @@ def test_rendered_config_is_what_the_server_reads(
     from kbatch.backends.kubernetes.backend import KubernetesConfig
 
     k8s = KubernetesConfig.from_dict(config.extra["kubernetes"])
-    assert k8s.namespace_mode == ("per-user" if mode == "per-user" else "shared")
+    assert k8s.namespace_mode == ("per-user" if mode.startswith("per-user") else "shared")
+    if mode == "per-user-admin":
+        assert k8s.namespace_labels == {"pod-security.kubernetes.io/enforce": "restricted"}
+        assert k8s.namespace_quota == {"requests.cpu": "8", "count/jobs.batch": "100"}
+        assert k8s.security_context == {"runAsNonRoot": True, "runAsUser": 1000}
+        assert k8s.job_template["spec"]["template"]["spec"]["priorityClassName"] == "batch"
+        assert k8s.forbid_root is True
     assert k8s.instance == "cfg"  # the release name: two releases never share jobs
     if mode == "policy":
         assert (config.policy.max_cpus, config.policy.max_memory) == (4, 16 * 1024**3)
@@ -95,5 +115,30 @@ def test_rbac_is_least_privilege(helm: Path) -> None:
         assert ("secrets", "get") not in granted and ("secrets", "list") not in granted
         assert not any("*" in (res, verb) for res, verb in granted)
         assert (("namespaces", "create") in granted) == (mode == "per-user")
+        assert ("events", "list") in granted and ("events", "watch") not in granted
         kinds = {d["kind"] for d in roles}
         assert kinds == ({"ClusterRole"} if mode == "per-user" else {"Role"})
+
+
+def test_renders_without_an_api_token(helm: Path, tmp_path: Path) -> None:
+    """No jupyterhub.apiToken: the chart makes one (issue 11) rather than refusing to render."""
+    import subprocess
+
+    from tests.k8s.conftest import CHART
+
+    out = subprocess.run(
+        [str(helm), "template", "bare", str(CHART), "--namespace", SYSTEM_NS],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    import yaml
+
+    secret = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "Secret")
+    assert len(secret["stringData"]["api-token"]) == 64
+
+
+def test_per_user_quota_and_labels_are_made_with_the_namespace(helm: Path) -> None:
+    docs = render_chart(helm, "rbac-q", *MODES["per-user-admin"])
+    rules = [r for d in docs if d["kind"] == "ClusterRole" for r in d["rules"]]
+    assert {"resources": ["resourcequotas"], "verbs": ["create"], "apiGroups": [""]} in rules

@@ -111,10 +111,10 @@ async def test_one_bad_object_does_not_stop_the_cache(
         await final(backend, good.id)
     real = status.job_from_objects
 
-    def broken(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
+    def broken(job: dict[str, Any], pods: list[dict[str, Any]], **kw: Any) -> Job:
         if job["metadata"]["labels"][names.LABEL_JOB_ID] == bad.id:
             raise ValueError("an object this version cannot read")
-        return real(job, pods)
+        return real(job, pods, **kw)
 
     monkeypatch.setattr("kbatch.backends.kubernetes.backend.job_from_objects", broken)
     async with started(shared, instance="badobj", cache_timeout=10) as fresh:

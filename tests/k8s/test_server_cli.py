@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kbatch.backends.kubernetes import names
+from kbatch.backends.kubernetes.manifests import TIME_LIMIT_GRACE
 from tests.k8s.conftest import SHARED_NS, Installed
 from tests.support.k8s_cluster import K8sCluster
 from tests.support.polling import wait_for
@@ -52,7 +53,8 @@ def test_submit_queue_show_logs_cancel(
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.split()[-1]
     job = cluster.kubectl_json("get", "job", names.job_object_name(job_id), "-n", SHARED_NS)
-    assert job["spec"]["activeDeadlineSeconds"] == 3600  # the policy's max_time applies by default
+    # the policy's max_time applies by default (the Job's own deadline a little later)
+    assert job["spec"]["activeDeadlineSeconds"] == 3600 + TIME_LIMIT_GRACE
 
     def completed() -> bool:
         shown = json.loads(k8s_server.cli("show", job_id, "--json").stdout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kbatch.cli.jobs import check_job_ids
 from kbatch.cli.output import print_job, print_json, print_table
@@ -39,7 +40,14 @@ def _states(text: str | None) -> list[str]:
 def queue(args: argparse.Namespace) -> int:
     states = _states(args.states)
     with Client.from_config() as client:
-        jobs = client.list(states=states, include_finished=args.all, all_users=args.all_users)
+        page = client.list_page(states=states, include_finished=args.all, all_users=args.all_users)
+    jobs = page.jobs
+    if page.stale_seconds is not None:
+        print(
+            f"kqueue: warning: the server cannot reach its cluster; these jobs are as they "
+            f"were {page.stale_seconds:.0f} s ago and may have changed since",
+            file=sys.stderr,
+        )
     if args.json:
         print_json(jobs)
     else:

@@ -104,9 +104,26 @@ class Client:
         all_users: bool = False,
         page_size: int = PAGE_SIZE,
     ) -> list[Job]:
-        """Every matching job, oldest first, fetched ``page_size`` at a time."""
+        return self.list_page(
+            states=states,
+            include_finished=include_finished,
+            all_users=all_users,
+            page_size=page_size,
+        ).jobs
+
+    def list_page(
+        self,
+        *,
+        states: Sequence[str] = (),
+        include_finished: bool = False,
+        all_users: bool = False,
+        page_size: int = PAGE_SIZE,
+    ) -> JobList:
+        """Every matching job, oldest first, fetched ``page_size`` at a time, as one list
+        with what the server says of it (``stale_seconds``: the most of any page)."""
         jobs: list[Job] = []
         after: str | None = None
+        stale: float | None = None
         while True:
             request = rq.list_jobs(
                 states=states,
@@ -117,8 +134,10 @@ class Client:
             )
             page = self._call(request, JobList)
             jobs.extend(page.jobs)
+            if page.stale_seconds is not None:
+                stale = max(stale or 0.0, page.stale_seconds)
             if page.next is None or page.next == after or not page.jobs:
-                return jobs
+                return JobList(jobs=jobs, stale_seconds=stale)
             after = page.next
 
     def cancel(self, job_id: str) -> Job:

@@ -12,6 +12,7 @@ document's test both read that table.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -291,7 +292,39 @@ class Api:
         if stream not in ("output", "error"):
             raise InvalidRequest("stream must be output or error", status=422, code="bad_stream")
         chunks = self.backend.logs(job.id, follow=_flag(request, "follow"), stream=stream)
-        return StreamingResponse(chunks, media_type="application/octet-stream")
+        return StreamingResponse(await _primed(chunks), media_type="application/octet-stream")
+
+
+async def _primed(chunks: AsyncIterator[bytes], wait: float = 5.0) -> AsyncIterator[bytes]:
+    """``chunks`` with its first step taken before the response starts, so that an error
+    there (the backend cannot reach what holds the log, the log is gone) is an error
+    status, not a 200 and a dropped connection.  A first chunk that takes longer than
+    ``wait`` (following a job that prints nothing yet) does not hold the headers back."""
+    first = asyncio.ensure_future(anext(chunks))
+    try:
+        await asyncio.wait_for(asyncio.shield(first), wait)
+    except TimeoutError:
+        pass
+    except StopAsyncIteration:
+        return _empty()
+    return _after(first, chunks)
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    nothing: tuple[bytes, ...] = ()
+    for chunk in nothing:
+        yield chunk
+
+
+async def _after(first: asyncio.Future[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        chunk = await first
+    except StopAsyncIteration:
+        return
+    if chunk:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
 
 
 async def _ndjson(backend: Backend, user: str | None) -> AsyncIterator[bytes]:

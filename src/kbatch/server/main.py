@@ -140,6 +140,8 @@ def _configure_logging(level: str) -> None:
     # One line per hub request is noise; the wire-level trace is never wanted.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # lightkube's client is built on httpx2 (a fork of httpx), which logs every request
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def _previous_port(state_dir: Path) -> int | None:

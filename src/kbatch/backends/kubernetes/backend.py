@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -41,12 +42,21 @@ import httpx2 as httpx  # lightkube is built on httpx2, a fork of httpx
 from lightkube import ALL_NS, ApiError, AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.resources.batch_v1 import Job as K8sJob
-from lightkube.resources.core_v1 import ConfigMap, Pod, Secret
+from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Secret
+from lightkube.types import PatchType
 
-from kbatch.backends.base import Backend, BackendHealth, decode_section, not_pending, paginate
+from kbatch.backends.base import (
+    Backend,
+    BackendHealth,
+    JobHooks,
+    decode_section,
+    not_pending,
+    paginate,
+)
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.cache import WatchCache
 from kbatch.backends.kubernetes.manifests import (
+    RESTRICTED,
     JobContext,
     Manifests,
     build_manifests,
@@ -60,6 +70,7 @@ from kbatch.backends.kubernetes.notebook import (
 )
 from kbatch.backends.kubernetes.status import (
     desired_of,
+    failed_create_reason,
     job_from_objects,
     parse_time,
     pod_started,
@@ -91,10 +102,15 @@ log = logging.getLogger("kbatch.kubernetes")
 class KubernetesConfig:
     kubeconfig: str | None = None  # default: in-cluster config, else $KUBECONFIG / ~/.kube/config
     context: str | None = None
-    namespace_mode: str = "per-user"  # or "shared"
+    namespace_mode: str = "shared"  # or "per-user" (as the README and the chart say)
     namespace_template: str = "kbatch-{username}"
     namespace: str = "default"  # the namespace of every job in shared mode
     create_namespaces: bool = True
+    # per-user mode: labels of each namespace it creates (e.g. Pod Security's
+    # {"pod-security.kubernetes.io/enforce" = "restricted"}), and a ResourceQuota's
+    # spec.hard made in it (e.g. {"requests.cpu" = "8", "count/jobs.batch" = "100"})
+    namespace_labels: dict[str, str] = field(default_factory=dict)
+    namespace_quota: dict[str, str] = field(default_factory=dict)
     image: str = "quay.io/jupyter/minimal-notebook:latest"  # when there is no notebook to copy
     ttl_seconds: int | None = 7 * 24 * 3600
     notebook_namespace: str | None = None  # where the hub's singleuser pods run; None: don't look
@@ -106,6 +122,10 @@ class KubernetesConfig:
     stale_after: float = 5.0  # /health fails when the watch has been broken this long
     reconcile_workers: int = 8
     cancel_timeout: float = 30.0  # how long cancel/hold/release wait for the reconciler
+    # The job container's securityContext where the notebook's does not say: what Pod
+    # Security "restricted" asks (the notebook's container context is merged over it).
+    security_context: dict[str, Any] = field(default_factory=lambda: dict(RESTRICTED))
+    forbid_root: bool = False  # refuse jobs that would run as user 0 (runAsUser: 0)
 
     def __post_init__(self) -> None:
         if self.namespace_mode not in ("per-user", "shared"):
@@ -124,6 +144,14 @@ class KubernetesConfig:
             raise ConfigError(
                 f"config [kubernetes]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
             )
+        tables = ("job_template", "security_context", "namespace_labels", "namespace_quota")
+        data = dict(data)
+        for key in tables:  # a table may also be given as JSON text (the chart does)
+            if isinstance(data.get(key), str):
+                try:
+                    data[key] = json.loads(data[key])
+                except ValueError as exc:
+                    raise ConfigError(f"config [kubernetes]: {key} is not JSON: {exc}") from exc
         return decode_section(data, cls, "kubernetes")
 
 
@@ -164,7 +192,13 @@ def api_error(exc: Exception, doing: str) -> KbatchApiError:
 
 _HTTP_ERRORS = (ApiError, httpx.HTTPError)
 RELEASE_CLAIM_SECONDS = 60.0  # a replica's claim to start a job lapses after this
-OBJECTS_GRACE_SECONDS = 120.0  # a Job whose ConfigMap/Secret never came is ended after this
+OBJECTS_GRACE_SECONDS = 120.0
+NO_POD_RECHECK = 5.0  # how often a released Job without a pod is asked why
+NOTEBOOKS_FOR = 2.0  # seconds one listing of the notebook pods serves submissions
+NO_POD_GRACE = 3.0  # seconds a released Job may have no pod before its events are read
+SAVED_LOG_CHARS = (
+    512 * 1024
+)  # the tail of a log kept in the ConfigMap (1 MiB at most)  # a Job whose ConfigMap/Secret never came is ended after this
 
 
 def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
@@ -187,6 +221,20 @@ def _is_transient(exc: BaseException) -> bool:
 
 class _Retrying(Exception):
     """The reconciler has scheduled its own retry (with backoff) of this job."""
+
+
+def _namespace_missing(exc: ApiError, namespace: str) -> bool:
+    """The API server refused an object because its namespace is gone (or going)."""
+    message = exc.status.message or ""
+    if exc.status.code == 404:
+        return f'namespaces "{namespace}" not found' in message
+    return exc.status.code == 403 and "because it is being terminated" in message
+
+
+def _ended(pods: list[dict[str, Any]]) -> bool:
+    return bool(pods) and all(
+        p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods
+    )
 
 
 def _list_key(job: Job) -> str:
@@ -222,6 +270,10 @@ class KubernetesBackend(Backend):
         # job id -> when its start may be tried again (monotonic): watch events, which
         # queue a job at once, must not cut a hook's backoff short
         self._retry_at: dict[str, float] = {}
+        self._no_pod: dict[str, str] = {}  # job id -> why the Job controller made no pod
+        self._events_warned = False
+        self._notebooks: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self._notebooks_lock = asyncio.Lock()
 
     @classmethod
     def from_config(
@@ -247,6 +299,9 @@ class KubernetesBackend(Backend):
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
+        httpx_log = logging.getLogger("httpx2")  # lightkube's HTTP client: a line per request
+        if httpx_log.level == logging.NOTSET:
+            httpx_log.setLevel(logging.WARNING)
         if self._client is None:
             if self.config.kubeconfig:
                 kubeconfig = KubeConfig.from_file(self.config.kubeconfig)
@@ -267,8 +322,13 @@ class KubernetesBackend(Backend):
         self._jobs.start()
         try:
             async with asyncio.timeout(self.config.cache_timeout):
-                await self._pods.ready.wait()
-                await self._jobs.ready.wait()
+                while not (self._pods.ready.is_set() and self._jobs.ready.is_set()):
+                    for cache in (self._jobs, self._pods):
+                        # refused three times in a row (not a Role still being made):
+                        # no retry will fix RBAC, so say so now rather than at the timeout
+                        if cache.last_status in (401, 403) and cache.failures >= 3:
+                            raise ConfigError(self._forbidden(cache))
+                    await asyncio.sleep(0.05)
         except TimeoutError:
             errors = "; ".join(
                 f"{c.kind}: {c.last_error}" for c in (self._jobs, self._pods) if c.last_error
@@ -282,6 +342,18 @@ class KubernetesBackend(Backend):
             for i in range(self.config.reconcile_workers)
         ]
         log.info("kubernetes backend: %d jobs known", len(self._job_keys))
+
+    def _forbidden(self, cache: WatchCache) -> str:
+        """One line naming the permission the server's ServiceAccount lacks."""
+        info = cache.resource._api_info
+        plural = f"{info.plural}.{info.resource.group}" if info.resource.group else info.plural
+        where = "all namespaces" if cache.namespace == ALL_NS else f"namespace {cache.namespace}"
+        verb = "forbidden" if cache.last_status == 403 else "unauthorized"
+        return (
+            f"cannot list {plural} in {where}: {verb} "
+            f"(the kbatch server's RBAC must allow list and watch; the API server said: "
+            f"{cache.last_error})"
+        )
 
     async def stop(self) -> None:
         self._queue.close()
@@ -334,6 +406,7 @@ class KubernetesBackend(Backend):
                 self._pods_by_job.pop(job_id, None)
             self._queue.forget(job_id)
             self._retry_at.pop(job_id, None)
+            self._no_pod.pop(job_id, None)
             return
         self._job_keys[job_id] = key
         self._refresh(job_id)
@@ -367,7 +440,11 @@ class KubernetesBackend(Backend):
         obj = self._object(job_id)
         if obj is None:
             return None
-        model = job_from_objects(obj, list(self._pods_by_job.get(job_id, {}).values()))
+        model = job_from_objects(
+            obj,
+            list(self._pods_by_job.get(job_id, {}).values()),
+            no_pod=self._no_pod.get(job_id),
+        )
         self._models[job_id] = model
         self.events.publish(model)
         return model
@@ -445,8 +522,103 @@ class KubernetesBackend(Backend):
                 await self._patch_job(obj, patch)
         elif obj["spec"].get("suspend"):
             await self._release(obj, model)
+        else:
+            await self._enforce_time_limit(obj, model, pods)
+            await self._explain_no_pod(obj, model, pods)
         self._queue.forget(job_id)
         self._retry_at.pop(job_id, None)
+
+    async def _explain_no_pod(
+        self, obj: dict[str, Any], job: Job, pods: list[dict[str, Any]]
+    ) -> None:
+        """A released Job without a pod: read the Job controller's events for why (Pod
+        Security or a ResourceQuota refused the pod), shown as the job's reason; looked
+        again every NO_POD_RECHECK seconds while it lasts.
+
+        Events are read on demand, for this rare case, rather than watched: they carry
+        no labels of kbatch's, so a watch would follow every Job event of the namespace
+        (of the cluster, per-user) for the few that matter."""
+        job_id = job.id
+        started = (obj.get("status") or {}).get("startTime")
+        if pods or job.state is not JobState.PENDING or not started:
+            if self._no_pod.pop(job_id, None) is not None:
+                self._refresh(job_id)
+            return
+        waited = (datetime.now(UTC) - (parse_time(started) or datetime.now(UTC))).total_seconds()
+        if waited < NO_POD_GRACE and job_id not in self._no_pod:
+            # the pod is usually on its way: ask only if it has not come after a while
+            self._queue.put_after(job_id, NO_POD_GRACE - waited)
+            return
+        meta = obj["metadata"]
+        try:
+            events = [
+                event.to_dict()
+                async for event in self.client.list(
+                    Event,
+                    namespace=meta["namespace"],
+                    fields={"involvedObject.kind": "Job", "involvedObject.uid": meta["uid"]},
+                )
+            ]
+        except _HTTP_ERRORS as exc:
+            if not self._events_warned:
+                self._events_warned = True
+                log.warning("cannot read the events of Jobs (why a job has no pod): %s", exc)
+            return
+        reason = failed_create_reason(events)
+        if reason != self._no_pod.get(job_id):
+            if reason is None:
+                self._no_pod.pop(job_id, None)
+            else:
+                self._no_pod[job_id] = reason
+            self._refresh(job_id)
+        self._queue.put_after(job_id, NO_POD_RECHECK)
+
+    async def _enforce_time_limit(
+        self, obj: dict[str, Any], job: Job, pods: list[dict[str, Any]]
+    ) -> None:
+        """At the job's time limit: keep its log, then end it through its deadline (TIMEOUT).
+
+        The Job's own deadline lies TIME_LIMIT_GRACE later, for when no server is up."""
+        started = parse_time((obj.get("status") or {}).get("startTime"))
+        if not job.time_limit or started is None or obj["spec"].get("activeDeadlineSeconds") == 1:
+            return
+        left = job.time_limit - (datetime.now(UTC) - started).total_seconds()
+        if left > 0:
+            self._queue.put_after(job.id, left)
+            return
+        obj = await self._save_log(obj, pods)
+        await self._patch_job(obj, {"spec": {"activeDeadlineSeconds": 1}})
+
+    async def _save_log(self, obj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any]:
+        """Copy the log of the job's pod into its ConfigMap before the pod (and its log)
+        is deleted by a cancel or a time limit; the Job is marked (log-saved).  A failure
+        is logged, never a reason not to end the job."""
+        ran = sorted(
+            (p for p in pods if pod_started(p)),
+            key=lambda p: p["metadata"].get("creationTimestamp") or "",
+        )
+        if not ran:
+            return obj
+        meta = obj["metadata"]
+        namespace = meta["namespace"]
+        try:
+            lines = [
+                line
+                async for line in self.client.log(
+                    ran[-1]["metadata"]["name"], namespace=namespace, container="job"
+                )
+            ]
+            text = "".join(lines)
+            if len(text) > SAVED_LOG_CHARS:
+                text = text[-SAVED_LOG_CHARS:]
+            await self.client.patch(
+                ConfigMap, meta["name"], {"data": {"log": text}}, namespace=namespace
+            )
+            saved = {"metadata": {"annotations": {names.ANNOTATION_LOG_SAVED: _now()}}}
+            return await self._patch_job(obj, saved) or obj
+        except (*_HTTP_ERRORS, KbatchError) as exc:
+            log.warning("job %s: cannot keep its log before it ends: %s", _job_id_of(obj), exc)
+            return obj
 
     async def _end(self, obj: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         """End the Job through its deadline: the Job controller stops its pods (SIGTERM,
@@ -454,6 +626,8 @@ class KubernetesBackend(Backend):
         spec = obj["spec"]
         if spec.get("activeDeadlineSeconds") == 1 and not spec.get("suspend"):
             return None  # done already; the Job controller does the rest
+        if any(pod_started(p) for p in pods) and not _ended(pods):
+            obj = await self._save_log(obj, pods)  # the Job controller deletes the pod
         patch: dict[str, Any] = {"spec": {"activeDeadlineSeconds": 1, "suspend": False}}
         if spec.get("suspend") and not any(pod_started(p) for p in pods):
             # never started: make sure it never does (the template is mutable while suspended)
@@ -502,20 +676,26 @@ class KubernetesBackend(Backend):
             claimed_at = parse_time(when) if when else None
         except ValueError:  # unreadable: as if there were no claim
             claimed_at = None
-        if claimed_at is not None and owner != self._replica:
-            left = RELEASE_CLAIM_SECONDS - (datetime.now(UTC) - claimed_at).total_seconds()
-            if left > 0:
-                self._queue.put_after(job_id, left)
-                return  # another replica is starting it
-        claimed = await self._patch_job(
-            obj,
-            {
-                "metadata": {
-                    "annotations": {names.ANNOTATION_RELEASING: f"{self._replica} {_now()}"}
-                }
-            },
-            precondition=True,
+        left = (
+            RELEASE_CLAIM_SECONDS - (datetime.now(UTC) - claimed_at).total_seconds()
+            if claimed_at is not None
+            else 0.0
         )
+        if left > 0 and owner != self._replica:
+            self._queue.put_after(job_id, left)
+            return  # another replica is starting it
+        if left > RELEASE_CLAIM_SECONDS / 2 and owner == self._replica:
+            claimed: dict[str, Any] | None = obj  # claimed with its submission: ours still
+        else:
+            claimed = await self._patch_job(
+                obj,
+                {
+                    "metadata": {
+                        "annotations": {names.ANNOTATION_RELEASING: f"{self._replica} {_now()}"}
+                    }
+                },
+                precondition=True,
+            )
         if claimed is None:
             return  # changed meanwhile (held, cancelled, claimed): the watch brings it back
         environment: dict[str, str] | None = None
@@ -601,11 +781,12 @@ class KubernetesBackend(Backend):
         if namespace in self._namespaces or self.config.namespace_mode == "shared":
             return
         if self.config.create_namespaces:
+            labels = {**self.config.namespace_labels, **self.selector}
             body = from_dict(
                 {
                     "apiVersion": "v1",
                     "kind": "Namespace",
-                    "metadata": {"name": namespace, "labels": dict(self.selector)},
+                    "metadata": {"name": namespace, "labels": labels},
                 }
             )
             try:
@@ -615,18 +796,47 @@ class KubernetesBackend(Backend):
                     raise api_error(exc, f"create the namespace {namespace}") from exc
             except httpx.HTTPError as exc:
                 raise api_error(exc, f"create the namespace {namespace}") from exc
+            if self.config.namespace_quota:
+                await self._ensure_quota(namespace)
         self._namespaces.add(namespace)
 
-    async def _notebook(self, user: str, namespace: str) -> Any:
-        if not self.config.notebook_namespace:
-            return None
+    async def _ensure_quota(self, namespace: str) -> None:
+        """The admin's ResourceQuota (namespace_quota) in a per-user namespace."""
+        quota = {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "kbatch", "namespace": namespace, "labels": dict(self.selector)},
+            "spec": {"hard": dict(self.config.namespace_quota)},
+        }
         try:
+            await self.client.create(from_dict(quota))
+        except ApiError as exc:
+            if exc.status.code != 409:  # there already: the admin may have changed it
+                raise api_error(exc, f"create the ResourceQuota of {namespace}") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, f"create the ResourceQuota of {namespace}") from exc
+
+    async def _notebook_pods(self) -> list[dict[str, Any]]:
+        """The hub's notebook pods, listed at most once every NOTEBOOKS_FOR seconds
+        (concurrent submissions share one listing: one request, not one each)."""
+        async with self._notebooks_lock:
+            listed_at, pods = self._notebooks
+            if time.monotonic() - listed_at < NOTEBOOKS_FOR:
+                return pods
             pods = [
                 pod.to_dict()
                 async for pod in self.client.list(
                     Pod, namespace=self.config.notebook_namespace, labels=dict(NOTEBOOK_LABELS)
                 )
             ]
+            self._notebooks = (time.monotonic(), pods)
+            return pods
+
+    async def _notebook(self, user: str, namespace: str) -> Any:
+        if not self.config.notebook_namespace:
+            return None
+        try:
+            pods = await self._notebook_pods()
         except (ApiError, httpx.HTTPError) as exc:
             log.warning("cannot look up the notebook of %s: %s", user, exc)
             return None
@@ -675,6 +885,8 @@ class KubernetesBackend(Backend):
                 template=self.config.job_template,
                 idempotency_key=idempotency_key,
                 submitted=datetime.now(UTC),
+                security_context=self.config.security_context,
+                forbid_root=self.config.forbid_root,
             ),
         )
         return await self._create(manifests, keyed=idempotency_key is not None)
@@ -692,7 +904,15 @@ class KubernetesBackend(Backend):
         namespace = job["metadata"]["namespace"]
         name = job["metadata"]["name"]
         try:
-            created = self._observe(await self.client.create(from_dict(job)))
+            try:
+                created = self._observe(await self.client.create(from_dict(job)))
+            except ApiError as exc:
+                if not _namespace_missing(exc, namespace) or namespace not in self._namespaces:
+                    raise
+                # an admin deleted the namespace since it was made: make it again, once
+                self._namespaces.discard(namespace)
+                await self._ensure_namespace(namespace)
+                created = self._observe(await self.client.create(from_dict(job)))
         except ApiError as exc:
             if not (keyed and exc.status.code == 409):
                 raise api_error(exc, "create the job") from exc
@@ -720,13 +940,58 @@ class KubernetesBackend(Backend):
 
         try:
             await asyncio.gather(make(config_map), make(secret))
-            ready = {"metadata": {"annotations": {names.ANNOTATION_OBJECTS_READY: "true"}}}
-            patched = await self._patch_job(created, ready)
+            ready: dict[str, Any] = {
+                "metadata": {"annotations": {names.ANNOTATION_OBJECTS_READY: "true"}}
+            }
+            patched = None
+            if self._starts_at_once(created):
+                # Nothing to do before it starts: mark it ready and start it in one
+                # request, if its desired state is still run (no hold or cancel came
+                # meanwhile): else as below, and the reconciler decides.
+                patched = await self._ready_and_start(created)
+            elif desired_of(created) is Desired.RUN:
+                # this replica will start it: claim that now, saving the reconciler a
+                # request (a crash leaves the claim, which lapses: RELEASE_CLAIM_SECONDS)
+                claim = f"{self._replica} {_now()}"
+                ready["metadata"]["annotations"][names.ANNOTATION_RELEASING] = claim
+            if patched is None:
+                patched = await self._patch_job(created, ready)
         except _HTTP_ERRORS as exc:
             raise api_error(exc, "create the job") from exc
         if patched is None:
             raise NotFound("the job was deleted while it was being created", status=404)
         return job_from_objects(patched, [])
+
+    async def _ready_and_start(self, created: dict[str, Any]) -> dict[str, Any] | None:
+        """Mark the Job ready and unsuspend it, if its desired state is still ``run``
+        (a JSON patch's test: not a resourceVersion precondition, which the Job
+        controller's own status updates would fail); None if it is not."""
+        meta = created["metadata"]
+        desired = "/metadata/annotations/" + names.ANNOTATION_DESIRED.replace("/", "~1")
+        ready = "/metadata/annotations/" + names.ANNOTATION_OBJECTS_READY.replace("/", "~1")
+        ops = [
+            {"op": "test", "path": desired, "value": Desired.RUN.value},
+            {"op": "add", "path": ready, "value": "true"},
+            {"op": "replace", "path": "/spec/suspend", "value": False},
+        ]
+        try:
+            patched = await self.client.patch(
+                K8sJob, meta["name"], ops, namespace=meta["namespace"], patch_type=PatchType.JSON
+            )
+        except ApiError as exc:
+            if exc.status.code in (409, 422):  # the test failed: held or cancelled meanwhile
+                return None
+            raise
+        return self._observe(patched)
+
+    def _starts_at_once(self, created: dict[str, Any]) -> bool:
+        """Whether a just-made Job may be started by its submitter, saving the
+        reconciler two requests (claim, release): nothing is to run before it starts
+        (the start hook is the default one, which makes no environment) and its
+        desired state is run.  Any condition the reconciler checks before a release
+        must be checked here too."""
+        no_start_hook = type(self.hooks).environment is JobHooks.environment
+        return no_start_hook and desired_of(created) is Desired.RUN
 
     async def _existing(self, manifests: Manifests) -> Job:
         meta = manifests.job["metadata"]
@@ -800,7 +1065,11 @@ class KubernetesBackend(Backend):
         ]
         # (time, id) sorts as the cursors do (ISO times of one offset), far faster
         jobs.sort(key=lambda j: (j.submitted, j.id))
-        return paginate(jobs, limit=limit, after=after, key=_list_key)
+        page = paginate(jobs, limit=limit, after=after, key=_list_key)
+        stale = self.health().stale_seconds
+        if stale is not None:
+            page.stale_seconds = round(stale, 1)
+        return page
 
     async def _set_desired(self, job_id: str, annotations: dict[str, str]) -> None:
         namespace, name = await self._lookup(job_id)
@@ -864,7 +1133,15 @@ class KubernetesBackend(Backend):
     async def logs(
         self, job_id: str, *, follow: bool, stream: str = "output"
     ) -> AsyncIterator[bytes]:
-        namespace, _ = await self._lookup(job_id)
+        namespace, name = await self._lookup(job_id)
+        try:  # the API server answers (else a 503 before anything is sent), and the Job is there
+            current = self._observe(await self.client.get(K8sJob, name, namespace=namespace))
+        except ApiError as exc:
+            if exc.status.code == 404:
+                raise NotFound(f"no job {job_id}", status=404, code="not_found") from exc
+            raise api_error(exc, "read the job's log") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "read the job's log") from exc
         while True:
             pods = sorted(
                 self._pods_by_job.get(job_id, {}).values(),
@@ -879,6 +1156,8 @@ class KubernetesBackend(Backend):
                 break
             job = await self.get(job_id)
             if not follow or job.state.is_terminal:
+                async for chunk in self._kept_log(job, self._object(job_id) or current):
+                    yield chunk
                 return
             await asyncio.sleep(0.5)
         pod = started[-1]
@@ -893,6 +1172,38 @@ class KubernetesBackend(Backend):
             return
         async for chunk in self._follow(job_id, pod_name, namespace):
             yield chunk
+
+    async def _kept_log(self, job: Job, obj: dict[str, Any]) -> AsyncIterator[bytes]:
+        """The log of a job whose pod is gone: the copy kept when it was cancelled or
+        timed out, else (if it ran) a 410 saying it is gone, never an empty success."""
+        meta = obj["metadata"]
+        if names.ANNOTATION_LOG_SAVED in _annotations(obj):
+            try:
+                kept = await self.client.get(ConfigMap, meta["name"], namespace=meta["namespace"])
+            except _HTTP_ERRORS as exc:
+                raise api_error(exc, "read the job's kept log") from exc
+            text = (kept.data or {}).get("log", "")
+            if text:
+                yield text.encode()
+            return
+        counts = obj.get("status") or {}
+        uncounted = counts.get("uncountedTerminatedPods") or {}
+        ran = (
+            counts.get("succeeded")
+            or counts.get("failed")
+            or uncounted.get("succeeded")
+            or uncounted.get("failed")
+            or job.started is not None
+            or job.state is JobState.COMPLETED
+        )
+        if ran:
+            where = f"; its output file was {job.output}" if job.output else ""
+            raise KbatchApiError(
+                f"the output of job {job.id} is gone: its pod was deleted and no copy "
+                f"of its log was kept{where}",
+                status=410,
+                code="output_gone",
+            )
 
     async def _follow(self, job_id: str, pod_name: str, namespace: str) -> AsyncIterator[bytes]:
         """Follow a running pod's log until the job has ended and the log is quiet.

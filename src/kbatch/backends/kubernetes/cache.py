@@ -28,6 +28,7 @@ __all__ = ["WatchCache"]
 log = logging.getLogger("kbatch.kubernetes.cache")
 
 Key = tuple[str, str]
+TOMBSTONES = 10_000  # deleted objects remembered, so late replies do not resurrect them
 OnChange = Callable[[Key, dict[str, Any] | None, dict[str, Any] | None], None]
 
 
@@ -68,8 +69,10 @@ class WatchCache:
         self.max_delay = max_delay
         self.failures = 0  # consecutive failed attempts to list or watch
         self.last_error: str | None = None
+        self.last_status: int | None = None  # the HTTP status of the last failure, if any
         self.synced_at: float | None = None  # monotonic: the last successful list
         self._broken_since: float | None = None  # monotonic: when the watch last broke
+        self._deleted: dict[Key, int] = {}  # key -> resourceVersion when deleted
         self._on_change = on_change
         self._task: asyncio.Task[None] | None = None
 
@@ -98,11 +101,27 @@ class WatchCache:
         watch delivers it, unless the cache already holds a newer version."""
         key = self._key(obj)
         current = self.objects.get(key)
+        gone = self._deleted.get(key)
+        if current is None and gone is not None:
+            version = _resource_version(obj)
+            if version is None or version <= gone:
+                return  # a reply that arrived after the watch said it was deleted
         if current is not None:
             new, old = _resource_version(obj), _resource_version(current)
             if new is None or old is None or new <= old:
                 return
         self._apply(key, obj)
+
+    def _tombstone(self, key: Key, obj: dict[str, Any]) -> None:
+        """Remember the version a deleted object had, so that a late reply (a patch's)
+        cannot bring it back (the newest TOMBSTONES are kept)."""
+        version = _resource_version(obj)
+        if version is None:
+            return
+        self._deleted.pop(key, None)
+        self._deleted[key] = version
+        while len(self._deleted) > TOMBSTONES:
+            del self._deleted[next(iter(self._deleted))]
 
     def _apply(self, key: Key, new: dict[str, Any] | None) -> None:
         old = self.objects.pop(key, None) if new is None else self.objects.get(key)
@@ -151,6 +170,7 @@ class WatchCache:
             )
         self.failures = 0
         self.last_error = None
+        self.last_status = None
         self._broken_since = None
 
     def _failed(self, error: str) -> float:
@@ -184,6 +204,8 @@ class WatchCache:
                     decoded = self._decode(item)
                     if decoded is not None:
                         key, obj = decoded
+                        if op == "DELETED":
+                            self._tombstone(key, obj)
                         self._apply(key, None if op == "DELETED" else obj)
                 # the server ended the watch (its timeout): list and watch again
             except asyncio.CancelledError:
@@ -191,6 +213,8 @@ class WatchCache:
             except ApiError as exc:
                 if exc.status.code == 410:  # too old a version: re-list at once
                     continue
+                self.last_status = exc.status.code
                 await asyncio.sleep(self._failed(f"{exc.status.code}: {exc.status.message}"))
             except Exception as exc:  # noqa: BLE001 - the cache must outlive any error
+                self.last_status = None
                 await asyncio.sleep(self._failed(f"{type(exc).__name__}: {exc}"))

@@ -30,9 +30,12 @@ from kbatch.models import JobSpec
 
 __all__ = [
     "GPU_RESOURCE",
+    "RESTRICTED",
+    "TIME_LIMIT_GRACE",
     "JobContext",
     "Manifests",
     "build_manifests",
+    "check_not_root",
     "check_pod_security",
     "merge",
     "owner_reference",
@@ -41,6 +44,14 @@ __all__ = [
 
 GPU_RESOURCE = "nvidia.com/gpu"
 SCRIPT_DIR = "/kbatch"
+# What Pod Security "restricted" asks of a container: the default of every job's
+RESTRICTED: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+TIME_LIMIT_GRACE = 30  # seconds the Job's deadline lies after the time limit the reconciler keeps
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 ENTRYPOINT = files("kbatch.backends.kubernetes").joinpath("entrypoint.sh").read_text()
 
@@ -62,6 +73,9 @@ class JobContext:
     extra_environment: dict[str, str] = field(default_factory=dict)  # from job hooks
     idempotency_key: str | None = None
     submitted: datetime | None = None  # when it was submitted (creationTimestamp has seconds)
+    # the job container's securityContext when the notebook's does not say (the admin's)
+    security_context: dict[str, Any] = field(default_factory=lambda: dict(RESTRICTED))
+    forbid_root: bool = False  # refuse jobs that would run as user 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,12 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
     }
     if spec.workdir:
         container["workingDir"] = spec.workdir
+    security = merge(ctx.security_context, notebook.container_security_context)
+    run_as = security.get("runAsUser", notebook.security_context.get("runAsUser"))
+    if run_as == 0 and not ctx.forbid_root:
+        security.pop("runAsNonRoot", None)  # the notebook runs as root, so may its jobs
+    if security:
+        container["securityContext"] = security
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -203,7 +223,10 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
         "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
     }
     if spec.time_limit:
-        job_spec["activeDeadlineSeconds"] = spec.time_limit
+        # The reconciler ends the job at its time limit, after keeping its log (the
+        # Job controller deletes the pod, and its log with it); the Job's own deadline,
+        # a little later, ends it should the kbatch server be down then.
+        job_spec["activeDeadlineSeconds"] = spec.time_limit + TIME_LIMIT_GRACE
     if ctx.ttl_seconds is not None:
         job_spec["ttlSecondsAfterFinished"] = ctx.ttl_seconds
     job: dict[str, Any] = {
@@ -219,6 +242,8 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
     }
     if ctx.template:
         job = merge(job, ctx.template)
+    if ctx.forbid_root:
+        check_not_root(job["spec"]["template"]["spec"])
     meta = {"name": name, "namespace": ctx.namespace, "labels": dict(labels)}
     config_map = {
         "apiVersion": "v1",
@@ -255,6 +280,18 @@ _FORBIDDEN_POD = {
     "serviceAccountName": "a service account",
     "serviceAccount": "a service account",
 }
+
+
+def check_not_root(pod_spec: dict[str, Any]) -> None:
+    """Refuse a pod that would run as root (user 0) where the admin forbids it."""
+    pod_user = (pod_spec.get("securityContext") or {}).get("runAsUser")
+    for container in pod_spec.get("containers") or []:
+        user = (container.get("securityContext") or {}).get("runAsUser", pod_user)
+        if user == 0:
+            raise SpecError(
+                "jobs may not run as root (runAsUser 0, from the notebook or the job "
+                "template); the admin's policy forbids it (kubernetes forbid_root)"
+            )
 
 
 def check_pod_security(pod_spec: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ __all__ = [
     "ANNOTATION_ERROR",
     "ANNOTATION_FINALIZED",
     "ANNOTATION_IDEMPOTENCY",
+    "ANNOTATION_LOG_SAVED",
     "ANNOTATION_NAME",
     "ANNOTATION_OBJECTS_READY",
     "ANNOTATION_OUTPUT",
@@ -70,6 +71,7 @@ ANNOTATION_SPEC_DIGEST = f"{PREFIX}/spec-digest"  # the whole spec's digest, for
 ANNOTATION_FINALIZED = f"{PREFIX}/finalized"  # the end-of-job hook has run
 ANNOTATION_IDEMPOTENCY = f"{PREFIX}/idempotency-key"
 ANNOTATION_OUTPUT = f"{PREFIX}/output"
+ANNOTATION_LOG_SAVED = f"{PREFIX}/log-saved"  # the pod's log was copied into the ConfigMap
 ANNOTATION_ERROR = f"{PREFIX}/error"
 LABEL_IDEMPOTENCY = f"{PREFIX}/idempotency"  # selectable: a digest of user and key
 MANAGED_BY = "kbatch"

@@ -3,7 +3,8 @@
 KubeSpawner's singleuser pods carry ``component=singleuser-server`` and
 ``hub.jupyter.org/username=<slug>``.  From such a pod a job takes the image,
 the volumes and their mounts (the user's home), the non-secret environment,
-node selector, tolerations and pod security context, so that a job sees what
+node selector, tolerations and the pod's and the container's security
+contexts (so a job runs as the notebook's user), so that a job sees what
 the notebook sees.  Pure functions over the pod as a dict.
 """
 
@@ -38,7 +39,9 @@ class NotebookDefaults:
     volume_mounts: list[dict[str, Any]] = field(default_factory=list)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
-    security_context: dict[str, Any] = field(default_factory=dict)
+    security_context: dict[str, Any] = field(default_factory=dict)  # the pod's
+    # the notebook container's (KubeSpawner puts runAsUser, allowPrivilegeEscalation here)
+    container_security_context: dict[str, Any] = field(default_factory=dict)
     namespace: str | None = None
 
 
@@ -86,5 +89,6 @@ def notebook_defaults(pod: dict[str, Any], *, same_namespace: bool) -> NotebookD
         node_selector=dict(spec.get("nodeSelector") or {}),
         tolerations=copy.deepcopy(spec.get("tolerations") or []),
         security_context=copy.deepcopy(spec.get("securityContext") or {}),
+        container_security_context=copy.deepcopy(container.get("securityContext") or {}),
         namespace=pod.get("metadata", {}).get("namespace"),
     )

@@ -17,8 +17,11 @@ a pod that ran, replaced by a new one        PENDING, reason PodReplaced
 suspended, desired hold                      PENDING, reason JobHeldUser
 suspended, a start hook failed transiently   PENDING, reason JobSetupPending
 pods pending / none yet / suspended          PENDING, with the scheduler's or
-                                             kubelet's reason (Unschedulable,
+                                             kubelet's reason and message
+                                             (Unschedulable: 0/1 nodes are...,
                                              ImagePullBackOff...)
+no pod: the Job controller cannot create it  PENDING, FailedCreate: <its event's
+                                             message> (Pod Security, a quota)
 ===========================================  ==============================
 """
 
@@ -33,7 +36,15 @@ from kbatch.backends.kubernetes import names
 from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
-__all__ = ["can_never_start", "desired_of", "job_from_objects", "parse_time", "pod_started"]
+__all__ = [
+    "can_never_start",
+    "desired_of",
+    "failed_create_reason",
+    "job_from_objects",
+    "parse_time",
+    "pod_started",
+    "short_message",
+]
 
 
 def desired_of(job: dict[str, Any]) -> Desired:
@@ -121,12 +132,23 @@ def _pending_reason(pod: dict[str, Any] | None) -> str:
             return str(waiting["reason"])
     for condition in status.get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return str(condition.get("reason") or "Unschedulable")
+            reason = str(condition.get("reason") or "Unschedulable")
+            message = condition.get("message")  # "0/2 nodes are available: 2 Insufficient cpu"
+            return f"{reason}: {short_message(message)}" if message else reason
     return str(status.get("reason") or "None")
 
 
+MESSAGE_CHARS = 200
+
+
+def short_message(message: str) -> str:
+    """A Kubernetes message on one line, cut to MESSAGE_CHARS (kqueue shows it in a column)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
+
+
 def _state(
-    job: dict[str, Any], pods: list[dict[str, Any]]
+    job: dict[str, Any], pods: list[dict[str, Any]], no_pod: str | None = None
 ) -> tuple[JobState, str | None, int | None]:
     annotations = job.get("metadata", {}).get("annotations") or {}
     desired = desired_of(job)
@@ -181,6 +203,8 @@ def _state(
             return JobState.PENDING, "JobHeldUser", None
         if annotations.get(names.ANNOTATION_SETUP_PENDING):
             return JobState.PENDING, "JobSetupPending", None
+    if pod is None and no_pod:  # the Job controller could not make a pod, and said why
+        return JobState.PENDING, no_pod, None
     return JobState.PENDING, _pending_reason(pod), None
 
 
@@ -203,8 +227,11 @@ def _started(job: dict[str, Any], pods: list[dict[str, Any]]) -> datetime | None
     return min(times) if times else None
 
 
-def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
-    """The wire :class:`Job` of a Kubernetes Job and its pods."""
+def job_from_objects(
+    job: dict[str, Any], pods: list[dict[str, Any]], *, no_pod: str | None = None
+) -> Job:
+    """The wire :class:`Job` of a Kubernetes Job and its pods; ``no_pod``: why the Job
+    controller could not create a pod (from its FailedCreate event), if it could not."""
     meta = job.get("metadata", {})
     annotations = meta.get("annotations") or {}
     labels = meta.get("labels") or {}
@@ -212,7 +239,7 @@ def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
         spec = msgspec.json.decode(annotations.get(names.ANNOTATION_SPEC, ""), type=JobSpec)
     except (msgspec.DecodeError, msgspec.ValidationError):
         spec = JobSpec(script="-")
-    state, reason, exit_code = _state(job, pods)
+    state, reason, exit_code = _state(job, pods, no_pod)
     started = _started(job, pods)
     finished: datetime | None = None
     if state.is_terminal and started is None:  # ended before it started: when it was ended
@@ -251,3 +278,25 @@ def job_from_objects(job: dict[str, Any], pods: list[dict[str, Any]]) -> Job:
         if state is JobState.CANCELLED
         else None,
     )
+
+
+def failed_create_reason(events: list[dict[str, Any]]) -> str | None:
+    """``FailedCreate: <message>`` of the newest FailedCreate event of a Job (the Job
+    controller's: Pod Security refused the pod, a ResourceQuota is exceeded), or None."""
+    failed = [e for e in events if e.get("reason") == "FailedCreate" and e.get("message")]
+    if not failed:
+        return None
+
+    def when(event: dict[str, Any]) -> str:
+        return str(
+            event.get("lastTimestamp")
+            or event.get("eventTime")
+            or (event.get("metadata") or {}).get("creationTimestamp")
+            or ""
+        )
+
+    newest = max(failed, key=when)
+    message = str(newest["message"])
+    # "Error creating: pods "x" is forbidden: ..." says more without its first words
+    message = message.removeprefix("Error creating: ")
+    return f"FailedCreate: {short_message(message)}"
