@@ -382,3 +382,19 @@ def test_queue_state_filter(server: KbatchServer, workdir: Path, state_filter: s
     server.wait_state(failed)
     listed = json.loads(server.cli("queue", "-t", state_filter, "--json").stdout)
     assert [j["id"] for j in listed] == [done]
+
+
+def test_a_failing_job_may_say_why_in_one_safe_line(server: KbatchServer, workdir: Path) -> None:
+    """$KBATCH_REASON_FILE (what a notebook job uses to name its failing cell): its first line
+    joins the reason, made inert, and only for a job that failed."""
+    write_script(
+        workdir,
+        "why.sh",
+        '#!/bin/sh\nprintf "\\033]0;pwned\\007bad input in row 7\\nsecond line\\n" > "$KBATCH_REASON_FILE"\n'
+        "exit 3\n",
+    )
+    failed = server.wait_state(submit(server, "why.sh", cwd=workdir))
+    assert failed.reason == "NonZeroExitCode: ?]0;pwned?bad input in row 7"
+    write_script(workdir, "fine.sh", '#!/bin/sh\necho "not a failure" > "$KBATCH_REASON_FILE"\n')
+    done = server.wait_state(submit(server, "fine.sh", cwd=workdir))
+    assert (done.state, done.reason) == (JobState.COMPLETED, None)

@@ -179,7 +179,10 @@ def test_raising_cell_fails_the_job(server: KbatchServer, workdir: Path) -> None
     job = server.wait_state(job_id, timeout=120)
     log = (workdir / f"kbatch-{job_id}.out").read_text()
     assert job.state is JobState.FAILED and job.exit_code == 1, log
-    assert job.reason == "NonZeroExitCode"
+    # kbatch show names the failing cell, as the log does
+    assert job.reason == (
+        "NonZeroExitCode: bad.ipynb failed at cell 3 (In [2]): KeyError: 'missing_key'"
+    )
     assert "kbatch: cell 3/4 FAILED after" in log
     assert "kbatch: bad.ipynb failed at cell 3 (In [2]): KeyError: 'missing_key'" in log
     assert "x['missing_key']" in log  # the traceback, without colours
@@ -191,7 +194,7 @@ def test_raising_cell_fails_the_job(server: KbatchServer, workdir: Path) -> None
     assert errors == ["KeyError"]
     assert stream_text(partial) == "before\n"
     shown = server.cli("show", job_id)
-    assert "FAILED" in shown.stdout and "NonZeroExitCode" in shown.stdout
+    assert "FAILED" in shown.stdout and "failed at cell 3 (In [2])" in shown.stdout
 
 
 def test_missing_kernel_fails_at_once(server: KbatchServer, workdir: Path) -> None:

@@ -40,6 +40,8 @@ from kbatch.backends.local.limits import MemoryLimiter, memory_limiter, process_
 from kbatch.hardening import make_undumpable
 from kbatch.models import JobState
 
+REASON_FILE_ENV = "KBATCH_REASON_FILE"  # as kbatch.notebook_runner reads it
+
 __all__ = ["main", "outcome", "write_result"]
 
 TICK = 0.1  # seconds between checks of time, memory and cancellation
@@ -77,6 +79,7 @@ class Supervisor:
         self.spec = spec
         self.cancel_signalled = False
         self.limiter: MemoryLimiter = MemoryLimiter()
+        self.reason_fd = -1
         self.failed_read = -1  # the child's word on why it could not start the job
         self.launch_error: str | None = None
 
@@ -119,6 +122,11 @@ class Supervisor:
         program = spec.argv[0]
         account = spec.run_as
         env = spec.environment
+        if self.reason_fd >= 0:
+            # A line the job may leave to say why it failed (a notebook's failing cell):
+            # a file of the job's own, reached only through this descriptor.
+            os.set_inheritable(self.reason_fd, True)
+            env = {**env, REASON_FILE_ENV: f"/dev/fd/{self.reason_fd}"}
         if account is not None:
             # The script lies in the server's private job directory.  Opened now, as root,
             # and run through this descriptor once we are the account: the account needs
@@ -157,6 +165,13 @@ class Supervisor:
         program not run), it says why on a second pipe, closed on exec.
         """
         null_fd = os.open(os.devnull, os.O_RDONLY)
+        self.reason_fd = os.open(
+            self.jobdir.path / "reason",
+            os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+        if self.spec.run_as is not None:
+            os.fchown(self.reason_fd, self.spec.run_as.uid, self.spec.run_as.gid)
         go_read, go_write = os.pipe()
         self.failed_read, failed_write = os.pipe()  # close-on-exec: silent when exec works
         pid = os.fork()
@@ -241,9 +256,23 @@ class Supervisor:
         self.limiter.cleanup()
         if self.launch_error is not None:
             state, reason = JobState.FAILED, f"LaunchFailed: {self.launch_error}"
+        elif state is JobState.FAILED and (said := self._reason_given()):
+            reason = f"{reason}: {said}"
         return Result(
             state=state, exit_code=exit_code, reason=reason, started=started, finished=time.time()
         )
+
+    def _reason_given(self) -> str | None:
+        """The first line the job left in its reason file, made safe to show, or None."""
+        if self.reason_fd < 0:
+            return None
+        try:
+            data = os.pread(self.reason_fd, 1000, 0)
+        except OSError:
+            return None
+        line = data.decode(errors="replace").strip().splitlines()[:1]
+        text = "".join(c if c.isprintable() else "?" for c in (line[0] if line else ""))
+        return text[:300] or None
 
     def _read_launch_error(self) -> None:
         """The child's message (it could not start the job), or end-of-file (exec worked)."""
