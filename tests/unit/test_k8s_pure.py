@@ -14,7 +14,6 @@ import pytest
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.manifests import (
     ENTRYPOINT,
-    RESTRICTED,
     TIME_LIMIT_GRACE,
     JobContext,
     build_manifests,
@@ -23,8 +22,8 @@ from kbatch.backends.kubernetes.manifests import (
     owner_reference,
     spec_digest,
 )
-from kbatch.backends.kubernetes.notebook import NotebookDefaults, notebook_defaults
-from kbatch.backends.kubernetes.status import failed_create_reason, job_from_objects, parse_time
+from kbatch.backends.kubernetes.notebook import notebook_defaults
+from kbatch.backends.kubernetes.status import job_from_objects, parse_time
 from kbatch.errors import SpecError
 from kbatch.lifecycle import check_transition
 from kbatch.models import JobSpec, JobState
@@ -598,136 +597,3 @@ def test_spec_digest_tells_specs_apart() -> None:
     one = JobSpec(script=SCRIPT, environment={"A": "1"})
     assert spec_digest(one) == spec_digest(JobSpec(script=SCRIPT, environment={"A": "1"}))
     assert spec_digest(one) != spec_digest(JobSpec(script=SCRIPT, environment={"A": "2"}))
-
-
-@pytest.mark.parametrize(
-    ("fields", "option"),
-    [
-        ({"dependency": "afterok:abc"}, "--dependency"),
-        ({"begin": "2099-01-01T00:00:00Z"}, "--begin"),
-    ],
-)
-def test_kubernetes_refuses_what_its_controller_does_not_have_yet(
-    fields: dict[str, Any], option: str
-) -> None:
-    import asyncio
-
-    import msgspec
-
-    from kbatch.backends.kubernetes.backend import KubernetesBackend, KubernetesConfig
-
-    spec = msgspec.convert({"script": "#!/bin/sh\n", **fields}, JobSpec)
-    backend = KubernetesBackend(KubernetesConfig())
-    with pytest.raises(SpecError, match=f"{option} is not supported by the Kubernetes backend"):
-        asyncio.run(backend.validate("u", spec))
-
-
-# -- issue 11: security contexts, why a job has no pod ------------------------------------
-
-
-def _container(job: dict[str, Any]) -> dict[str, Any]:
-    return dict(job["spec"]["template"]["spec"]["containers"][0])
-
-
-def test_jobs_are_restricted_by_default() -> None:
-    job = build_manifests(JobSpec(script=SCRIPT), ctx()).job
-    assert (
-        _container(job)["securityContext"]
-        == RESTRICTED
-        == {
-            "runAsNonRoot": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        }
-    )
-    custom = build_manifests(JobSpec(script=SCRIPT), ctx(security_context={"runAsUser": 5})).job
-    assert _container(custom)["securityContext"] == {"runAsUser": 5}  # the admin's, as given
-
-
-def test_the_notebook_containers_security_context_is_carried_over() -> None:
-    pod = {
-        **NOTEBOOK_POD,
-        "spec": {
-            **NOTEBOOK_POD["spec"],
-            "containers": [
-                {
-                    **NOTEBOOK_POD["spec"]["containers"][0],
-                    "securityContext": {"runAsUser": 1000, "allowPrivilegeEscalation": False},
-                }
-            ],
-        },
-    }
-    d = notebook_defaults(pod, same_namespace=True)
-    assert d.container_security_context == {"runAsUser": 1000, "allowPrivilegeEscalation": False}
-    security = _container(build_manifests(JobSpec(script=SCRIPT), ctx(notebook=d)).job)[
-        "securityContext"
-    ]
-    assert security["runAsUser"] == 1000  # the notebook's user: files in $HOME are theirs
-    assert security["capabilities"] == {"drop": ["ALL"]} and security["runAsNonRoot"] is True
-
-
-def test_root_is_refused_when_the_admin_forbids_it() -> None:
-    root = NotebookDefaults(container_security_context={"runAsUser": 0})
-    allowed = build_manifests(JobSpec(script=SCRIPT), ctx(notebook=root)).job
-    assert _container(allowed)["securityContext"]["runAsUser"] == 0
-    assert "runAsNonRoot" not in _container(allowed)["securityContext"]  # it could not start
-    with pytest.raises(SpecError, match="may not run as root"):
-        build_manifests(JobSpec(script=SCRIPT), ctx(notebook=root, forbid_root=True))
-    template = {"spec": {"template": {"spec": {"securityContext": {"runAsUser": 0}}}}}
-    with pytest.raises(SpecError, match="may not run as root"):
-        build_manifests(JobSpec(script=SCRIPT), ctx(template=template, forbid_root=True))
-    build_manifests(JobSpec(script=SCRIPT), ctx(forbid_root=True))  # the default is fine
-
-
-def test_unschedulable_says_the_schedulers_message() -> None:
-    waiting = pod("Pending", unschedulable=True)
-    waiting["status"]["conditions"][0]["message"] = (
-        "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available."
-    )
-    job = job_from_objects(k8s_job(), [waiting])
-    assert job.reason is not None and job.reason.startswith(
-        "Unschedulable: 0/1 nodes are available: 1 Insufficient cpu."
-    )
-
-
-def test_failed_create_event_is_the_reason_of_a_job_without_pods() -> None:
-    events = [
-        {"reason": "SuccessfulCreate", "message": "Created pod: x"},
-        {
-            "reason": "FailedCreate",
-            "lastTimestamp": T0,
-            "message": 'Error creating: pods "x" is forbidden: old',
-        },
-        {
-            "reason": "FailedCreate",
-            "lastTimestamp": T1,
-            "message": 'Error creating: pods "x" is forbidden: exceeded quota: q, '
-            "requested: requests.cpu=2, used: requests.cpu=0, limited: requests.cpu=1"
-            + " and more"
-            * 50,
-        },
-    ]
-    reason = failed_create_reason(events)
-    assert reason is not None and reason.startswith('FailedCreate: pods "x" is forbidden: exceeded')
-    assert len(reason) <= len("FailedCreate: ") + 200 and reason.endswith("...")
-    assert failed_create_reason(events[:1]) is None
-    job = job_from_objects(k8s_job(), [], no_pod=reason)
-    assert (job.state, job.reason) == (JobState.PENDING, reason)
-    running = job_from_objects(k8s_job(), [pod("Running")], no_pod=reason)
-    assert running.reason is None  # a pod came: the old reason no longer holds
-
-
-def test_a_late_reply_does_not_bring_a_deleted_object_back() -> None:
-    from kbatch.backends.kubernetes.cache import WatchCache
-
-    cache = WatchCache(None, object, labels={})  # type: ignore[arg-type]
-    obj = {"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "5"}}
-    cache.observe(obj)
-    deleted = {"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "7"}}
-    cache._tombstone(("ns", "j"), deleted)
-    cache._apply(("ns", "j"), None)
-    cache.observe({"metadata": {**obj["metadata"], "resourceVersion": "6"}})  # a patch's reply
-    assert cache.objects == {}
-    cache.observe({"metadata": {**obj["metadata"], "resourceVersion": "9"}})  # made again
-    assert ("ns", "j") in cache.objects

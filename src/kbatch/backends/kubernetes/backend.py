@@ -38,7 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx  # lightkube is built on httpx2, a fork of httpx
+import httpx2 as httpx
+import msgspec  # lightkube is built on httpx2, a fork of httpx
 from lightkube import ALL_NS, ApiError, AsyncClient, KubeConfig
 from lightkube.codecs import from_dict
 from lightkube.resources.batch_v1 import Job as K8sJob
@@ -76,6 +77,7 @@ from kbatch.backends.kubernetes.status import (
     pod_started,
 )
 from kbatch.backends.workqueue import WorkQueue
+from kbatch.dependencies import DependencyStatus, evaluate, parse_dependency
 from kbatch.errors import (
     ApiError as KbatchApiError,
 )
@@ -87,7 +89,6 @@ from kbatch.errors import (
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
-    SpecError,
     TransportError,
 )
 from kbatch.lifecycle import Desired
@@ -250,6 +251,21 @@ def _job_id_of(obj: dict[str, Any] | None) -> str | None:
     return str(job_id) if job_id else None
 
 
+def _spec_of(obj: dict[str, Any]) -> JobSpec | None:
+    """The spec a Job records (without script and environment), or None if unreadable."""
+    try:
+        text = _annotations(obj).get(names.ANNOTATION_SPEC, "")
+        spec: JobSpec = msgspec.json.decode(text, type=JobSpec)
+        return spec
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _kill_on_invalid_dep(obj: dict[str, Any]) -> bool:
+    spec = _spec_of(obj)
+    return bool(spec and spec.kill_on_invalid_dep)
+
+
 class KubernetesBackend(Backend):
     name = "kubernetes"
     config_class = KubernetesConfig
@@ -270,7 +286,10 @@ class KubernetesBackend(Backend):
         # job id -> when its start may be tried again (monotonic): watch events, which
         # queue a job at once, must not cut a hook's backoff short
         self._retry_at: dict[str, float] = {}
-        self._no_pod: dict[str, str] = {}  # job id -> why the Job controller made no pod
+        self._no_pod: dict[str, str] = {}
+        self._waiting: dict[
+            str, str
+        ] = {}  # job id -> why its gate is closed (Dependency...)  # job id -> why the Job controller made no pod
         self._events_warned = False
         self._notebooks: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self._notebooks_lock = asyncio.Lock()
@@ -407,6 +426,7 @@ class KubernetesBackend(Backend):
             self._queue.forget(job_id)
             self._retry_at.pop(job_id, None)
             self._no_pod.pop(job_id, None)
+            self._waiting.pop(job_id, None)
             return
         self._job_keys[job_id] = key
         self._refresh(job_id)
@@ -444,9 +464,15 @@ class KubernetesBackend(Backend):
             obj,
             list(self._pods_by_job.get(job_id, {}).values()),
             no_pod=self._no_pod.get(job_id),
+            waiting=self._waiting.get(job_id),
         )
+        before = self._models.get(job_id)
         self._models[job_id] = model
         self.events.publish(model)
+        if self._waiting and (before is None or before.state is not model.state):
+            for waiting in self._waiting:  # a job they may wait on has moved on
+                if waiting != job_id:
+                    self._queue.put(waiting)
         return model
 
     def _observe(self, obj: Any) -> dict[str, Any]:
@@ -521,6 +547,8 @@ class KubernetesBackend(Backend):
             if patch:
                 await self._patch_job(obj, patch)
         elif obj["spec"].get("suspend"):
+            if await self._gated(obj, model):
+                return
             await self._release(obj, model)
         else:
             await self._enforce_time_limit(obj, model, pods)
@@ -655,6 +683,51 @@ class KubernetesBackend(Backend):
         if claimed is None:
             return  # another replica has it, or the Job changed: the watch brings it back
         await self.run_finished_hook(job)
+
+    async def _gated(self, obj: dict[str, Any], job: Job) -> bool:
+        """Whether the job must wait yet for its --begin or its dependency; its reason
+        is then shown (computed from the cache by every replica alike, never stored).
+        A dependency that can never be met cancels the job if it asked for that."""
+        reason: str | None = None
+        now = datetime.now(UTC)
+        if job.begin is not None and job.begin > now:
+            reason = "BeginTime"
+            self._queue.put_after(job.id, (job.begin - now).total_seconds() + 0.05)
+        elif job.dependency is not None:
+            dependency = parse_dependency(job.dependency)
+            states = {i: m.state for i in dependency.job_ids if (m := self._models.get(i))}
+            singleton = any(t.kind == "singleton" for t in dependency.terms)
+            earlier_active = singleton and any(
+                m.user == job.user
+                and m.name == job.name
+                and (m.submitted, m.id) < (job.submitted, job.id)
+                and not m.state.is_terminal
+                for m in self._models.values()
+            )
+            status, _, _ = evaluate(dependency, states, singleton_clear=not earlier_active)
+            if status is not DependencyStatus.MET:
+                reason = str(status.value)
+                if status is DependencyStatus.NEVER and _kill_on_invalid_dep(obj):
+                    await self._patch_job(
+                        obj,
+                        {
+                            "metadata": {
+                                "annotations": {
+                                    names.ANNOTATION_DESIRED: Desired.CANCEL.value,
+                                    names.ANNOTATION_CANCELLED: _now(),
+                                    names.ANNOTATION_CANCEL_REASON: reason,
+                                }
+                            }
+                        },
+                    )
+        if reason is None:
+            if self._waiting.pop(job.id, None) is not None:
+                self._refresh(job.id)
+            return False
+        if self._waiting.get(job.id) != reason:
+            self._waiting[job.id] = reason
+            self._refresh(job.id)
+        return True
 
     async def _release(self, obj: dict[str, Any], job: Job) -> None:
         """Make the job's environment (its token), write it into its Secret, unsuspend it."""
@@ -852,16 +925,6 @@ class KubernetesBackend(Backend):
             mine[0], same_namespace=self.config.notebook_namespace == namespace
         )
 
-    async def validate(self, user: str, spec: JobSpec) -> None:
-        await super().validate(user, spec)
-        for value, option in ((spec.dependency, "--dependency"), (spec.begin, "--begin")):
-            if value is not None:
-                raise SpecError(
-                    f"{option} is not supported by the Kubernetes backend yet (the local "
-                    "backend has it); submit the job when it may start",
-                    field=option.strip("-"),
-                )
-
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)
         namespace = self.namespace_of(user)
@@ -991,7 +1054,10 @@ class KubernetesBackend(Backend):
         desired state is run.  Any condition the reconciler checks before a release
         must be checked here too."""
         no_start_hook = type(self.hooks).environment is JobHooks.environment
-        return no_start_hook and desired_of(created) is Desired.RUN
+        gated = _spec_of(created) is None or any(
+            getattr(_spec_of(created), f) is not None for f in ("dependency", "begin")
+        )
+        return no_start_hook and not gated and desired_of(created) is Desired.RUN
 
     async def _existing(self, manifests: Manifests) -> Job:
         meta = manifests.job["metadata"]

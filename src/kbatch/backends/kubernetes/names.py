@@ -15,6 +15,7 @@ import string
 __all__ = [
     "ANNOTATION_CANCELLED",
     "ANNOTATION_CANCELLED_BY",
+    "ANNOTATION_CANCEL_REASON",
     "ANNOTATION_DESIRED",
     "ANNOTATION_ERROR",
     "ANNOTATION_FINALIZED",
@@ -57,6 +58,7 @@ ANNOTATION_USER = f"{PREFIX}/username"
 ANNOTATION_NAME = f"{PREFIX}/job-name"
 ANNOTATION_SPEC = f"{PREFIX}/spec"
 ANNOTATION_CANCELLED = f"{PREFIX}/cancelled"  # when a cancel was asked
+ANNOTATION_CANCEL_REASON = f"{PREFIX}/cancel-reason"  # when not a user's: its dependency
 ANNOTATION_CANCELLED_BY = f"{PREFIX}/cancelled-by"
 ANNOTATION_DESIRED = (
     f"{PREFIX}/desired"  # what users asked: run, hold or cancel (lifecycle.Desired)

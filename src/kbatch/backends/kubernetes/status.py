@@ -148,7 +148,10 @@ def short_message(message: str) -> str:
 
 
 def _state(
-    job: dict[str, Any], pods: list[dict[str, Any]], no_pod: str | None = None
+    job: dict[str, Any],
+    pods: list[dict[str, Any]],
+    no_pod: str | None = None,
+    waiting: str | None = None,
 ) -> tuple[JobState, str | None, int | None]:
     annotations = job.get("metadata", {}).get("annotations") or {}
     desired = desired_of(job)
@@ -162,7 +165,7 @@ def _state(
         # ended without ever starting: nothing can run any more, so this is final
         if setup_failed:
             return JobState.FAILED, f"JobSetupFailed: {setup_failed}", None
-        return JobState.CANCELLED, "CancelledByUser", None
+        return JobState.CANCELLED, _cancel_reason(annotations), None
     failed = _condition(job, "Failed") or _condition(job, "FailureTarget")
     if failed:
         terminated = _terminated(pod)
@@ -170,7 +173,7 @@ def _state(
         if setup_failed and not ran:
             return JobState.FAILED, f"JobSetupFailed: {setup_failed}", None
         if cancelled:
-            return JobState.CANCELLED, "CancelledByUser", exit_code
+            return JobState.CANCELLED, _cancel_reason(annotations), exit_code
         if failed.get("reason") == "DeadlineExceeded":
             return JobState.TIMEOUT, "TimeLimit", exit_code
         if terminated and terminated.get("reason") == "OOMKilled":
@@ -203,9 +206,16 @@ def _state(
             return JobState.PENDING, "JobHeldUser", None
         if annotations.get(names.ANNOTATION_SETUP_PENDING):
             return JobState.PENDING, "JobSetupPending", None
+        if waiting:  # a gate the reconciler found closed: Dependency, BeginTime...
+            return JobState.PENDING, waiting, None
     if pod is None and no_pod:  # the Job controller could not make a pod, and said why
         return JobState.PENDING, no_pod, None
     return JobState.PENDING, _pending_reason(pod), None
+
+
+def _cancel_reason(annotations: dict[str, Any]) -> str:
+    """Who ended a job that was cancelled: a user, or its dependency that can never be met."""
+    return str(annotations.get(names.ANNOTATION_CANCEL_REASON) or "CancelledByUser")
 
 
 def _disrupted(pod: dict[str, Any]) -> bool:
@@ -228,7 +238,11 @@ def _started(job: dict[str, Any], pods: list[dict[str, Any]]) -> datetime | None
 
 
 def job_from_objects(
-    job: dict[str, Any], pods: list[dict[str, Any]], *, no_pod: str | None = None
+    job: dict[str, Any],
+    pods: list[dict[str, Any]],
+    *,
+    no_pod: str | None = None,
+    waiting: str | None = None,
 ) -> Job:
     """The wire :class:`Job` of a Kubernetes Job and its pods; ``no_pod``: why the Job
     controller could not create a pod (from its FailedCreate event), if it could not."""
@@ -239,7 +253,7 @@ def job_from_objects(
         spec = msgspec.json.decode(annotations.get(names.ANNOTATION_SPEC, ""), type=JobSpec)
     except (msgspec.DecodeError, msgspec.ValidationError):
         spec = JobSpec(script="-")
-    state, reason, exit_code = _state(job, pods, no_pod)
+    state, reason, exit_code = _state(job, pods, no_pod, waiting)
     started = _started(job, pods)
     finished: datetime | None = None
     if state.is_terminal and started is None:  # ended before it started: when it was ended
@@ -277,6 +291,8 @@ def job_from_objects(
         cancelled_by=annotations.get(names.ANNOTATION_CANCELLED_BY)
         if state is JobState.CANCELLED
         else None,
+        dependency=spec.dependency,
+        begin=spec.begin,
     )
 
 
