@@ -21,6 +21,7 @@ __all__ = [
     "Dependency",
     "DependencyStatus",
     "Term",
+    "describe",
     "evaluate",
     "parse_dependency",
 ]
@@ -172,3 +173,17 @@ def evaluate(
     if waiting:
         return DependencyStatus.WAITING, waiting, met
     return DependencyStatus.MET, waiting, met
+
+
+def describe(
+    dependency: Dependency, states: Mapping[str, JobState], *, singleton_clear: bool = True
+) -> str:
+    """Slurm's ``scontrol show job`` form: each term with ``(fulfilled)``,
+    ``(unfulfilled)`` or ``(failed)``, joined as the user joined them."""
+    marks = {
+        DependencyStatus.MET: "fulfilled",
+        DependencyStatus.WAITING: "unfulfilled",
+        DependencyStatus.NEVER: "failed",
+    }
+    parts = [f"{term}({marks[_term(term, states, singleton_clear)]})" for term in dependency.terms]
+    return ("?" if dependency.any_of else ",").join(parts)

@@ -54,6 +54,7 @@ async def test_afterok_on_a_failed_job_is_never_satisfied(harness: Harness) -> N
         assert (await ended(backend, bad.id)).state is JobState.FAILED
         stuck = await reason_is(backend, waits.id, "DependencyNeverSatisfied")
         assert stuck.state is JobState.PENDING
+        assert stuck.dependency == f"afterok:{bad.id}(failed)"
         gone = await ended(backend, killed.id)
         assert (gone.state, gone.reason, gone.started) == (
             JobState.CANCELLED,
@@ -72,6 +73,8 @@ async def test_afterany_runs_after_a_failure_and_waits_with_its_reason(harness: 
         await state_of(backend, first.id, JobState.RUNNING, within=harness.start_within)
         waiting = await reason_is(backend, then.id, "Dependency")
         assert waiting.state is JobState.PENDING
+        # kbatch show: what it still waits on, as scontrol shows it
+        assert waiting.dependency == f"afterany:{first.id}(unfulfilled)"
         await backend.cancel(first.id, by="ann")
         assert (await ended(backend, then.id, within=60)).state is JobState.COMPLETED
 

@@ -116,4 +116,6 @@ def pending_job(
         time_limit=spec.time_limit,
         comment=spec.comment,
         backend=backend,
+        dependency=spec.dependency,
+        begin=spec.begin,
     )

@@ -34,7 +34,7 @@ import msgspec
 from kbatch.backends.base import Backend, decode_section, not_pending, paginate
 from kbatch.backends.derive import output_paths, pending_job
 from kbatch.backends.workqueue import WorkQueue
-from kbatch.dependencies import DependencyStatus, evaluate, parse_dependency
+from kbatch.dependencies import DependencyStatus, describe, evaluate, parse_dependency
 from kbatch.errors import Conflict, KbatchError, NotFound, ServiceUnavailable, TransportError
 from kbatch.lifecycle import Desired, check_transition, parse_job_ref
 from kbatch.models import Job, JobList, JobSpec, JobState
@@ -150,7 +150,12 @@ class FakeBackend(Backend):
         return job
 
     async def get(self, job_id: str) -> Job:
-        return self._entry(job_id).job
+        job = self._entry(job_id).job
+        if job.dependency is None or job.state is not JobState.PENDING:
+            return job
+        states = {i: e.job.state for i, e in self._jobs.items()}
+        shown = describe(parse_dependency(job.dependency), states, singleton_clear=True)
+        return msgspec.structs.replace(job, dependency=shown)
 
     async def list(
         self,

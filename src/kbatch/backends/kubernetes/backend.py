@@ -77,7 +77,13 @@ from kbatch.backends.kubernetes.status import (
     pod_started,
 )
 from kbatch.backends.workqueue import WorkQueue
-from kbatch.dependencies import DependencyStatus, evaluate, parse_dependency
+from kbatch.dependencies import (
+    Dependency,
+    DependencyStatus,
+    describe,
+    evaluate,
+    parse_dependency,
+)
 from kbatch.errors import (
     ApiError as KbatchApiError,
 )
@@ -684,6 +690,30 @@ class KubernetesBackend(Backend):
             return  # another replica has it, or the Job changed: the watch brings it back
         await self.run_finished_hook(job)
 
+    def _dependency_states(self, job: Job) -> tuple[Dependency, dict[str, JobState], bool]:
+        """The job's dependency, the states of the jobs it names, and whether its
+        singleton term (if any) is clear: all from the watch cache."""
+        assert job.dependency is not None
+        dependency = parse_dependency(job.dependency)
+        states = {i: m.state for i in dependency.job_ids if (m := self._models.get(i))}
+        singleton = any(t.kind == "singleton" for t in dependency.terms)
+        earlier_active = singleton and any(
+            m.user == job.user
+            and m.name == job.name
+            and (m.submitted, m.id) < (job.submitted, job.id)
+            and not m.state.is_terminal
+            for m in self._models.values()
+        )
+        return dependency, states, not earlier_active
+
+    def _with_dependency_detail(self, job: Job) -> Job:
+        """A pending job's dependency as scontrol shows it: each term (un)fulfilled."""
+        if job.dependency is None or job.state is not JobState.PENDING:
+            return job
+        dependency, states, clear = self._dependency_states(job)
+        shown = describe(dependency, states, singleton_clear=clear)
+        return msgspec.structs.replace(job, dependency=shown)
+
     async def _gated(self, obj: dict[str, Any], job: Job) -> bool:
         """Whether the job must wait yet for its --begin or its dependency; its reason
         is then shown (computed from the cache by every replica alike, never stored).
@@ -694,17 +724,8 @@ class KubernetesBackend(Backend):
             reason = "BeginTime"
             self._queue.put_after(job.id, (job.begin - now).total_seconds() + 0.05)
         elif job.dependency is not None:
-            dependency = parse_dependency(job.dependency)
-            states = {i: m.state for i in dependency.job_ids if (m := self._models.get(i))}
-            singleton = any(t.kind == "singleton" for t in dependency.terms)
-            earlier_active = singleton and any(
-                m.user == job.user
-                and m.name == job.name
-                and (m.submitted, m.id) < (job.submitted, job.id)
-                and not m.state.is_terminal
-                for m in self._models.values()
-            )
-            status, _, _ = evaluate(dependency, states, singleton_clear=not earlier_active)
+            dependency, states, clear = self._dependency_states(job)
+            status, _, _ = evaluate(dependency, states, singleton_clear=clear)
             if status is not DependencyStatus.MET:
                 reason = str(status.value)
                 if status is DependencyStatus.NEVER and _kill_on_invalid_dep(obj):
@@ -1108,7 +1129,7 @@ class KubernetesBackend(Backend):
     async def get(self, job_id: str) -> Job:
         model = self._models.get(job_id)
         if model is not None:
-            return model
+            return self._with_dependency_detail(model)
         namespace, name = await self._lookup(job_id)
         try:
             found = await self.client.get(K8sJob, name, namespace=namespace)

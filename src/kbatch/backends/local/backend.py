@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from kbatch.backends.base import Backend, decode_section, not_pending
 from kbatch.backends.derive import check_spec, job_environment, output_paths
 from kbatch.backends.local.accounts import AccountPolicy, check_paths, lookup
@@ -27,7 +29,7 @@ from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
 from kbatch.backends.workqueue import WorkQueue
-from kbatch.dependencies import DependencyStatus, evaluate, parse_dependency
+from kbatch.dependencies import DependencyStatus, describe, evaluate, parse_dependency
 from kbatch.errors import (
     ConfigError,
     InvalidRequest,
@@ -369,7 +371,16 @@ class LocalBackend(Backend):
         return self._record(record.id).to_job()
 
     async def get(self, job_id: str) -> Job:
-        return self._record(self._parse_id(job_id)).to_job()
+        job = self._record(self._parse_id(job_id)).to_job()
+        if job.dependency is not None and job.state is JobState.PENDING:
+            # what it still waits on and what is met, as scontrol shows it
+            dependency = parse_dependency(job.dependency)
+            ids = [int(i) for i in dependency.job_ids if i.isascii() and i.isdigit()]
+            singleton = any(t.kind == "singleton" for t in dependency.terms)
+            earlier = singleton and self.store.active_earlier(job.user, job.name, int(job.id))
+            shown = describe(dependency, self.store.states(ids), singleton_clear=not earlier)
+            job = msgspec.structs.replace(job, dependency=shown)
+        return job
 
     async def list(
         self,
