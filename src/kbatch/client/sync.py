@@ -204,8 +204,14 @@ class Client:
                 )
         return self._conn
 
-    def _send(self, request: rq.Request) -> tuple[http.client.HTTPResponse, bytes | None]:
-        """The response, and its body when it had to be read already.
+    def _send(
+        self, request: rq.Request, *, read: bool = False
+    ) -> tuple[http.client.HTTPResponse, bytes | None]:
+        """The response, and its body when it had to be read already (always with ``read``).
+
+        With ``read``, a response cut off in its body is retried like a lost
+        connection: every request is safe to repeat (submit carries its
+        idempotency key, so a repeat answers with the job already made).
 
         Connection errors and 502/503/504 from something in front of the server
         (a proxy while the server restarts) are retried; a 503 in kbatch's own
@@ -222,6 +228,7 @@ class Client:
                 conn = self._connection()
                 conn.request(request.method, self._base_path + request.path, request.body, headers)
                 response = conn.getresponse()
+                body = response.read() if read else None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if time.monotonic() + delay < deadline:
@@ -232,22 +239,17 @@ class Client:
                     f"cannot reach the kbatch server at {self.url}: {_reason(exc)}"
                 ) from exc
             if response.status in RETRY_STATUSES:
-                body = response.read()
+                body = response.read() if body is None else body
                 if rq.is_error_body(body) or time.monotonic() + delay >= deadline:
                     return response, body
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            return response, None
+            return response, body
 
     def _call(self, request: rq.Request, type: type[T]) -> T:
-        response, body = self._send(request)
-        try:
-            if body is None:
-                body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise TransportError(f"lost the connection to {self.url}: {_reason(exc)}") from exc
+        response, body = self._send(request, read=True)
+        assert body is not None
         if response.will_close:
             self.close()
         return rq.parse(response.status, body, type)
