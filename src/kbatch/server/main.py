@@ -34,8 +34,16 @@ from kbatch.server.app import create_app
 from kbatch.server.auth.base import Authenticator
 from kbatch.server.auth.tokens import TokenFileAuthenticator, add_token, hash_token
 from kbatch.server.config import ServerConfig
+from kbatch.server.connections import (
+    ConnectionLimits,
+    bounded_protocol,
+    quiet_exception_handler,
+    raise_file_limit,
+)
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from kbatch.server.hub import HubClient
 
 __all__ = [
@@ -289,9 +297,19 @@ def serve(config: ServerConfig) -> int:
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     url = f"http://{url_host}:{port}{config.prefix}"
+    limits = ConnectionLimits(
+        header_timeout=config.header_timeout,
+        max_connections=raise_file_limit(config.max_connections),
+    )
     server = uvicorn.Server(
         uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=3
+            app,
+            http=bounded_protocol(limits),
+            timeout_keep_alive=max(1, round(config.keepalive_timeout)),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=3,
         )
     )
     info: dict[str, object] = {
@@ -310,7 +328,7 @@ def serve(config: ServerConfig) -> int:
     write_private(config.state_dir / SERVER_FILE, json.dumps(info) + "\n")
     log.info("kbatch server listening on %s (state in %s)", url, config.state_dir)
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(_serve(server, sock, limits))
     except _Stopped:
         pass
     finally:
@@ -319,6 +337,14 @@ def serve(config: ServerConfig) -> int:
         _remove_server_file(config.state_dir, info)
         os.close(lock_fd)
     return 0
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket, limits: ConnectionLimits) -> None:
+    asyncio.get_running_loop().set_exception_handler(quiet_exception_handler(limits))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        limits.summarize()
 
 
 class _Stopped(BaseException):
