@@ -27,6 +27,7 @@ __all__ = ["Client"]
 T = TypeVar("T")
 RETRY_STATUSES = frozenset({502, 503, 504})
 PAGE_SIZE = 5000  # jobs per request when listing; list() follows the pages
+HUB_RETRY_FOR = 2.0  # seconds of retries for a service found through JupyterHub
 
 
 def _job_id(job_id: str) -> str:
@@ -59,11 +60,23 @@ class Client:
         self._timeout = timeout
         self._retry_for = retry_for
         self._conn: http.client.HTTPConnection | None = None
+        self._refused_hint: str | None = None  # what to say when no one listens at the URL
 
     @classmethod
     def from_config(cls, config: ClientConfig | None = None, **kwargs: float) -> Client:
         config = config or discover_config()
-        return cls(config.url, config.token, **kwargs)
+        client = cls(config.url, config.token, **kwargs)
+        if config.via_hub:
+            # A hub's service that refuses connections is down with the hub (a managed
+            # service stops with it): say so after a brief retry, not after 10 s, and
+            # never suggest starting a server of one's own.
+            client._retry_for = min(client._retry_for, HUB_RETRY_FOR)
+            client._refused_hint = (
+                "connection refused: the kbatch service of your JupyterHub is not running "
+                "(the hub is down or restarting?).  Try again in a minute; if it lasts, "
+                "tell your hub admin"
+            )
+        return client
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
@@ -235,8 +248,11 @@ class Client:
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
+                reason = _reason(exc)
+                if isinstance(exc, ConnectionRefusedError) and self._refused_hint:
+                    reason = self._refused_hint
                 raise TransportError(
-                    f"cannot reach the kbatch server at {self.url}: {_reason(exc)}"
+                    f"cannot reach the kbatch server at {self.url}: {reason}"
                 ) from exc
             if response.status in RETRY_STATUSES:
                 body = response.read() if body is None else body
