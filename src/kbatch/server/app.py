@@ -55,7 +55,7 @@ from kbatch.models import (
 )
 from kbatch.server.auth.base import Authenticator, Credentials
 from kbatch.server.logtext import escaped
-from kbatch.server.openapi import openapi_document
+from kbatch.server.openapi import STATES_PATTERN, openapi_document
 from kbatch.server.policy import Policy, check
 
 __all__ = ["ROUTES", "create_app"]
@@ -203,15 +203,15 @@ class Api:
         all_users = self.all_users(request, identity)
         limit, after = _limit(request), _cursor(request)
         states: set[JobState] | None = None
-        if raw := request.query_params.get("state"):
-            try:
-                states = {JobState(s.strip().upper()) for s in raw.split(",") if s.strip()}
-            except ValueError as exc:
+        if (raw := request.query_params.get("state")) is not None:
+            if not re.fullmatch(STATES_PATTERN, raw):
                 raise InvalidRequest(
-                    f"unknown state in {raw!r}; use {', '.join(s.value for s in JobState)}",
+                    f"state must be a comma-separated list of {', '.join(s.value for s in JobState)}"
+                    f", not {raw[:100]!r}",
                     status=422,
                     code="invalid_state",
-                ) from exc
+                )
+            states = {JobState(s.upper()) for s in raw.split(",")}
         elif not _flag(request, "all"):
             states = set(ACTIVE_STATES)
         page = await self.backend.list(
