@@ -105,8 +105,8 @@ def test_sigkills_under_load_lose_and_repeat_nothing(
             listed = wait_for(all_ended, timeout=90, interval=0.5, what="every job to end")
         except AssertionError:
             jobs = client.list(include_finished=True)
-            states = Counter((job.state.value, job.reason) for job in jobs)
-            raise AssertionError(f"{len(acknowledged)} acknowledged; jobs: {states}") from None
+            left = Counter((job.state.value, job.reason) for job in jobs)
+            raise AssertionError(f"{len(acknowledged)} acknowledged; jobs: {left}") from None
         states = Counter(client.get(job_id).state.value for job_id in acknowledged)
     assert listed is not None
     listed_counts = Counter(listed)
