@@ -416,14 +416,43 @@ ROUTES: dict[str, dict[str, str]] = {
 }
 
 
+def _documented(path: str) -> dict[str, tuple[frozenset[str], bool]]:
+    """Per method: the query parameters the OpenAPI document gives the route ``path``,
+    and whether it needs a token."""
+    documented = openapi_document()["paths"][re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)]
+    return {
+        method.upper(): (
+            frozenset(p["name"] for p in operation.get("parameters", []) if p.get("in") == "query"),
+            operation.get("security") != [],
+        )
+        for method, operation in documented.items()
+    }
+
+
 def _route(api: Api, path: str, methods: dict[str, str]) -> Route:
     handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
         method: getattr(api, name) for method, name in methods.items()
     }
+    documented = _documented(path)
     if "GET" in handlers:
         handlers["HEAD"] = handlers["GET"]
+        documented["HEAD"] = documented["GET"]
 
     async def endpoint(request: Request) -> Response:
+        # An unknown parameter is refused, not ignored: ?all_user=true (a typo) would
+        # otherwise quietly answer with something else than what was asked.  Only to a
+        # caller with a token, where the route needs one: anyone else hears 401 first.
+        allowed, needs_token = documented[request.method]
+        unknown = sorted(set(request.query_params) - allowed)
+        if unknown:
+            if needs_token:
+                await api.identity(request)
+            takes = ", ".join(sorted(allowed)) or "none"
+            raise InvalidRequest(
+                f"unknown query parameter {unknown[0][:50]!r}; this request takes: {takes}",
+                status=422,
+                code="invalid_query",
+            )
         return await handlers[request.method](request)
 
     return Route(path, endpoint, methods=list(methods), name=",".join(methods.values()))
