@@ -53,9 +53,34 @@ def spec_digest(url: str, spec: JobSpec) -> str:
 
 @contextlib.contextmanager
 def submission_key(directory: Path, url: str, spec: JobSpec) -> Iterator[str]:
-    """The idempotency key for submitting ``spec`` to ``url``; forgotten once answered."""
+    """The idempotency key for submitting ``spec`` to ``url``; forgotten once answered.
+
+    Best effort: where the record cannot be kept (a full disk, a read-only home),
+    the key is random, as it was before records existed.
+    """
+    try:
+        claimed = _claim(directory, spec_digest(url, spec))
+    except OSError:
+        claimed = None
+    if claimed is None:
+        yield os.urandom(16).hex()
+        return
+    fd, path, key = claimed
+    try:
+        try:
+            yield key
+        except ApiError as exc:
+            if exc.status < 500:
+                _forget(fd, path)  # refused: nothing was made
+            raise
+        _forget(fd, path)  # answered; a later run is a new submission
+    finally:
+        os.close(fd)
+
+
+def _claim(directory: Path, digest: str) -> tuple[int, Path, str] | None:
+    """The first slot no running submission holds, locked: its fd, path and key."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    digest = spec_digest(url, spec)
     for slot in range(MAX_SLOTS):
         path = directory / f"{digest}-{slot}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -64,26 +89,27 @@ def submission_key(directory: Path, url: str, spec: JobSpec) -> Iterator[str]:
         except BlockingIOError:
             os.close(fd)  # another run is submitting the same spec right now
             continue
-        break
-    else:  # pragma: no cover - 64 identical submissions at once
-        yield os.urandom(16).hex()
-        return
-    try:
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder answered and removed it between our open and lock
+            os.close(fd)
+            return _claim(directory, digest)
         key = _recorded(fd)
         if key is None:
             key = os.urandom(16).hex()
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{key} {time.time():.0f}\n".encode(), 0)
             os.fsync(fd)
-        try:
-            yield key
-        except ApiError as exc:
-            if exc.status < 500:
-                path.unlink(missing_ok=True)  # refused: nothing was made
-            raise
-        path.unlink(missing_ok=True)  # answered; a later run is a new submission
-    finally:
-        os.close(fd)
+        return fd, path, key
+    return None  # 64 identical submissions at once: each of the rest gets a random key
+
+
+def _forget(fd: int, path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)  # a run that opened it before the unlink finds no key
+        path.unlink(missing_ok=True)
 
 
 def _recorded(fd: int) -> str | None:
