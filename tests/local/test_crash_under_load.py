@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,13 @@ with Client(url, token, retry_for=60, timeout=10) as client, open(acked, "a") as
 
 
 @pytest.fixture
-def crash_server(tmp_path_factory: pytest.TempPathFactory) -> KbatchServer:
+def crash_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KbatchServer]:
     state = tmp_path_factory.mktemp("kb") / "s"
     config = state.parent / "kbatch.toml"
     config.write_text("[local]\ncpus = 4\nkill_grace = 1\ntick = 0.2\n")
-    return KbatchServer(state, args=["--config", str(config)], log_level="info")
+    server = KbatchServer(state, args=["--config", str(config)], log_level="info")
+    yield server
+    server.stop()
 
 
 def test_sigkills_under_load_lose_and_repeat_nothing(
@@ -117,4 +120,3 @@ def test_sigkills_under_load_lose_and_repeat_nothing(
     # No job ran that was never submitted; an unacknowledged one (its answer lost in
     # a kill) ran at most once too.
     assert set(ran) <= set(listed) and max(ran.values()) == 1
-    server.stop()
