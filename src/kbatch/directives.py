@@ -156,11 +156,23 @@ OPTIONS: tuple[OptionDef, ...] = (
     _ignored("verbose", "v", None, "kbatch has no verbose mode"),
     _ignored("quiet", "Q", None, "kbatch is quiet already"),
     _deferred("array", "a", "INDEXES"),
-    _deferred("dependency", "d", "LIST"),
-    _deferred("begin", "b", "TIME"),
+    _h(
+        "dependency",
+        "d",
+        "LIST",
+        "start after other jobs: afterok:ID[:ID...], afterany, afternotok, after, singleton; ',' all, '?' any",
+    ),
+    _h(
+        "begin",
+        "b",
+        "TIME",
+        "start no earlier than TIME: now+30 (seconds), now+1hour, 16:00, 2026-12-01T08:00",
+    ),
     _deferred("deadline", None, "TIME"),
     _deferred("input", "i", "FILE"),
-    _deferred("kill-on-invalid-dep", None, "yes|no"),
+    _h(
+        "kill-on-invalid-dep", None, "yes|no", "cancel the job when its dependency can never be met"
+    ),
     OptionDef(
         "wrap", None, "COMMAND", Support.CLI, "run COMMAND in a /bin/sh script instead of SCRIPT"
     ),
@@ -171,6 +183,20 @@ OPTIONS: tuple[OptionDef, ...] = (
     ),
     OptionDef(
         "ignore-unknown", None, None, Support.CLI, "warn about unknown options instead of failing"
+    ),
+    # Notebooks (kbatch.notebooks); also accepted after the notebook's path.
+    OptionDef(
+        "kernel", None, "NAME", Support.CLI, "a notebook's kernel (default: the one it names)"
+    ),
+    OptionDef(
+        "nb-output",
+        None,
+        "PATTERN",
+        Support.CLI,
+        "the executed notebook (default NOTEBOOK-%j.ipynb beside the notebook)",
+    ),
+    OptionDef(
+        "params-yaml", None, "FILE", Support.CLI, "a notebook's parameters from a YAML mapping"
     ),
 )
 

@@ -98,6 +98,14 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
     image: Annotated[str, msgspec.Meta(min_length=1, max_length=1024, pattern=_SHOWN)] | None = None
     # Submitted held (sbatch --hold): the job exists but waits for ``kbatch release``.
     hold: bool = False
+    # Start only once other jobs have got so far (Slurm's --dependency grammar).
+    dependency: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_SHOWN)] | None
+    ) = None
+    # What to do when the dependency can never be met: None is the server's default.
+    kill_on_invalid_dep: bool | None = None
+    # Start no earlier than this (sbatch --begin), a time with its zone.
+    begin: datetime | None = None
 
 
 class SubmitRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -131,6 +139,8 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=False):
     # ``array_task_id``; their ``id`` is ``<array_job_id>_<array_task_id>``.
     array_job_id: str | None = None
     array_task_id: int | None = None
+    dependency: str | None = None
+    begin: datetime | None = None
 
 
 class JobList(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -11,11 +11,13 @@ import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
+from kbatch.dependencies import parse_dependency
 from kbatch.directives import OptionValue, ParsedOptions, Support, parse_directives
 from kbatch.errors import SpecError
 from kbatch.models import MAX_SCRIPT_BYTES, JobSpec
-from kbatch.units import parse_memory, parse_time_limit
+from kbatch.units import parse_begin, parse_memory, parse_time_limit
 
 __all__ = [
     "SECRET_ENVIRONMENT",
@@ -197,6 +199,19 @@ def build_spec(
             f"job name {name!r} is not usable; use up to 200 characters without '/' or newlines"
         )
 
+    dependency = None
+    if (found := options.get("dependency")) is not None:
+        dependency = str(parse_dependency(found.value or ""))
+    kill_on_invalid_dep = None
+    if (found := options.get("kill_on_invalid_dep")) is not None:
+        answer = (found.value or "").lower()
+        if answer not in ("yes", "no"):
+            raise SpecError(f"{found.describe()}: use yes or no", field="kill_on_invalid_dep")
+        kill_on_invalid_dep = answer == "yes"
+    begin = None
+    if (found := options.get("begin")) is not None:
+        begin = parse_begin(found.value or "", datetime.now().astimezone())
+
     spec = JobSpec(
         script=script,
         args=list(args),
@@ -213,6 +228,9 @@ def build_spec(
         comment=text("comment"),
         image=text("image"),
         hold=options.get("hold") is not None,
+        dependency=dependency,
+        kill_on_invalid_dep=kill_on_invalid_dep,
+        begin=begin,
     )
     return Submission(spec=spec, warnings=warnings)
 

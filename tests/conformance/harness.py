@@ -18,7 +18,7 @@ from kbatch.backends.fake import FakeBackend, FakeConfig
 from kbatch.backends.local.backend import LocalBackend, LocalConfig
 from kbatch.models import JobSpec
 
-__all__ = ["FakeHarness", "Harness", "LocalHarness"]
+__all__ = ["FakeHarness", "Harness", "LocalAsUserHarness", "LocalHarness"]
 
 OUTCOMES = ("succeed", "fail", "run")
 
@@ -76,3 +76,29 @@ class LocalHarness(Harness):
         body = {"succeed": "true", "fail": "exit 3", "run": "exec sleep 300"}
         script = f"#!/bin/sh\necho {text}\n{body[outcome]}\n"
         return JobSpec(script=script, workdir=str(self.workdir), **fields)
+
+
+class LocalAsUserHarness(LocalHarness):
+    """The local backend as root with ``run_as_user``: every user's job runs as ``account``.
+
+    ``user_template`` names no user, so alice's, bob's... jobs all run as the one test
+    account; the working directory is that account's.
+    """
+
+    name = "local-as-user"
+
+    def __init__(self, state_dir: Path, workdir: Path, account: str) -> None:
+        super().__init__(state_dir, workdir)
+        self.account = account
+
+    def backend(self) -> contextlib.AbstractAsyncContextManager[Backend]:
+        config = LocalConfig(
+            state_dir=self.state_dir,
+            cpus=2,
+            tick=0.2,
+            kill_grace=1,
+            run_as_user=True,
+            user_template=self.account,
+        )
+        assert config.runs_as_users
+        return started(LocalBackend(config))

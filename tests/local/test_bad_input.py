@@ -47,6 +47,14 @@ def assert_nothing_created(server: KbatchServer) -> None:
         (["-o", "{state}/tokens.json", "--wrap", "true"], ["inside the kbatch server's state"]),
         (["-e", "{state}/jobs/x.err", "--wrap", "true"], ["inside the kbatch server's state"]),
         (["-D", "{state}", "--wrap", "true"], ["inside the kbatch server's state"]),
+        # Dependencies and start times (issue 13).
+        (["-d", "afterok", "--wrap", "true"], ["afterok needs job ids"]),
+        (["-d", "afterwards:1", "--wrap", "true"], ["not a dependency type"]),
+        (["-d", "afterok:1,afterany:2?after:3", "--wrap", "true"], ["not both"]),
+        (["-d", "afterok:424242", "--wrap", "true"], ["there is no job 424242"]),
+        (["--begin", "2020-01-01T08:00", "--wrap", "true"], ["in the past"]),
+        (["--begin", "whenever", "--wrap", "true"], ["is not a time", "now+1hour"]),
+        (["--kill-on-invalid-dep=maybe", "--wrap", "true"], ["use yes or no"]),
     ],
 )
 def test_bad_submit(

@@ -23,10 +23,22 @@ def test_users_are_isolated(server: KbatchServer, workdir: Path) -> None:
 
     bob_env = {"KBATCH_TOKEN": bob_token}
     assert server.cli("queue", "--all", "--json", env=bob_env).stdout.strip() == "[]"
-    for args in (["show", job_id], ["logs", job_id], ["cancel", job_id]):
+    for args in (
+        ["show", job_id],
+        ["logs", job_id],
+        ["cancel", job_id],
+        ["hold", job_id],
+        ["release", job_id],
+    ):
         result = server.cli(*args, env=bob_env)
         assert result.returncode != 0
         assert f"no job {job_id}" in result.stderr
+    # A dependency on another user's job is the same 404: it confirms nothing.
+    chained = server.cli(
+        "submit", "-d", f"afterok:{job_id}", "--wrap", "true", cwd=workdir, env=bob_env
+    )
+    assert chained.returncode != 0 and f"there is no job {job_id}" in chained.stderr
+    assert server.cli("queue", "--all", "--json", env=bob_env).stdout.strip() == "[]"
     denied = server.cli("queue", "--all-users", env=bob_env)
     assert denied.returncode != 0 and "only admins" in denied.stderr
 

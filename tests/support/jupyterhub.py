@@ -454,11 +454,11 @@ c.JupyterHub.load_roles = [
 DOCS = REPO / "docs" / "jupyterhub.md"
 
 
-def docs_block(name: str) -> str:
-    """The code block marked ``<!-- kbatch-docs-test: NAME -->`` in docs/jupyterhub.md."""
-    text = DOCS.read_text()
+def docs_block(name: str, docs: Path = DOCS) -> str:
+    """The code block marked ``<!-- kbatch-docs-test: NAME -->`` in ``docs`` (docs/jupyterhub.md)."""
+    text = docs.read_text()
     marker = f"<!-- kbatch-docs-test: {name} -->"
-    assert marker in text, f"{DOCS} lost its {name} block"
+    assert marker in text, f"{docs} lost its {name} block"
     fenced = text.split(marker, 1)[1].split("```", 2)[1]
     return fenced.split("\n", 1)[1]
 

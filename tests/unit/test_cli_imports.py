@@ -27,6 +27,8 @@ CLI_MODULES = [
     "kbatch.cli.configure",
     "kbatch.cli.output",
     "kbatch.client",
+    "kbatch.notebooks",
+    "kbatch.notebook_runner",
 ]
 
 

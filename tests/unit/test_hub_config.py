@@ -236,3 +236,42 @@ def test_overrides_come_first_and_keep_the_notebooks_token(tmp_path: Path) -> No
     del env["KBATCH_URL"]
     config = discover_config(env)
     assert (config.url, config.token) == ("http://configured", "notebook-secret")
+
+
+def test_hub_users_run_as_their_accounts_with_a_root_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {**SERVICE_ENV, "HOME": str(tmp_path)}
+    path = _toml(tmp_path, 'auth = "jupyterhub"\n[local]\nrun_as_user = true\n')
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    config = load_config(path, environ=env)
+    backend = build_backend(config)
+    assert backend.config.runs_as_users  # type: ignore[attr-defined]
+    assert not backend.config.jobs_share_server_account  # type: ignore[attr-defined]
+    # Not root: run_as_user would change nothing, so the shared account must be accepted.
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, environ=env)
+    assert "run_as_user = true needs a server running as root" in str(refused.value)
+    shared = _toml(
+        tmp_path,
+        'auth = "jupyterhub"\n[local]\nrun_as_user = true\njobs_share_server_account = true\n',
+    )
+    assert not build_backend(load_config(shared, environ=env)).config.runs_as_users  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ({"run_as_user": "yes"}, "run_as_user"),
+        ({"min_uid": "x"}, "min_uid"),
+        ({"user_template": 3}, "user_template"),
+    ],
+)
+def test_run_as_user_settings_are_typed(
+    tmp_path: Path, section: dict[str, object], key: str
+) -> None:
+    from kbatch.backends.local.backend import LocalBackend
+
+    with pytest.raises(ConfigError, match=key):
+        LocalBackend.from_config(section, state_dir=tmp_path)

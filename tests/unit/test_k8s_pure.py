@@ -596,3 +596,25 @@ def test_spec_digest_tells_specs_apart() -> None:
     one = JobSpec(script=SCRIPT, environment={"A": "1"})
     assert spec_digest(one) == spec_digest(JobSpec(script=SCRIPT, environment={"A": "1"}))
     assert spec_digest(one) != spec_digest(JobSpec(script=SCRIPT, environment={"A": "2"}))
+
+
+@pytest.mark.parametrize(
+    ("fields", "option"),
+    [
+        ({"dependency": "afterok:abc"}, "--dependency"),
+        ({"begin": "2099-01-01T00:00:00Z"}, "--begin"),
+    ],
+)
+def test_kubernetes_refuses_what_its_controller_does_not_have_yet(
+    fields: dict[str, Any], option: str
+) -> None:
+    import asyncio
+
+    import msgspec
+
+    from kbatch.backends.kubernetes.backend import KubernetesBackend, KubernetesConfig
+
+    spec = msgspec.convert({"script": "#!/bin/sh\n", **fields}, JobSpec)
+    backend = KubernetesBackend(KubernetesConfig())
+    with pytest.raises(SpecError, match=f"{option} is not supported by the Kubernetes backend"):
+        asyncio.run(backend.validate("u", spec))

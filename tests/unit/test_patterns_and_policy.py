@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kbatch.errors import SpecError
@@ -50,3 +52,20 @@ def test_policy_strips_credentials() -> None:
 def test_policy_environment_size() -> None:
     with pytest.raises(SpecError, match="max_env_bytes"):
         check(JobSpec(script=SCRIPT, environment={"A": "x" * 300_000}), Policy())
+
+
+def test_per_user_limits_are_read_from_the_policy_section(tmp_path: Path) -> None:
+    from kbatch.backends.userlimits import UserLimits
+    from kbatch.errors import ConfigError
+    from kbatch.server.config import load_config
+
+    path = tmp_path / "kbatch.toml"
+    path.write_text(
+        "[policy]\nmax_running_jobs_per_user = 2\nmax_submitted_jobs_per_user = 50\n"
+        'max_cpus_per_user = 4\nmax_memory_per_user = "8G"\nmax_gpus_per_user = 1\n'
+    )
+    config = load_config(path, environ={"HOME": str(tmp_path)})
+    assert config.policy.user_limits() == UserLimits(2, 50, 4, 8 * 1024**3, 1)
+    # Not enforced on Kubernetes yet: refused rather than silently ignored.
+    with pytest.raises(ConfigError, match="local backend only"):
+        load_config(path, environ={"HOME": str(tmp_path)}, backend="kubernetes")

@@ -34,6 +34,7 @@ import msgspec
 
 from kbatch.backends.derive import check_spec
 from kbatch.backends.events import EventBroker, Subscription
+from kbatch.backends.userlimits import UserLimits
 from kbatch.errors import ConfigError, Conflict
 from kbatch.models import Job, JobList, JobSpec, JobState
 
@@ -157,6 +158,9 @@ class Backend(abc.ABC):
 
     def __init__(self) -> None:
         self.hooks: JobHooks = JobHooks()
+        # The admin's per-user limits, set by the server from its policy like the hooks
+        # (kbatch.server.app.create_app).  Enforced by the local backend; others ignore them.
+        self.limits: UserLimits = UserLimits()
         self.events = EventBroker()
 
     @classmethod

@@ -34,6 +34,7 @@ import msgspec
 from kbatch.backends.base import Backend, decode_section, not_pending, paginate
 from kbatch.backends.derive import output_paths, pending_job
 from kbatch.backends.workqueue import WorkQueue
+from kbatch.dependencies import DependencyStatus, evaluate, parse_dependency
 from kbatch.errors import Conflict, KbatchError, NotFound, ServiceUnavailable, TransportError
 from kbatch.lifecycle import Desired, check_transition, parse_job_ref
 from kbatch.models import Job, JobList, JobSpec, JobState
@@ -268,6 +269,9 @@ class FakeBackend(Backend):
             elif entry.desired is Desired.HOLD:
                 if job.reason != "JobHeldUser":
                     self._change(entry, reason="JobHeldUser")
+            elif (wait := await self._waits(entry)) is not None:
+                if not entry.job.state.is_terminal and job.reason != wait:
+                    self._change(entry, reason=wait)
             elif self._running() < self.config.slots:
                 await self._start(entry)
             elif job.reason != "Resources":
@@ -296,6 +300,35 @@ class FakeBackend(Backend):
             wake = [t for t in (entry.ends_at, entry.deadline) if t is not None]
             if wake:
                 self._queue.put_after(entry.job.id, max(min(wake) - now, 0.0))
+
+    async def _waits(self, entry: _Entry) -> str | None:
+        """Why a job that may run must wait yet (its --begin, its dependency), or None."""
+        spec = entry.spec
+        if spec.begin is not None:
+            delay = (spec.begin - datetime.now(UTC)).total_seconds()
+            if delay > 0:
+                self._queue.put_after(entry.job.id, delay)
+                return "BeginTime"
+        if spec.dependency is None:
+            return None
+        states = {i: e.job.state for i, e in self._jobs.items()}
+        earlier_active = any(
+            e.job.user == entry.job.user
+            and e.job.name == entry.job.name
+            and int(i) < int(entry.job.id)
+            and not e.job.state.is_terminal
+            for i, e in self._jobs.items()
+        )
+        status, _, _ = evaluate(
+            parse_dependency(spec.dependency), states, singleton_clear=not earlier_active
+        )
+        if status is DependencyStatus.MET:
+            return None
+        if status is DependencyStatus.NEVER and spec.kill_on_invalid_dep:
+            entry.desired = Desired.CANCEL
+            await self._end(entry, JobState.CANCELLED, "DependencyNeverSatisfied", None)
+            return "DependencyNeverSatisfied"
+        return str(status.value)
 
     async def _start(self, entry: _Entry) -> None:
         try:

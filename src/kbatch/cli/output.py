@@ -93,6 +93,8 @@ def print_job(job: Job) -> None:
         "WorkDir": job.workdir or "",
         "StdOut": job.output or "",
         "StdErr": job.error or job.output or "",
+        "Dependency": job.dependency or "(null)",
+        "BeginTime": job.begin.isoformat(timespec="seconds") if job.begin else "Unknown",
         "Comment": job.comment or "",
         "Backend": job.backend,
     }

@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 
 __all__ = ["submit", "submit_words"]
 
-USAGE = "usage: kbatch submit [OPTIONS] SCRIPT [ARGS...]\n       kbatch submit [OPTIONS] --wrap COMMAND\n"
+USAGE = (
+    "usage: kbatch submit [OPTIONS] SCRIPT [ARGS...]\n"
+    "       kbatch submit [OPTIONS] --wrap COMMAND\n"
+    "       kbatch submit [OPTIONS] NOTEBOOK.ipynb [-p NAME VALUE ...] [--params-yaml FILE]\n"
+)
 
 
 def _help() -> str:
@@ -33,6 +37,11 @@ def _help() -> str:
         lines.append("")
     ignored = ", ".join(
         f"--{flags.split('--')[1].split()[0]}" for flags, _ in help_lines([Support.IGNORED])
+    )
+    lines.append(
+        "A NOTEBOOK.ipynb runs with papermill in the job's python3.  After its path:\n"
+        "  -p NAME VALUE (typed as papermill does), -r NAME VALUE (a string),\n"
+        "  --params-yaml FILE, --kernel NAME, --nb-output PATTERN.\n"
     )
     lines.append(f"accepted and ignored (they only mean something on a cluster): {ignored}")
     lines.append("Arrays and dependencies are not supported yet; they are refused, not dropped.")
@@ -83,6 +92,7 @@ def _submit(client: Client, spec: JobSpec, *, dry_run: bool) -> Job:
 
 
 def submit_parsed(cli: ParsedOptions) -> int:
+    from kbatch import notebooks
     from kbatch.client import Client
     from kbatch.spec import build_spec, default_job_name, wrap_script
 
@@ -99,7 +109,13 @@ def submit_parsed(cli: ParsedOptions) -> int:
         if not cli.positionals:
             raise SpecError("no script given; use kbatch submit SCRIPT or kbatch submit --wrap CMD")
         script_path, *script_args = cli.positionals
-        script = _read_script(script_path)
+        if notebooks.is_notebook(script_path):
+            script = notebooks.notebook_job_script(script_path, script_args, cli, cwd=os.getcwd())
+            script_args = []
+        else:
+            script = _read_script(script_path)
+    if script_path is None or not notebooks.is_notebook(script_path):
+        notebooks.refuse_notebook_options(cli)
     submission = build_spec(
         script,
         cli=cli,

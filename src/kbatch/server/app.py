@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kbatch import __version__
 from kbatch.backends.base import Backend
 from kbatch.backends.derive import pending_job
+from kbatch.dependencies import parse_dependency
 from kbatch.errors import (
     ApiError,
     InvalidRequest,
@@ -224,6 +225,7 @@ class Api:
         body = await _read_body(request)
         submission = msgspec.json.decode(body, type=SubmitRequest)
         spec = check(submission.spec, self.policy)
+        await self._check_dependencies(identity, spec)
         key = request.headers.get("idempotency-key")
         if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX):
             raise InvalidRequest(
@@ -237,6 +239,23 @@ class Api:
         job = await self.backend.submit(identity.name, spec, idempotency_key=key)
         log.info("user %s submitted job %s (%s)", escaped(identity.name), job.id, escaped(job.name))
         return json_response(job, 201)
+
+    async def _check_dependencies(self, identity: Identity, spec: JobSpec) -> None:
+        """A dependency may name only jobs the caller may see: the same 404 as any other
+        look at a job that is not theirs, so ids of others are not even confirmed."""
+        if spec.dependency is None:
+            return
+        for job_id in parse_dependency(spec.dependency).job_ids:
+            try:
+                job = await self.backend.get(job_id)
+            except NotFound:
+                job = None
+            if job is None or (job.user != identity.name and not identity.admin):
+                raise NotFound(
+                    f"--dependency names job {job_id}, and there is no job {job_id}",
+                    status=404,
+                    code="not_found",
+                )
 
     async def get_job(self, request: Request) -> Response:
         identity = await self.identity(request)
@@ -462,6 +481,7 @@ def create_app(
     backend: Backend, authenticator: Authenticator, policy: Policy, *, prefix: str = ""
 ) -> Starlette:
     api = Api(backend, authenticator, policy)
+    backend.limits = policy.user_limits()  # the policy's per-user limits, enforced by the backend
     routes: list[BaseRoute] = [_route(api, path, methods) for path, methods in ROUTES.items()]
     if prefix:
         routes = [Mount(prefix, routes=routes)]

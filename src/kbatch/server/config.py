@@ -13,14 +13,26 @@ Example ``kbatch.toml``::
     cpus = 8                   # decodes it (Backend.from_config), the server never reads it
     memory = "32G"
     kill_grace = 10
-    # with auth = "jupyterhub": every hub user's job runs as this server's account
-    jobs_share_server_account = true
+    # with auth = "jupyterhub": a server running as root runs each job as its user's
+    # Unix account (see docs/tljh.md) ...
+    run_as_user = true
+    user_template = "jupyter-{username}"
+    # ... or, not root, every hub user's job runs as this server's account, if you accept it:
+    # jobs_share_server_account = true
 
     [policy]
     max_cpus = 4
     max_memory = "16G"
     max_time = "1-00:00:00"
     allowed_images = ["quay.io/jupyter/*"]
+    # per user, at once (local backend): beyond these a job waits, PENDING with Slurm's
+    # reason (QOSMaxJobsPerUserLimit, QOSMaxCpuPerUserLimit, ...); beyond
+    # max_submitted_jobs_per_user a submission is refused
+    max_running_jobs_per_user = 8
+    max_submitted_jobs_per_user = 1000
+    max_cpus_per_user = 16
+    max_memory_per_user = "64G"
+    max_gpus_per_user = 1
 
     [jupyterhub]               # with auth = "jupyterhub"; see docs/jupyterhub.md
     # api_url, api_token and service_name default to the JUPYTERHUB_API_URL,
@@ -224,7 +236,7 @@ def load_config(
         else:
             data[key] = value
     sd = Path(data.pop("state_dir", None) or state_dir(env))
-    for key in ("max_memory",):
+    for key in ("max_memory", "max_memory_per_user"):
         if key in policy_section:
             policy_section[key] = _size(policy_section[key], f"policy.{key}")
     for key in ("max_time", "default_time"):
@@ -271,6 +283,11 @@ def load_config(
         raise ConfigError(f"config: auth {config.auth!r} is not known; use token or jupyterhub")
     if config.auth == "jupyterhub":
         _check_jupyterhub(config.jupyterhub)
+    if config.backend != "local" and config.policy.user_limits().any():
+        raise ConfigError(
+            "config [policy]: the per-user limits (max_*_per_user) are enforced by the local "
+            "backend only, not yet on Kubernetes; remove them, or use namespace ResourceQuotas"
+        )
     check_shared_account(config)
     config.prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""
     return config
@@ -280,9 +297,10 @@ def load_config(
 
 
 def check_shared_account(config: ServerConfig) -> None:
-    """Refuse hub users on the local backend unless the admin accepts one shared account.
+    """Refuse hub users on the local backend unless jobs run as their own accounts
+    (``run_as_user`` with a root server) or the admin accepts one shared account.
 
-    The local backend runs every job as the server's own Unix account.  With hub
+    Otherwise the local backend runs every job as the server's own Unix account.  With hub
     users that means any user's job can read and stop every other user's jobs
     and files, and use whatever that account may.  So it takes
     ``[local] jobs_share_server_account = true`` to start, and per-job hub tokens
@@ -290,11 +308,16 @@ def check_shared_account(config: ServerConfig) -> None:
     """
     if config.backend != "local":
         return
-    # The one key of a backend's section the server reads: a security decision that
-    # combines [local] with [jupyterhub].  The local backend declares it too.
-    shared = config.backend_section("local").get("jobs_share_server_account", False)
+    # The keys of a backend's section the server reads: a security decision that
+    # combines [local] with [jupyterhub].  The local backend declares them too.
+    section = config.backend_section("local")
+    shared = section.get("jobs_share_server_account", False)
+    run_as_user = section.get("run_as_user", False)
     if not isinstance(shared, bool):
         raise ConfigError("config [local]: jobs_share_server_account must be true or false")
+    if not isinstance(run_as_user, bool):
+        raise ConfigError("config [local]: run_as_user must be true or false")
+    runs_as_users = run_as_user and os.geteuid() == 0  # as LocalConfig.runs_as_users
     if config.jupyterhub.job_token_scopes:
         raise ConfigError(
             "config [jupyterhub]: job_token_scopes needs the Kubernetes backend.  The local "
@@ -302,12 +325,20 @@ def check_shared_account(config: ServerConfig) -> None:
             "could read another job's hub token (from its environment or /proc) and act as "
             'that user on the hub; remove job_token_scopes, or use backend = "kubernetes"'
         )
-    if config.auth == "jupyterhub" and not shared:
+    if config.auth == "jupyterhub" and not shared and not runs_as_users:
+        if run_as_user:
+            raise ConfigError(
+                "run_as_user = true needs a server running as root (it runs as uid "
+                f"{os.geteuid()}): without root every hub user's job would run as this server's "
+                "own account.  Run the server as root, or accept the shared account with "
+                "'jobs_share_server_account = true' in the [local] section of the config file"
+            )
         raise ConfigError(
             "auth = jupyterhub with the local backend runs every hub user's jobs under this "
             "server's own Unix account: any user's job can read, change and stop the other "
             "users' jobs and files, and do whatever this account may (everything, if it is "
             "root).  If the users trust each other, accept that with "
             "'jobs_share_server_account = true' in the [local] section of the config file; "
-            "otherwise use the Kubernetes backend"
+            "otherwise run the server as root with 'run_as_user = true' there (each job then "
+            "runs as its user's Unix account), or use the Kubernetes backend"
         )

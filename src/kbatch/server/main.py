@@ -282,7 +282,12 @@ def serve(config: ServerConfig) -> int:
     if not make_undumpable() and sys.platform.startswith("linux"):
         log.warning("cannot make the server non-dumpable: its jobs may read its environment")
     scrub_environment()
-    if config.backend == "local" and config.auth == "jupyterhub" and os.geteuid() == 0:
+    if (
+        config.backend == "local"
+        and config.auth == "jupyterhub"
+        and os.geteuid() == 0
+        and config.backend_section("local").get("run_as_user") is not True
+    ):
         log.warning(
             "jobs_share_server_account: this server runs as root, so every hub user's job "
             "does too; run it as an unprivileged account of its own"

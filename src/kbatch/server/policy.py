@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from kbatch.backends.userlimits import UserLimits
+from kbatch.dependencies import parse_dependency
 from kbatch.errors import SpecError
 from kbatch.models import JobSpec
 from kbatch.spec import SECRET_ENVIRONMENT
 from kbatch.units import format_duration, format_memory
 
-__all__ = ["Policy", "check"]
+__all__ = ["BEGIN_SLACK", "Policy", "check"]
+
+BEGIN_SLACK = timedelta(seconds=60)  # clocks of client and server may differ a little
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,27 @@ class Policy:
     max_script_bytes: int = 1024 * 1024
     max_env_bytes: int = 256 * 1024
     admin_groups: tuple[str, ...] = field(default=())
+    # sbatch --kill-on-invalid-dep for jobs that do not say: cancel a job whose
+    # dependency can never be met (True), or leave it pending with that reason.
+    kill_on_invalid_dep: bool = False
+    # Per user, at once (Slurm's QOS MaxJobsPerUser, MaxSubmitJobsPerUser, MaxTRESPerUser).
+    # A job beyond a running limit waits PENDING with Slurm's reason; beyond the submitted
+    # limit it is refused.  Enforced by the local backend (kbatch.backends.local.scheduler).
+    max_running_jobs_per_user: int | None = None
+    max_submitted_jobs_per_user: int | None = None  # pending + running
+    max_cpus_per_user: int | None = None
+    max_memory_per_user: int | None = None  # bytes; jobs must then give --mem
+    max_gpus_per_user: int | None = None
+
+    def user_limits(self) -> UserLimits:
+        """The per-user limits, as the backend enforces them."""
+        return UserLimits(
+            max_running_jobs_per_user=self.max_running_jobs_per_user,
+            max_submitted_jobs_per_user=self.max_submitted_jobs_per_user,
+            max_cpus_per_user=self.max_cpus_per_user,
+            max_memory_per_user=self.max_memory_per_user,
+            max_gpus_per_user=self.max_gpus_per_user,
+        )
 
 
 def check(spec: JobSpec, policy: Policy) -> JobSpec:
@@ -49,6 +75,7 @@ def check(spec: JobSpec, policy: Policy) -> JobSpec:
             f"the job asks for {spec.gpus} GPUs; the limit (policy max_gpus) is {policy.max_gpus}",
             field="gpus",
         )
+    _check_per_user(spec, policy)
     time_limit = spec.time_limit if spec.time_limit is not None else policy.default_time
     if policy.max_time is not None:
         if time_limit is None:
@@ -86,8 +113,56 @@ def check(spec: JobSpec, policy: Policy) -> JobSpec:
             raise SpecError(f"environment variable name {name!r} is not valid", field="environment")
     environment = {k: v for k, v in spec.environment.items() if k not in SECRET_ENVIRONMENT}
     memory = spec.memory or None  # memory 0 means no limit, as the CLI's --mem=0 does
-    if time_limit == spec.time_limit and environment == spec.environment and memory == spec.memory:
-        return spec
-    return msgspec.structs.replace(
-        spec, time_limit=time_limit, environment=environment, memory=memory
+    dependency = spec.dependency
+    if dependency is not None:
+        dependency = str(parse_dependency(dependency))  # refused here, normalised for backends
+    kill = (
+        policy.kill_on_invalid_dep if spec.kill_on_invalid_dep is None else spec.kill_on_invalid_dep
     )
+    if spec.begin is not None:
+        if spec.begin.tzinfo is None:
+            raise SpecError("begin must be a time with its zone (e.g. ...+00:00)", field="begin")
+        if spec.begin < datetime.now(UTC) - BEGIN_SLACK:
+            raise SpecError(
+                f"begin {spec.begin.isoformat()} is in the past; give a later time, or none "
+                "to start as soon as possible",
+                field="begin",
+            )
+    return msgspec.structs.replace(
+        spec,
+        time_limit=time_limit,
+        environment=environment,
+        memory=memory,
+        dependency=dependency,
+        kill_on_invalid_dep=kill if dependency is not None else None,
+    )
+
+
+def _check_per_user(spec: JobSpec, policy: Policy) -> None:
+    """A job that a per-user limit would hold back for ever is refused now."""
+    if policy.max_cpus_per_user is not None and spec.cpus > policy.max_cpus_per_user:
+        raise SpecError(
+            f"the job asks for {spec.cpus} CPUs; a user may use {policy.max_cpus_per_user} at "
+            "once (policy max_cpus_per_user)",
+            field="cpus",
+        )
+    if policy.max_gpus_per_user is not None and spec.gpus > policy.max_gpus_per_user:
+        raise SpecError(
+            f"the job asks for {spec.gpus} GPUs; a user may use {policy.max_gpus_per_user} at "
+            "once (policy max_gpus_per_user)",
+            field="gpus",
+        )
+    if policy.max_memory_per_user is not None:
+        if not spec.memory:
+            raise SpecError(
+                "this server limits the memory each user's jobs hold at once (policy "
+                "max_memory_per_user): give the job a memory limit with --mem",
+                field="memory",
+            )
+        if spec.memory > policy.max_memory_per_user:
+            raise SpecError(
+                f"the job asks for {format_memory(spec.memory)} of memory; a user may use "
+                f"{format_memory(policy.max_memory_per_user)} at once (policy "
+                "max_memory_per_user)",
+                field="memory",
+            )

@@ -76,6 +76,7 @@ from kbatch.errors import (
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
+    SpecError,
     TransportError,
 )
 from kbatch.lifecycle import Desired
@@ -640,6 +641,16 @@ class KubernetesBackend(Backend):
         return notebook_defaults(
             mine[0], same_namespace=self.config.notebook_namespace == namespace
         )
+
+    async def validate(self, user: str, spec: JobSpec) -> None:
+        await super().validate(user, spec)
+        for value, option in ((spec.dependency, "--dependency"), (spec.begin, "--begin")):
+            if value is not None:
+                raise SpecError(
+                    f"{option} is not supported by the Kubernetes backend yet (the local "
+                    "backend has it); submit the job when it may start",
+                    field=option.strip("-"),
+                )
 
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)

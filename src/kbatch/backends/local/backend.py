@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -20,16 +21,19 @@ from typing import Any
 
 from kbatch.backends.base import Backend, decode_section, not_pending
 from kbatch.backends.derive import check_spec, job_environment, output_paths
-from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result
+from kbatch.backends.local.accounts import AccountPolicy, check_paths, lookup
+from kbatch.backends.local.jobdir import Account, JobDir, LaunchSpec, Result
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
 from kbatch.backends.workqueue import WorkQueue
+from kbatch.dependencies import DependencyStatus, evaluate, parse_dependency
 from kbatch.errors import (
     ConfigError,
     InvalidRequest,
     KbatchError,
     NotFound,
+    PermissionDenied,
     ServiceUnavailable,
     SpecError,
     TransportError,
@@ -64,8 +68,21 @@ class LocalConfig:
     tick: float = 2.0  # reconcile at least this often (supervisors also wake us)
     python: str = field(default_factory=lambda: sys.executable)
     # Every job runs under the server's own Unix account: with hub users, the admin must
-    # accept that they share it (see kbatch.server.config.check_shared_account).
+    # accept that they share it (see kbatch.server.config.check_shared_account) ...
     jobs_share_server_account: bool = False
+    # ... unless the server runs as root with run_as_user: then each job runs as the Unix
+    # account user_template names for its user (see kbatch.backends.local.accounts).
+    run_as_user: bool = False
+    user_template: str = "jupyter-{username}"  # TLJH's accounts; "{username}" for the same name
+    min_uid: int = 1000  # accounts below (and root) never run jobs
+
+    @property
+    def runs_as_users(self) -> bool:
+        """Whether jobs really run as their users: asked for, and the server is root."""
+        return self.run_as_user and os.geteuid() == 0
+
+    def account_policy(self) -> AccountPolicy:
+        return AccountPolicy(user_template=self.user_template, min_uid=self.min_uid)
 
     def capacity(self) -> Capacity:
         machine = machine_capacity()
@@ -112,7 +129,10 @@ class LocalBackend(Backend):
         self._spawned: list[subprocess.Popen[bytes]] = []
         self._queue: WorkQueue[int] = WorkQueue(base_delay=0.1, max_delay=5.0)
         self._granted: dict[int, Demand] = {}  # allowed to start, not yet RUNNING
+        self._last_started: dict[str, float] = {}  # per user: the fair-share tie-break
         self._schedule_lock = asyncio.Lock()
+        self._begin_timer: asyncio.TimerHandle | None = None
+        self._begin_at = 0.0
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], *, state_dir: Path) -> LocalBackend:
@@ -135,7 +155,10 @@ class LocalBackend(Backend):
 
     async def start(self) -> None:
         self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.config.runs_as_users:
+            self._secure_state_dir()
         self._store = JobStore(self.config.state_dir / "jobs.sqlite")
+        self._last_started = self._store.last_started()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         if len(str(self.socket_path)) < 100:
@@ -159,8 +182,33 @@ class LocalBackend(Backend):
             self.capacity.gpus,
             self.config.state_dir,
         )
+        if self.config.runs_as_users:
+            log.info(
+                "local backend: each job runs as its user's Unix account (%s, uid >= %d)",
+                self.config.user_template,
+                self.config.min_uid,
+            )
+        elif self.config.run_as_user:
+            log.warning(
+                "run_as_user needs a server running as root; every job runs as this "
+                "server's own account (uid %d)",
+                os.geteuid(),
+            )
+
+    def _secure_state_dir(self) -> None:
+        """With jobs of many accounts: the state directory is root's and root's alone."""
+        for path in (self.config.state_dir, self.jobs_dir):
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
+                raise ConfigError(
+                    f"run_as_user: the state directory {path} must be a directory owned by root "
+                    "(the account that owns it could change what root's supervisors write)"
+                )
+            path.chmod(0o700)
 
     async def stop(self) -> None:
+        if self._begin_timer is not None:
+            self._begin_timer.cancel()
         self._queue.close()
         for task in self._tasks:
             task.cancel()
@@ -250,13 +298,24 @@ class LocalBackend(Backend):
         workdir = spec.workdir
         if not workdir:
             raise SpecError("the job needs a working directory", field="workdir")
+        paths = output_paths(spec, job_id="1", user=user)
+        if self.config.runs_as_users:
+            # Everything as the user's account would see it: the server (root) could
+            # write anywhere, so its own view of the paths says nothing.
+            account = lookup(user, self.config.account_policy())
+            # A name with the job's id (%j) is a new file: only its directory counts.
+            other = output_paths(spec, job_id="2", user=user)
+            files = {"output": (paths.output, paths.output == other.output)}
+            if paths.error is not None:
+                files["error"] = (paths.error, paths.error == other.error)
+            await asyncio.to_thread(check_paths, account, workdir, files)
+            return
         if not os.path.isdir(workdir):
             raise SpecError(
                 f"the working directory {workdir} does not exist; create it or change -D/--chdir",
                 field="workdir",
             )
         self._outside_state_dir(workdir, "working directory", "-D/--chdir", "workdir")
-        paths = output_paths(spec, job_id="1", user=user)
         for path, name in ((paths.output, "output"), (paths.error, "error")):
             if path is None:
                 continue
@@ -287,15 +346,21 @@ class LocalBackend(Backend):
             return resolved.output, resolved.error
 
         record, new = self.store.insert(
-            user=user, spec=spec, paths=paths, idempotency_key=idempotency_key, now=time.time()
+            user=user,
+            spec=spec,
+            paths=paths,
+            idempotency_key=idempotency_key,
+            now=time.time(),
+            max_active=self.limits.max_submitted_jobs_per_user,
         )
         if not new:
             return record.to_job()
         self.events.publish(record.to_job())
         if record.desired is Desired.RUN:
-            if self.store.pending_before(record.id):
-                # Earlier jobs wait: this one cannot start before them, so a scheduling
-                # pass per submission would only slow a burst of submissions.
+            gated = spec.dependency is not None or spec.begin is not None
+            if not gated and self.store.pending_before(record.id, user):
+                # Earlier jobs of this user wait: this one cannot start before them, so a
+                # scheduling pass per submission would only slow a burst of submissions.
                 self._set(record.id, reason="Priority")
             else:
                 await self._schedule()
@@ -365,10 +430,18 @@ class LocalBackend(Backend):
     ) -> AsyncIterator[bytes]:
         record = self._record(self._parse_id(job_id))
         path = record.output if stream == "output" else (record.error or record.output)
+        owner: int | None = None
+        if self.config.runs_as_users:
+            # The server reads as root: only a file of the job's own account, so that a
+            # symlink (or hard link) put in its place shows nothing the user may not read.
+            try:
+                owner = lookup(record.user, self.config.account_policy()).uid
+            except PermissionDenied:
+                return
         offset = 0
         while True:
             if record.state is not JobState.PENDING:  # before it starts the file is not its own yet
-                chunk = _read_from(path, offset)
+                chunk = _read_from(path, offset, owner=owner)
                 if chunk:
                     offset += len(chunk)
                     yield chunk
@@ -390,22 +463,75 @@ class LocalBackend(Backend):
             store = self.store
             running = store.running_demands()
             pending = store.pending_demands()
+            gates = self._gates()
             waiting_ids = {demand.job_id for demand, _ in pending}
             for job_id in [j for j in self._granted if j not in waiting_ids]:
                 del self._granted[job_id]  # started, ended, held or cancelled since
             decision = schedule(
                 self.capacity,
                 [*running, *self._granted.values()],
-                [d for d, _ in pending if d.job_id not in self._granted],
+                [d for d, _ in pending if d.job_id not in self._granted and d.job_id not in gates],
+                limits=self.limits,
+                last_started=self._last_started,
             )
             demands = {demand.job_id: demand for demand, _ in pending}
             reasons = {demand.job_id: reason for demand, reason in pending}
+            now = time.time()
             for job_id in decision.start:
                 self._granted[job_id] = demands[job_id]
+                self._last_started[demands[job_id].user] = now
                 self._queue.put(job_id)
-            for job_id, reason in decision.waiting.items():
-                if reasons[job_id] != reason:
+            for job_id, reason in [*decision.waiting.items(), *gates.items()]:
+                if reasons.get(job_id) != reason:
                     self._set(job_id, reason=reason)
+
+    def _gates(self) -> dict[int, str]:
+        """Why each pending job that may run waits for something besides resources:
+        its --begin (``BeginTime``) or its dependency (``Dependency``,
+        ``DependencyNeverSatisfied``).  A job whose dependency can never be met and
+        that asked for it (--kill-on-invalid-dep) is handed to its reconciler to cancel."""
+        store = self.store
+        gates: dict[int, str] = {}
+        now = time.time()
+        next_begin: float | None = None
+        for job_id, user, name, text, kill, begin, _ in store.gated():
+            if begin is not None and begin > now:
+                gates[job_id] = "BeginTime"
+                next_begin = begin if next_begin is None else min(next_begin, begin)
+                continue
+            if text is None:
+                continue
+            dependency = parse_dependency(text)
+            ids = [int(i) for i in dependency.job_ids if i.isascii() and i.isdigit()]
+            singleton = any(t.kind == "singleton" for t in dependency.terms)
+            status, _, _ = evaluate(
+                dependency,
+                store.states(ids),
+                singleton_clear=not (singleton and store.active_earlier(user, name, job_id)),
+            )
+            if status is DependencyStatus.MET:
+                continue
+            gates[job_id] = str(status.value)
+            if status is DependencyStatus.NEVER and kill:
+                store.update(job_id, desired=Desired.CANCEL, reason=str(status.value))
+                self._queue.put(job_id)
+        if next_begin is not None:
+            self._wake_at(next_begin)
+        return gates
+
+    def _wake_at(self, moment: float) -> None:
+        """Run the scheduler again at ``moment`` (for a --begin), unless it runs sooner."""
+        if self._begin_timer is not None and self._begin_at <= moment:
+            return
+        if self._begin_timer is not None:
+            self._begin_timer.cancel()
+        self._begin_at = moment
+        delay = max(0.0, moment - time.time()) + 0.01
+        self._begin_timer = asyncio.get_running_loop().call_later(delay, self._begin_due)
+
+    def _begin_due(self) -> None:
+        self._begin_timer = None
+        self._wake.set()
 
     # -- the reconciler: the one place that moves a job between states ----------
 
@@ -478,7 +604,10 @@ class LocalBackend(Backend):
             record,
             JobState.PENDING,
             state=JobState.CANCELLED,
-            reason="CancelledByUser",
+            # The scheduler cancels a job whose dependency can never be met (and says so).
+            reason="DependencyNeverSatisfied"
+            if record.cancelled_by is None and record.reason == "DependencyNeverSatisfied"
+            else "CancelledByUser",
             finished=time.time(),
         )
 
@@ -570,12 +699,31 @@ class LocalBackend(Backend):
         if current.desired is Desired.CANCEL:  # cancelled while the hook ran: never start it
             await self._cancel_before_start(current)
             return
+        account: Account | None = None
+        if self.config.runs_as_users:
+            try:  # again: the account may have gone, or changed, since the submission
+                account = lookup(record.user, self.config.account_policy())
+            except PermissionDenied as exc:
+                log.error("job %s: cannot be started: %s", record.id, exc)
+                self._granted.pop(record.id, None)
+                await self._finish(
+                    current,
+                    JobState.PENDING,
+                    state=JobState.FAILED,
+                    reason=f"JobSetupFailed: {exc}",
+                    finished=time.time(),
+                )
+                return
         jobdir = self._jobdir(record.id)
         if jobdir.path.exists():
             shutil.rmtree(jobdir.path)  # left by an interrupted launch
         jobdir.path.mkdir(mode=0o700, parents=True)
         jobdir.script.write_text(spec.script)
         jobdir.script.chmod(0o700)
+        if account is not None:
+            # The job's own, to read and run through the descriptor its launcher opens; the
+            # directory around it stays the server's alone.
+            os.chown(jobdir.script, account.uid, account.gid)
         launch = LaunchSpec(
             job_id=str(record.id),
             argv=[str(jobdir.script), *spec.args],
@@ -589,6 +737,7 @@ class LocalBackend(Backend):
             kill_grace=self.config.kill_grace,
             memory_limiter=self.config.memory_limiter,
             notify_socket=str(self.socket_path) if self._transport else None,
+            run_as=account,
         )
         jobdir.write(jobdir.launch, launch, durable=False)  # read at once; relaunched after a crash
         lock_fd = os.open(jobdir.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -673,13 +822,24 @@ class LocalBackend(Backend):
 
 
 def _demand(record: JobRecord) -> Demand:
-    return Demand(record.id, record.cpus, record.memory or 0, record.gpus)
+    return Demand(record.id, record.cpus, record.memory or 0, record.gpus, record.user)
 
 
-def _read_from(path: str, offset: int, size: int = 65536) -> bytes:
+def _read_from(path: str, offset: int, size: int = 65536, *, owner: int | None = None) -> bytes:
+    """Up to ``size`` bytes of a regular file (of ``owner``, when given) from ``offset``.
+
+    Never blocks: a FIFO in the file's place is opened without waiting and refused.
+    """
     try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
         return b""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (owner is not None and info.st_uid != owner):
+            return b""
+        return os.pread(fd, size, offset)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)

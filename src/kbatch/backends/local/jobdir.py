@@ -21,9 +21,19 @@ import msgspec
 
 from kbatch.models import JobState
 
-__all__ = ["JobDir", "LaunchSpec", "Result", "Started"]
+__all__ = ["Account", "JobDir", "LaunchSpec", "Result", "Started"]
 
 T = TypeVar("T")
+
+
+class Account(msgspec.Struct, kw_only=True, frozen=True):
+    """The Unix account a job runs as (``run_as_user``): what the launcher needs to become it."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: list[int]  # supplementary groups, as initgroups(3) sets them
+    home: str
 
 
 class LaunchSpec(msgspec.Struct, kw_only=True):
@@ -39,6 +49,8 @@ class LaunchSpec(msgspec.Struct, kw_only=True):
     kill_grace: float = 10.0
     memory_limiter: str = "auto"
     notify_socket: str | None = None
+    # The account to become right before exec (None: stay the supervisor's account).
+    run_as: Account | None = None
 
 
 class Started(msgspec.Struct, kw_only=True):

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from kbatch.backends.local.scheduler import Demand
-from kbatch.errors import ApiError, Conflict
+from kbatch.errors import ApiError, Conflict, PermissionDenied
 from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
@@ -67,12 +67,21 @@ ALTER TABLE jobs ADD COLUMN cancelled_by TEXT;
 UPDATE jobs SET finalized = 1 WHERE state NOT IN ('PENDING', 'RUNNING');
 CREATE INDEX jobs_unfinalized ON jobs (id) WHERE finalized = 0;
 """,
+    # 3: what a pending job waits for besides resources (issue 13): its dependency
+    # (normalised text), whether to cancel it when that can never be met, its --begin.
+    3: """
+ALTER TABLE jobs ADD COLUMN dependency TEXT;
+ALTER TABLE jobs ADD COLUMN kill_on_invalid_dep INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN begin REAL;
+CREATE INDEX jobs_gated ON jobs (id)
+    WHERE state = 'PENDING' AND (dependency IS NOT NULL OR begin IS NOT NULL);
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 # What a listing shows: everything but the spec, which only a job's start needs.
 _JOB_COLUMNS = (
     "id, user, name, state, reason, exit_code, submitted, started, finished, output, error, "
-    "cpus, memory, gpus, time_limit, workdir, comment, cancelled_by"
+    "cpus, memory, gpus, time_limit, workdir, comment, cancelled_by, dependency, begin"
 )
 _COLUMNS = f"{_JOB_COLUMNS}, spec, desired, finalized"
 _STATES = {state.value: state for state in JobState}
@@ -146,6 +155,8 @@ class JobRecord:
     workdir: str | None
     comment: str | None
     cancelled_by: str | None
+    dependency: str | None
+    begin: float | None
     spec_json: bytes
     desired: Desired
     finalized: int
@@ -175,6 +186,8 @@ class JobRecord:
                 self.workdir,
                 self.comment,
                 self.cancelled_by,
+                self.dependency,
+                self.begin,
             )
         )
 
@@ -182,7 +195,7 @@ class JobRecord:
 def _record(row: tuple[object, ...]) -> JobRecord:
     values = list(row)
     values[3] = _STATES[str(values[3])]
-    values[19] = Desired(str(values[19]))
+    values[21] = Desired(str(values[21]))
     return JobRecord(*values)  # type: ignore[arg-type]
 
 
@@ -207,6 +220,8 @@ def _job(row: tuple[Any, ...]) -> Job:
         time_limit=row[14],
         comment=row[16],
         cancelled_by=row[17],
+        dependency=row[18],
+        begin=_ts(row[19]),
         backend="local",
     )
 
@@ -285,12 +300,15 @@ class JobStore:
         paths: Callable[[int], tuple[str, str | None]],
         idempotency_key: str | None,
         now: float,
+        max_active: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert a PENDING job, or return the one already made with this idempotency key.
 
         ``paths`` turns the new job's id into its output and error file names
         (``%j`` needs the id), inside the same transaction.  Returns the record
         and whether it is new.  The same key with another spec is a :class:`Conflict`.
+        With ``max_active``, a user who already has that many jobs pending or running
+        is refused (:class:`PermissionDenied`), counted in the same transaction.
         """
         spec_json = msgspec.json.encode(spec)
         with self.transaction() as db:
@@ -309,11 +327,25 @@ class JobStore:
                             code="idempotency_key_reused",
                         )
                     return existing, False
+            if max_active is not None:
+                (active,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE user = ? AND state IN ('PENDING', 'RUNNING')",
+                    (user,),
+                ).fetchone()
+                if active >= max_active:
+                    raise PermissionDenied(
+                        f"you have {active} jobs pending or running; the limit (policy "
+                        f"max_submitted_jobs_per_user) is {max_active}: wait for some to end "
+                        "or cancel some",
+                        status=403,
+                        code="submit_limit",
+                    )
             desired = Desired.HOLD if spec.hold else Desired.RUN
             cursor = db.execute(
                 "INSERT INTO jobs (user, name, state, reason, submitted, output, error, cpus, "
-                "memory, gpus, time_limit, workdir, comment, spec, idempotency_key, desired) "
-                "VALUES (?, ?, 'PENDING', ?, ?, '', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "memory, gpus, time_limit, workdir, comment, spec, idempotency_key, desired, "
+                "dependency, kill_on_invalid_dep, begin) "
+                "VALUES (?, ?, 'PENDING', ?, ?, '', NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user,
                     spec.name or "job",
@@ -328,6 +360,9 @@ class JobStore:
                     spec_json,
                     idempotency_key,
                     str(desired),
+                    spec.dependency,
+                    int(bool(spec.kill_on_invalid_dep)),
+                    spec.begin.timestamp() if spec.begin else None,
                 ),
             )
             job_id = cursor.lastrowid
@@ -346,21 +381,55 @@ class JobStore:
     def pending_demands(self) -> list[tuple[Demand, str | None]]:
         """The PENDING jobs that may start, in submission order: what each asks for, its reason."""
         rows = self._db.execute(
-            "SELECT id, cpus, COALESCE(memory, 0), gpus, reason FROM jobs "
+            "SELECT id, cpus, COALESCE(memory, 0), gpus, user, reason FROM jobs "
             "WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' AND desired = 'run' "
             "ORDER BY id"
         )
         return [
-            (Demand(job_id, cpus, memory, gpus), reason)
-            for job_id, cpus, memory, gpus, reason in rows
+            (Demand(job_id, cpus, memory, gpus, user), reason)
+            for job_id, cpus, memory, gpus, user, reason in rows
         ]
+
+    def gated(self) -> list[tuple[int, str, str, str | None, bool, float | None, str | None]]:
+        """Pending jobs that may run but wait for something besides resources:
+        (id, user, name, dependency, kill_on_invalid_dep, begin, reason), in order."""
+        rows = self._db.execute(
+            "SELECT id, user, name, dependency, kill_on_invalid_dep, begin, reason FROM jobs "
+            "WHERE state = 'PENDING' AND (dependency IS NOT NULL OR begin IS NOT NULL) "
+            "AND desired = 'run' ORDER BY id"
+        )
+        return [(i, u, n, d, bool(k), b, r) for i, u, n, d, k, b, r in rows]
+
+    def states(self, job_ids: Collection[int]) -> dict[str, JobState]:
+        """The states of these jobs (those that exist), keyed by id as text."""
+        if not job_ids:
+            return {}
+        marks = ", ".join("?" * len(job_ids))
+        rows = self._db.execute(f"SELECT id, state FROM jobs WHERE id IN ({marks})", [*job_ids])
+        return {str(job_id): _STATES[state] for job_id, state in rows}
+
+    def active_earlier(self, user: str, name: str, job_id: int) -> bool:
+        """Whether a job of this user and name submitted before ``job_id`` is still active."""
+        row = self._db.execute(
+            "SELECT 1 FROM jobs WHERE state IN ('PENDING', 'RUNNING') AND user = ? AND name = ? "
+            "AND id < ? LIMIT 1",
+            (user, name, job_id),
+        ).fetchone()
+        return row is not None
 
     def running_demands(self) -> list[Demand]:
         rows = self._db.execute(
-            "SELECT id, cpus, COALESCE(memory, 0), gpus FROM jobs "
+            "SELECT id, cpus, COALESCE(memory, 0), gpus, user FROM jobs "
             "WHERE state IN ('PENDING', 'RUNNING') AND state = 'RUNNING' ORDER BY id"
         )
         return [Demand(*row) for row in rows]
+
+    def last_started(self) -> dict[str, float]:
+        """When each user's latest job started (the fair-share tie-break, after a restart)."""
+        rows = self._db.execute(
+            "SELECT user, MAX(started) FROM jobs WHERE started IS NOT NULL GROUP BY user"
+        )
+        return {user: started for user, started in rows}
 
     def needing_attention(self) -> list[int]:
         """Jobs a reconciler must look at after a restart or on a periodic resync: running
@@ -373,14 +442,14 @@ class JobStore:
         )
         return [row[0] for row in rows]
 
-    def pending_before(self, job_id: int) -> bool:
-        """Whether a job submitted before ``job_id`` is still waiting to start."""
+    def pending_before(self, job_id: int, user: str) -> bool:
+        """Whether a job ``user`` submitted before ``job_id`` is still waiting to start."""
         # The IN term is the partial index's own condition: with it SQLite searches the
         # index of active jobs instead of every older row.
         row = self._db.execute(
             "SELECT 1 FROM jobs WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' "
-            "AND id < ? LIMIT 1",
-            (job_id,),
+            "AND id < ? AND user = ? LIMIT 1",
+            (job_id, user),
         ).fetchone()
         return row is not None
 

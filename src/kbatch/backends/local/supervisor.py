@@ -6,7 +6,12 @@ then, detached from every terminal:
 
 1. puts a memory limit in place (:mod:`kbatch.backends.local.limits`);
 2. starts the script in a process group of its own, stdout and stderr going to
-   the job's output files, so that ``tail -f`` shows them as they come;
+   the job's output files, so that ``tail -f`` shows them as they come.  With
+   ``run_as`` (``[local] run_as_user``) the forked child becomes the job's
+   account (groups, gid, uid) as its last step before exec, and only then
+   opens the output files and enters the working directory, so it can reach
+   only what that account may; the supervisor itself stays root, out of the
+   job's reach, to enforce limits and write the result;
 3. every tick: checks the time limit, the memory limit and a cancel request;
    to stop the job it sends SIGTERM to the whole process group, then SIGKILL
    after the grace period;
@@ -20,6 +25,7 @@ lives.  It imports nothing from the server.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -29,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-from kbatch.backends.local.jobdir import JobDir, LaunchSpec, Result, Started
+from kbatch.backends.local.jobdir import Account, JobDir, LaunchSpec, Result, Started
 from kbatch.backends.local.limits import MemoryLimiter, memory_limiter, process_group_members
 from kbatch.hardening import make_undumpable
 from kbatch.models import JobState
@@ -71,6 +77,8 @@ class Supervisor:
         self.spec = spec
         self.cancel_signalled = False
         self.limiter: MemoryLimiter = MemoryLimiter()
+        self.failed_read = -1  # the child's word on why it could not start the job
+        self.launch_error: str | None = None
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         self.cancel_signalled = True
@@ -79,9 +87,64 @@ class Supervisor:
         flags = (
             os.O_WRONLY
             | os.O_CREAT
+            | os.O_NOCTTY
             | (os.O_APPEND if self.spec.open_mode == "append" else os.O_TRUNC)
         )
         return os.open(path, flags, 0o644)
+
+    def _become(self, account: Account) -> None:
+        """In the forked child: become ``account`` for good (groups, gid, then uid)."""
+        os.setgroups(account.groups)
+        os.setgid(account.gid)
+        os.setuid(account.uid)  # as root: real, effective and saved uid all change
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise RuntimeError("the job could become root again")
+        if os.getuid() != account.uid or os.geteuid() != account.uid or os.getegid() != account.gid:
+            raise RuntimeError(f"could not become the account {account.name}")
+
+    def _exec_job(self, go_read: int, null_fd: int) -> None:
+        """The forked child: wait for the word to go, become the job's account, run it."""
+        spec = self.spec
+        os.setpgid(0, 0)
+        self.limiter.enter(os.getpid())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        if os.read(go_read, 1) != b"1":
+            os._exit(127)  # the supervisor died before recording the start
+        os.close(go_read)
+        program = spec.argv[0]
+        account = spec.run_as
+        env = spec.environment
+        if account is not None:
+            # The script lies in the server's private job directory.  Opened now, as root,
+            # and run through this descriptor once we are the account: the account needs
+            # only to read the script itself (it owns it), nothing of the directory.
+            script_fd = os.open(program, os.O_PATH)
+            os.set_inheritable(script_fd, True)  # the interpreter opens the script by it
+            program = f"/proc/self/fd/{script_fd}"
+            self._become(account)
+            env = {**env, "HOME": account.home, "USER": account.name, "LOGNAME": account.name}
+        # Only now, as the job's own account: a path it may not write is refused to it.
+        try:
+            out_fd = self._open_output(spec.output)
+            err_fd = self._open_output(spec.error) if spec.error else out_fd
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot open {exc.filename}: {exc.strerror}") from None
+        os.dup2(null_fd, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(err_fd, 2)
+        try:
+            os.chdir(spec.workdir)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot enter {spec.workdir}: {exc.strerror}") from None
+        try:
+            os.execve(program, [program, *spec.argv[1:]], env)  # noqa: S606
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot run the script: {exc.strerror}") from None
 
     def _start_job(self, started: float) -> int:
         """Fork the job; it runs the script only once ``started.json`` is on disk.
@@ -90,36 +153,27 @@ class Supervisor:
         ``started.json``: if the supervisor dies before that, the child reads
         end-of-file and exits without running anything.  So a job without
         ``started.json`` never ran, and the server may safely start it again.
+        If the child cannot start the job (its output file cannot be opened, its
+        program not run), it says why on a second pipe, closed on exec.
         """
-        out_fd = self._open_output(self.spec.output)
-        err_fd = self._open_output(self.spec.error) if self.spec.error else out_fd
         null_fd = os.open(os.devnull, os.O_RDONLY)
         go_read, go_write = os.pipe()
+        self.failed_read, failed_write = os.pipe()  # close-on-exec: silent when exec works
         pid = os.fork()
         if pid == 0:  # the job
             try:
                 os.close(go_write)
-                os.setpgid(0, 0)
-                self.limiter.enter(os.getpid())
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-                    signal.signal(sig, signal.SIG_DFL)
-                if os.read(go_read, 1) != b"1":
-                    os._exit(127)  # the supervisor died before recording the start
-                os.close(go_read)
-                os.dup2(null_fd, 0)
-                os.dup2(out_fd, 1)
-                os.dup2(err_fd, 2)
-                os.chdir(self.spec.workdir)
-                os.execve(self.spec.argv[0], self.spec.argv, self.spec.environment)  # noqa: S606
+                os.close(self.failed_read)
+                self._exec_job(go_read, null_fd)
             except BaseException as exc:  # noqa: BLE001 - the forked child must never return
                 with contextlib.suppress(Exception):
-                    os.write(2, f"kbatch: cannot start the job: {exc}\n".encode())
+                    message = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    os.write(failed_write, str(message).encode()[:1000])
                 os._exit(127)
+            os._exit(127)
         os.close(go_read)
         os.close(null_fd)
-        os.close(out_fd)
-        if err_fd != out_fd:
-            os.close(err_fd)
+        os.close(failed_write)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.setpgid(pid, pid)  # also from the parent: no race with the first signal
         self.jobdir.write(
@@ -147,8 +201,11 @@ class Supervisor:
         kill_at: float | None = None
         status = 0
         while True:
-            ready, _, _ = select.select([pidfd], [], [], TICK)
-            if ready:
+            watched = [pidfd] if self.failed_read < 0 else [pidfd, self.failed_read]
+            ready, _, _ = select.select(watched, [], [], TICK)
+            if self.failed_read in ready:
+                self._read_launch_error()
+            if pidfd in ready:
                 _, status = os.waitpid(pid, 0)
                 break
             now = time.monotonic()
@@ -169,6 +226,8 @@ class Supervisor:
                 self.limiter.kill_all()
                 kill_at = None
         os.close(pidfd)
+        if self.failed_read >= 0:
+            self._read_launch_error()
         # Like Slurm, the job ends when its script does: nothing it started outlives it.
         self._signal_group(pgid, signal.SIGKILL)
         self.limiter.kill_all()
@@ -180,9 +239,19 @@ class Supervisor:
             oom=stop_reason == "oom" or self.limiter.oom_killed(),
         )
         self.limiter.cleanup()
+        if self.launch_error is not None:
+            state, reason = JobState.FAILED, f"LaunchFailed: {self.launch_error}"
         return Result(
             state=state, exit_code=exit_code, reason=reason, started=started, finished=time.time()
         )
+
+    def _read_launch_error(self) -> None:
+        """The child's message (it could not start the job), or end-of-file (exec worked)."""
+        data = os.read(self.failed_read, 4096)
+        os.close(self.failed_read)
+        self.failed_read = -1
+        if data:
+            self.launch_error = data.decode(errors="replace")
 
     def _reap_group(self, pgid: int, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
@@ -240,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> None:
-    """Write ``result.json``, waiting for space (or a writable disk) as long as it takes.
+    """Write ``result.json``, waiting for space as long as it takes.
 
     The supervisor keeps its lock meanwhile, so the server sees the job as
     still running rather than as a lost supervisor (NODE_FAIL); once the disk
-    has room again the job ends in its real state.
+    has room again the job ends in its real state.  Only a full disk or quota
+    is waited for: any other error (the job's directory removed) gives up.
     """
     delay = 0.1
     while True:
@@ -252,6 +322,8 @@ def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> N
             jobdir.write(jobdir.result, result)
             return
         except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             with contextlib.suppress(OSError):
                 os.write(2, f"kbatch: cannot write the job's result ({exc}); retrying\n".encode())
             time.sleep(delay)
