@@ -11,6 +11,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip uv >/dev/null
+	@# Until renamed, the distribution was "kbatch", which is another project on PyPI.
+	@$(BIN)/uv pip uninstall -q --python $(BIN)/python kbatch 2>/dev/null || true
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
 	@touch $(STAMP)
 

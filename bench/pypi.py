@@ -3,6 +3,10 @@
 It lives outside the repository (``~/.cache/kbatch/bench/pypi-kbatch-<version>``)
 and is reused when present.  ``pip install kbatch`` pulls in the
 ``kubernetes`` package: that import is what its users wait for.
+
+PyPI's ``kbatch`` is another project (kbatch-dev's, 0.4.2); ours is the
+distribution ``jupyterhub-kbatch``, so the two never replace each other, and
+this one is kept in a virtual environment of its own anyway.
 """
 
 from __future__ import annotations

@@ -62,6 +62,12 @@ MAX_MEMORY = 2**60  # bytes (an exbibyte)
 # no bidi override to disguise it.  Arguments and values may, but never NUL.
 _SHOWN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
 _NO_NUL = r"^[^\x00]*$"
+# What to change, in words, when a value does not match one of these patterns
+# (the server's 422 says this instead of the regular expression).
+PATTERN_HINTS = {
+    _SHOWN: "must not contain control characters such as newlines or escape sequences",
+    _NO_NUL: "must not contain NUL bytes",
+}
 NameStr = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_SHOWN)]
 PatternStr = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_SHOWN)]
 PathStr = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_SHOWN)]

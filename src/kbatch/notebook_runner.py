@@ -188,7 +188,7 @@ def _fail(message: str, environ: Mapping[str, str]) -> None:
 def _missing_papermill(exc: ImportError) -> str:
     return (
         f"papermill is not installed in the job's Python ({sys.executable}): {exc}; "
-        "install it there (pip install papermill, or kbatch[notebooks])"
+        "install it there (pip install papermill, or '/path/to/kbatch-checkout[notebooks]')"
     )
 
 

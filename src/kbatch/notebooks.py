@@ -13,7 +13,7 @@ FILE``, ``--kernel NAME`` and ``--nb-output PATTERN``.  Before the path,
 ``-p`` stays Slurm's ``--partition``.
 
 Pure but for reading the notebook and the YAML file; ``yaml`` is imported only
-when ``--params-yaml`` is used (it is the optional ``kbatch[notebooks]``).
+when ``--params-yaml`` is used (the optional ``notebooks`` extra of the distribution ``jupyterhub-kbatch``).
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def load_params_yaml(path: str) -> dict[str, Any]:
         import yaml
     except ImportError:
         raise SpecError(
-            "--params-yaml needs PyYAML; install kbatch[notebooks] (or pyyaml)"
+            "--params-yaml needs PyYAML; install pyyaml (or the notebooks extra: '/path/to/kbatch-checkout[notebooks]')"
         ) from None
     try:
         with open(path, encoding="utf-8") as handle:

@@ -119,7 +119,9 @@ def backend_class(name: str) -> type[Backend]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        extra = " (pip install 'kbatch-server[kubernetes]')" if name == "kubernetes" else ""
+        extra = ""
+        if name == "kubernetes":
+            extra = " (install the kubernetes extra: pip install '/path/to/kbatch-checkout[kubernetes]')"
         raise ConfigError(f"config: cannot load backend {name!r}: {exc}{extra}") from exc
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Backend)):

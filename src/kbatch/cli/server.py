@@ -30,8 +30,8 @@ def server(args: argparse.Namespace) -> int:
         print(f"stopped the server (pid {pid})" if pid else "no server was running")
         return 0
     if args.action == "status":
-        info = server_main.read_server_file(directory)
-        if not info:
+        info = server_main.running_server(directory)
+        if info is None:
             print(f"no server running for {directory}")
             return 3
         print(f"running: {info.get('url')} (pid {info.get('pid')}, backend {info.get('backend')})")

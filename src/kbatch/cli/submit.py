@@ -12,6 +12,9 @@ from kbatch.errors import SpecError
 if TYPE_CHECKING:
     import argparse
 
+    from kbatch.client import Client
+    from kbatch.models import Job, JobSpec
+
 __all__ = ["submit", "submit_words"]
 
 USAGE = (
@@ -77,6 +80,17 @@ def submit_words(words: list[str]) -> int:
     return submit_parsed(cli)
 
 
+def _submit(client: Client, spec: JobSpec, *, dry_run: bool) -> Job:
+    """Submit with a key that a rerun of this command reuses until the server answers."""
+    if dry_run:
+        return client.submit(spec, dry_run=True)
+    from kbatch.client.journal import submission_key
+    from kbatch.paths import state_dir
+
+    with submission_key(state_dir() / "submissions", client.url, spec) as key:
+        return client.submit(spec, idempotency_key=key)
+
+
 def submit_parsed(cli: ParsedOptions) -> int:
     from kbatch import notebooks
     from kbatch.client import Client
@@ -114,7 +128,7 @@ def submit_parsed(cli: ParsedOptions) -> int:
     for warning in submission.warnings:
         print(f"kbatch: warning: {warning}", file=sys.stderr)
     with Client.from_config() as client:
-        job = client.submit(submission.spec, dry_run=cli.flag("test_only"))
+        job = _submit(client, submission.spec, dry_run=cli.flag("test_only"))
         if cli.flag("test_only"):
             from kbatch.cli.output import print_job
 

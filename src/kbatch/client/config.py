@@ -36,6 +36,9 @@ class ClientConfig:
     url: str
     token: str | None
     source: str  # where it came from, for `kbatch configure --show`
+    # Found through JupyterHub: the service (or the hub's proxy) not answering means the
+    # hub's side is down, which the client says at once instead of retrying for long.
+    via_hub: bool = False
 
     def __repr__(self) -> str:  # never show the token
         return f"ClientConfig(url={self.url!r}, token={'***' if self.token else None}, source={self.source!r})"
@@ -84,9 +87,15 @@ def service_url_from_model(status: int, body: bytes, *, service: str, api_url: s
             "to its name, or KBATCH_URL to its URL"
         )
     if status in (401, 403):
+        # Users without kbatch usually lack both scopes; naming only read:services (or
+        # KBATCH_URL) led them to a second refusal.  Name what they need to use it.
         raise ConfigError(
-            f"the hub at {api_url} would not tell this notebook where the {service} service is "
-            f"(HTTP {status}: the token lacks read:services!service={service}); {fix}"
+            f"your hub token may not use the {service} service (HTTP {status}: it lacks "
+            f"read:services!service={service}, and probably access:services!service={service} "
+            f"too).  A hub admin grants both, with a role for your user or group "
+            f"(c.JupyterHub.load_roles) and in c.Spawner.server_token_scopes "
+            f"(docs/jupyterhub.md); then restart your notebook server.  Setting KBATCH_URL "
+            f"does not help without access:services!service={service}"
         )
     if status >= 400:
         raise ConfigError(
@@ -130,7 +139,10 @@ def service_url_from_hub(api_url: str, token: str, service: str, timeout: float 
     except (OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise TransportError(
-            f"cannot reach the JupyterHub API at {api_url} to find the {service} service: {reason}"
+            f"JupyterHub is not answering at {api_url} ({reason}): the hub is down or "
+            f"restarting, and kbatch needs it to find the {service} service.  Try again in a "
+            "minute; if it lasts, tell your hub admin.  (Do not start a kbatch server of "
+            "your own: its jobs would not be the hub's.)"
         ) from exc
     return service_url_from_model(status, body, service=service, api_url=api_url)
 
@@ -155,11 +167,14 @@ def _from_jupyterhub(
     service = env.get("KBATCH_SERVICE_NAME") or "kbatch"
     url = _public_service_url(env, service)
     if url is not None:
-        return ClientConfig(url=url, token=token, source="JupyterHub environment (public URL)")
+        return ClientConfig(
+            url=url, token=token, source="JupyterHub environment (public URL)", via_hub=True
+        )
     return ClientConfig(
         url=locate(api_url.rstrip("/"), token, service),
         token=token,
         source=f"JupyterHub environment (the hub API's URL for service {service})",
+        via_hub=True,
     )
 
 

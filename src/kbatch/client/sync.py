@@ -27,6 +27,7 @@ __all__ = ["Client"]
 T = TypeVar("T")
 RETRY_STATUSES = frozenset({502, 503, 504})
 PAGE_SIZE = 5000  # jobs per request when listing; list() follows the pages
+HUB_RETRY_FOR = 2.0  # seconds of retries for a service found through JupyterHub
 
 
 def _job_id(job_id: str) -> str:
@@ -59,11 +60,23 @@ class Client:
         self._timeout = timeout
         self._retry_for = retry_for
         self._conn: http.client.HTTPConnection | None = None
+        self._refused_hint: str | None = None  # what to say when no one listens at the URL
 
     @classmethod
     def from_config(cls, config: ClientConfig | None = None, **kwargs: float) -> Client:
         config = config or discover_config()
-        return cls(config.url, config.token, **kwargs)
+        client = cls(config.url, config.token, **kwargs)
+        if config.via_hub:
+            # A hub's service that refuses connections is down with the hub (a managed
+            # service stops with it): say so after a brief retry, not after 10 s, and
+            # never suggest starting a server of one's own.
+            client._retry_for = min(client._retry_for, HUB_RETRY_FOR)
+            client._refused_hint = (
+                "connection refused: the kbatch service of your JupyterHub is not running "
+                "(the hub is down or restarting?).  Try again in a minute; if it lasts, "
+                "tell your hub admin"
+            )
+        return client
 
     def __repr__(self) -> str:
         return f"Client({self.url!r})"
@@ -223,8 +236,14 @@ class Client:
                 )
         return self._conn
 
-    def _send(self, request: rq.Request) -> tuple[http.client.HTTPResponse, bytes | None]:
-        """The response, and its body when it had to be read already.
+    def _send(
+        self, request: rq.Request, *, read: bool = False
+    ) -> tuple[http.client.HTTPResponse, bytes | None]:
+        """The response, and its body when it had to be read already (always with ``read``).
+
+        With ``read``, a response cut off in its body is retried like a lost
+        connection: every request is safe to repeat (submit carries its
+        idempotency key, so a repeat answers with the job already made).
 
         Connection errors and 502/503/504 from something in front of the server
         (a proxy while the server restarts) are retried; a 503 in kbatch's own
@@ -241,32 +260,31 @@ class Client:
                 conn = self._connection()
                 conn.request(request.method, self._base_path + request.path, request.body, headers)
                 response = conn.getresponse()
+                body = response.read() if read else None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
+                reason = _reason(exc)
+                if isinstance(exc, ConnectionRefusedError) and self._refused_hint:
+                    reason = self._refused_hint
                 raise TransportError(
-                    f"cannot reach the kbatch server at {self.url}: {_reason(exc)}"
+                    f"cannot reach the kbatch server at {self.url}: {reason}"
                 ) from exc
             if response.status in RETRY_STATUSES:
-                body = response.read()
+                body = response.read() if body is None else body
                 if rq.is_error_body(body) or time.monotonic() + delay >= deadline:
                     return response, body
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            return response, None
+            return response, body
 
     def _call(self, request: rq.Request, type: type[T]) -> T:
-        response, body = self._send(request)
-        try:
-            if body is None:
-                body = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise TransportError(f"lost the connection to {self.url}: {_reason(exc)}") from exc
+        response, body = self._send(request, read=True)
+        assert body is not None
         if response.will_close:
             self.close()
         return rq.parse(response.status, body, type)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -44,6 +45,7 @@ from kbatch.lifecycle import parse_job_ref
 from kbatch.models import (
     ACTIVE_STATES,
     API_PREFIX,
+    PATTERN_HINTS,
     ErrorBody,
     ErrorDetail,
     Identity,
@@ -54,7 +56,8 @@ from kbatch.models import (
     SubmitRequest,
 )
 from kbatch.server.auth.base import Authenticator, Credentials
-from kbatch.server.openapi import openapi_document
+from kbatch.server.logtext import escaped
+from kbatch.server.openapi import STATES_PATTERN, openapi_document
 from kbatch.server.policy import Policy, check
 
 __all__ = ["ROUTES", "create_app"]
@@ -202,15 +205,15 @@ class Api:
         all_users = self.all_users(request, identity)
         limit, after = _limit(request), _cursor(request)
         states: set[JobState] | None = None
-        if raw := request.query_params.get("state"):
-            try:
-                states = {JobState(s.strip().upper()) for s in raw.split(",") if s.strip()}
-            except ValueError as exc:
+        if (raw := request.query_params.get("state")) is not None:
+            if not re.fullmatch(STATES_PATTERN, raw):
                 raise InvalidRequest(
-                    f"unknown state in {raw!r}; use {', '.join(s.value for s in JobState)}",
+                    f"state must be a comma-separated list of {', '.join(s.value for s in JobState)}"
+                    f", not {raw[:100]!r}",
                     status=422,
                     code="invalid_state",
-                ) from exc
+                )
+            states = {JobState(s.upper()) for s in raw.split(",")}
         elif not _flag(request, "all"):
             states = set(ACTIVE_STATES)
         page = await self.backend.list(
@@ -235,7 +238,7 @@ class Api:
             await self.backend.validate(identity.name, spec)
             return json_response(_preview(identity.name, spec, self.backend.name))
         job = await self.backend.submit(identity.name, spec, idempotency_key=key)
-        log.info("user %s submitted job %s (%s)", identity.name, job.id, job.name)
+        log.info("user %s submitted job %s (%s)", escaped(identity.name), job.id, escaped(job.name))
         return json_response(job, 201)
 
     async def _check_dependencies(self, identity: Identity, spec: JobSpec) -> None:
@@ -264,19 +267,19 @@ class Api:
         job = await self.owned_job(request, identity)
         if job.state.is_terminal:
             return json_response(job)
-        log.info("user %s cancelled job %s", identity.name, job.id)
+        log.info("user %s cancelled job %s", escaped(identity.name), job.id)
         return json_response(await self.backend.cancel(job.id, by=identity.name))
 
     async def hold(self, request: Request) -> Response:
         identity = await self.identity(request)
         job = await self.owned_job(request, identity)
-        log.info("user %s held job %s", identity.name, job.id)
+        log.info("user %s held job %s", escaped(identity.name), job.id)
         return json_response(await self.backend.hold(job.id))
 
     async def release(self, request: Request) -> Response:
         identity = await self.identity(request)
         job = await self.owned_job(request, identity)
-        log.info("user %s released job %s", identity.name, job.id)
+        log.info("user %s released job %s", escaped(identity.name), job.id)
         return json_response(await self.backend.release(job.id))
 
     async def events(self, request: Request) -> Response:
@@ -370,13 +373,36 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+_PATTERN_ERROR = re.compile(
+    r"^Expected `str` matching regex '(?P<regex>.*)' - at `\$\.(?P<field>.*)`$"
+)
+
+
+def _validation_message(text: str) -> tuple[str, str | None]:
+    """msgspec's message, with a refused pattern said in words (which field, what to change).
+
+    ``Expected `str` matching regex '^[^\\x00]*$' - at `$.spec.args[0]``` says nothing a
+    user can act on; ``spec.args[0] must not contain NUL bytes`` does.
+    """
+    match = _PATTERN_ERROR.match(text)
+    if match:
+        # msgspec shows the pattern as a repr: its backslashes are doubled.
+        hint = PATTERN_HINTS.get(match["regex"].replace("\\\\", "\\"))
+        if hint is not None:
+            field = match["field"]
+            what = field.replace("[...]", " values")  # msgspec's name for a dict's values
+            return f"the request was refused: {what} {hint}", field
+    return f"the request was refused: {text}", None
+
+
 async def _handle_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, SpecError):
         return error_response(422, "invalid_spec", exc.message, exc.field)
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.field)
     if isinstance(exc, msgspec.ValidationError):
-        return error_response(422, "invalid_request", f"the request was refused: {exc}")
+        message, field = _validation_message(str(exc))
+        return error_response(422, "invalid_request", message, field)
     if isinstance(exc, msgspec.DecodeError):
         return error_response(400, "malformed_json", f"the request body is not valid JSON: {exc}")
     if isinstance(exc, HTTPException):
@@ -385,12 +411,16 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
         return response
     if isinstance(exc, KbatchError):
         return error_response(500, "server_error", exc.message)
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s %s", escaped(request.method), escaped(request.url.path))
     return error_response(500, "internal_error", "internal error; the server log has the details")
 
 
 class AccessLog:
-    """One line per request: method, path (never the query string), status, user, time."""
+    """One line per request: method, path (never the query string), status, user, time.
+
+    The path and user are escaped (:func:`kbatch.server.logtext.escaped`): a
+    ``%0A`` in a path must not write a second, forged line.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -413,10 +443,10 @@ class AccessLog:
         finally:
             access_log.info(
                 "%s %s %d %s %.1fms",
-                scope["method"],
-                scope["path"],
+                escaped(scope["method"]),
+                escaped(scope["path"]),
                 status,
-                scope.get("state", {}).get("user", "-"),
+                escaped(scope.get("state", {}).get("user", "-")),
                 (time.perf_counter() - start) * 1000,
             )
 
@@ -438,14 +468,43 @@ ROUTES: dict[str, dict[str, str]] = {
 }
 
 
+def _documented(path: str) -> dict[str, tuple[frozenset[str], bool]]:
+    """Per method: the query parameters the OpenAPI document gives the route ``path``,
+    and whether it needs a token."""
+    documented = openapi_document()["paths"][re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path)]
+    return {
+        method.upper(): (
+            frozenset(p["name"] for p in operation.get("parameters", []) if p.get("in") == "query"),
+            operation.get("security") != [],
+        )
+        for method, operation in documented.items()
+    }
+
+
 def _route(api: Api, path: str, methods: dict[str, str]) -> Route:
     handlers: dict[str, Callable[[Request], Awaitable[Response]]] = {
         method: getattr(api, name) for method, name in methods.items()
     }
+    documented = _documented(path)
     if "GET" in handlers:
         handlers["HEAD"] = handlers["GET"]
+        documented["HEAD"] = documented["GET"]
 
     async def endpoint(request: Request) -> Response:
+        # An unknown parameter is refused, not ignored: ?all_user=true (a typo) would
+        # otherwise quietly answer with something else than what was asked.  Only to a
+        # caller with a token, where the route needs one: anyone else hears 401 first.
+        allowed, needs_token = documented[request.method]
+        unknown = sorted(set(request.query_params) - allowed)
+        if unknown:
+            if needs_token:
+                await api.identity(request)
+            takes = ", ".join(sorted(allowed)) or "none"
+            raise InvalidRequest(
+                f"unknown query parameter {unknown[0][:50]!r}; this request takes: {takes}",
+                status=422,
+                code="invalid_query",
+            )
         return await handlers[request.method](request)
 
     return Route(path, endpoint, methods=list(methods), name=",".join(methods.values()))

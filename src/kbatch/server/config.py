@@ -4,6 +4,8 @@ Example ``kbatch.toml``::
 
     host = "127.0.0.1"
     port = 8765
+    header_timeout = 10        # seconds a client may take to send a request's headers
+    max_connections = 1000     # open connections at most; more are answered 503
     backend = "local"          # or "kubernetes", or an import path "mypkg.backend:MyBackend"
     auth = "token"             # or "jupyterhub"
 
@@ -94,6 +96,11 @@ class ServerConfig:
     backend: str = "local"
     auth: str = "token"
     log_level: str = "info"
+    # Slow or idle clients: seconds to send a request's headers, seconds an idle
+    # keep-alive connection is kept, and open connections at most (the rest get a 503).
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 5.0
+    max_connections: int = 1000
     policy: Policy = field(default_factory=Policy)
     jupyterhub: JupyterHubConfig = field(default_factory=JupyterHubConfig)
     # Every other [section] of the file, raw, by name: a backend's own configuration,
@@ -268,6 +275,10 @@ def load_config(
     )
     if not isinstance(config.backend, str) or not config.backend:
         raise ConfigError("config: backend must be a name (local, kubernetes) or an import path")
+    for key in ("header_timeout", "keepalive_timeout", "max_connections"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"config: {key} must be a positive number")
     if config.auth not in ("token", "jupyterhub"):
         raise ConfigError(f"config: auth {config.auth!r} is not known; use token or jupyterhub")
     if config.auth == "jupyterhub":

@@ -34,14 +34,30 @@ from kbatch.server.app import create_app
 from kbatch.server.auth.base import Authenticator
 from kbatch.server.auth.tokens import TokenFileAuthenticator, add_token, hash_token
 from kbatch.server.config import ServerConfig
+from kbatch.server.connections import (
+    ConnectionLimits,
+    bounded_protocol,
+    quiet_exception_handler,
+    raise_file_limit,
+)
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from kbatch.server.hub import HubClient
 
-__all__ = ["build_app", "serve", "start_background", "stop_server"]
+__all__ = [
+    "build_app",
+    "process_start_time",
+    "running_server",
+    "serve",
+    "start_background",
+    "stop_server",
+]
 
 log = logging.getLogger("kbatch.server")
 TOKENS_FILE = "tokens.json"
+LAST_URL_FILE = "server.last-url"  # the URL of the last server, once it has stopped
 
 
 def build_backend(config: ServerConfig) -> Backend:
@@ -108,19 +124,95 @@ def ensure_owner_token(state_dir: Path) -> None:
     write_private(token_path, token + "\n")
 
 
-def _lock(state_dir: Path) -> int:
+def _lock(state_dir: Path, wait: float = 2.0) -> int:
+    """Hold ``server.lock`` for the server's lifetime: one server per state directory.
+
+    Held, it is also how ``status`` and ``stop`` tell a live server from a stale
+    ``server.json``; they take it shared for an instant, so a start that meets
+    one of them waits ``wait`` seconds before concluding another server runs.
+    """
     fd = os.open(state_dir / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
         os.close(fd)
         info = read_server_file(state_dir)
         where = f" at {info.get('url')} (pid {info.get('pid')})" if info else ""
         raise ConfigError(
             f"a kbatch server is already running for {state_dir}{where}; "
             "stop it with 'kbatch server stop' or use another --state-dir"
-        ) from None
-    return fd
+        )
+
+
+def _lock_held(state_dir: Path) -> bool:
+    """Whether a server holds this state directory's lock (without disturbing it)."""
+    try:
+        fd = os.open(state_dir / "server.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases a lock taken above
+    return False
+
+
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22), or None.
+
+    A pid is reused; a pid with its start time names one process for the life of
+    the machine.  None when the process does not exist or has exited (or there
+    is no /proc).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[:1] in (["Z"], ["X"]):
+        return None  # it has exited; only its parent has not reaped it yet
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def running_server(state_dir: Path) -> dict[str, object] | None:
+    """``server.json`` of the server running for this state directory, or None.
+
+    It is that server only if the lock is held and the recorded pid is alive with
+    the recorded start time (where /proc exists): a leftover file, or a pid now
+    used by another process, is not a running server.  A leftover file is removed.
+    """
+    info = read_server_file(state_dir)
+    pid = info.get("pid")
+    if not _lock_held(state_dir):
+        if info:
+            _remove_server_file(state_dir, info)
+        return None
+    if not isinstance(pid, int):
+        return None  # starting: it has the lock but has not written the file yet
+    started = info.get("started")
+    proc = Path("/proc/self/stat").exists()
+    if proc and (started is None or process_start_time(pid) != started):
+        return None
+    return info
+
+
+def _remove_server_file(state_dir: Path, info: dict[str, object]) -> None:
+    """Remove ``server.json`` if it is still the one described by ``info``."""
+    if read_server_file(state_dir) == info:
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / SERVER_FILE).unlink()
 
 
 def read_server_file(state_dir: Path) -> dict[str, object]:
@@ -149,6 +241,9 @@ def _previous_port(state_dir: Path) -> int | None:
     from urllib.parse import urlsplit
 
     url = read_server_file(state_dir).get("url")
+    if url is None:
+        with contextlib.suppress(OSError):
+            url = (state_dir / LAST_URL_FILE).read_text().strip()
     try:
         return urlsplit(url).port if isinstance(url, str) else None
     except ValueError:
@@ -209,24 +304,62 @@ def serve(config: ServerConfig) -> int:
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     url = f"http://{url_host}:{port}{config.prefix}"
+    limits = ConnectionLimits(
+        header_timeout=config.header_timeout,
+        max_connections=raise_file_limit(config.max_connections),
+    )
     server = uvicorn.Server(
         uvicorn.Config(
-            app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=3
+            app,
+            http=bounded_protocol(limits),
+            timeout_keep_alive=max(1, round(config.keepalive_timeout)),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=3,
         )
     )
-    write_private(
-        config.state_dir / SERVER_FILE,
-        json.dumps({"url": url, "pid": os.getpid(), "backend": config.backend}) + "\n",
-    )
+    info: dict[str, object] = {
+        "url": url,
+        "pid": os.getpid(),
+        # With the pid, names this process and no later one that reuses the pid.
+        "started": process_start_time(os.getpid()),
+        "backend": config.backend,
+    }
+    # uvicorn ends a SIGTERM/SIGINT by restoring the handlers it found and raising the
+    # signal again: with the default handler the process died there, before the
+    # ``finally`` below, and left server.json behind.  These handlers turn that second
+    # signal (or one that arrives before uvicorn listens) into a normal exit.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_on_signal)
+    write_private(config.state_dir / SERVER_FILE, json.dumps(info) + "\n")
     log.info("kbatch server listening on %s (state in %s)", url, config.state_dir)
     try:
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(_serve(server, sock, limits))
+    except _Stopped:
+        pass
     finally:
-        if read_server_file(config.state_dir).get("pid") == os.getpid():
-            with contextlib.suppress(FileNotFoundError):
-                (config.state_dir / SERVER_FILE).unlink()
+        with contextlib.suppress(OSError):  # for the next server's port (see _previous_port)
+            write_private(config.state_dir / LAST_URL_FILE, url + "\n")
+        _remove_server_file(config.state_dir, info)
         os.close(lock_fd)
     return 0
+
+
+async def _serve(server: uvicorn.Server, sock: socket.socket, limits: ConnectionLimits) -> None:
+    asyncio.get_running_loop().set_exception_handler(quiet_exception_handler(limits))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        limits.summarize()
+
+
+class _Stopped(BaseException):
+    """Raised by the signal handlers below to leave ``serve`` through its ``finally``."""
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
 
 
 def _healthy(url: str) -> bool:
@@ -271,21 +404,40 @@ def start_background(args: list[str], state_dir: Path, timeout: float = 30.0) ->
 
 
 def stop_server(state_dir: Path, timeout: float = 15.0) -> int | None:
-    """SIGTERM the server of this state directory and wait for it; its pid, or None."""
-    info = read_server_file(state_dir)
-    pid = info.get("pid")
-    if not isinstance(pid, int):
+    """SIGTERM the server of this state directory and wait for it; its pid, or None.
+
+    Only a process that is that server is signalled (see :func:`running_server`):
+    never a pid that a stale ``server.json`` names.  On Linux the process is
+    pinned with a pidfd before it is checked, so the pid cannot be reused
+    between the check and the signal.
+    """
+    info = running_server(state_dir)
+    if info is None:
         return None
+    pid = info["pid"]
+    assert isinstance(pid, int)
+    pidfd: int | None = None
+    with contextlib.suppress(AttributeError, OSError):
+        pidfd = os.pidfd_open(pid)
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        (state_dir / SERVER_FILE).unlink(missing_ok=True)
-        return None
+        if running_server(state_dir) != info:  # checked again after pinning the process
+            return None
+        try:
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        started = info.get("started")
+        gone = started is None or process_start_time(pid) != started
+        if gone and not _lock_held(state_dir):
+            _remove_server_file(state_dir, info)  # if it could not (SIGKILL meanwhile)
             return pid
         time.sleep(0.05)
     raise ConfigError(f"the server (pid {pid}) did not stop within {timeout:.0f} s")

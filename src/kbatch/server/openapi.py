@@ -18,10 +18,11 @@ from kbatch.models import (
     Job,
     JobEvent,
     JobList,
+    JobState,
     SubmitRequest,
 )
 
-__all__ = ["openapi_document"]
+__all__ = ["STATES_PATTERN", "openapi_document"]
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -30,6 +31,20 @@ def _ref(name: str) -> dict[str, Any]:
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _states_pattern() -> str:
+    """``PENDING`` or ``pending,Running``...: what the ``state`` filter takes, exactly.
+
+    The server checks the filter with this same pattern, so that what the
+    document says and what the server accepts cannot drift apart.
+    """
+    names = ["".join(f"[{c}{c.lower()}]" if c.isalpha() else c for c in s) for s in JobState]
+    one = "(" + "|".join(names) + ")"
+    return f"^{one}(,{one})*$"
+
+
+STATES_PATTERN = _states_pattern()
 
 
 def openapi_document() -> dict[str, Any]:
@@ -139,7 +154,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "name": "state",
                         "in": "query",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": STATES_PATTERN},
                         "description": "comma-separated states",
                     },
                     flag("all", "include finished jobs"),
@@ -154,7 +169,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "name": "after",
                         "in": "query",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 1024},
                         "description": "the next cursor of the previous page",
                     },
                 ],
@@ -167,7 +182,7 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "name": "Idempotency-Key",
                         "in": "header",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
                         "description": "a retried request with the same key returns the same job",
                     },
                     flag("dry_run", "validate only"),

@@ -43,8 +43,11 @@ def decide(user: HubUser | None, *, service_name: str, admin_groups: Iterable[st
     if scope not in user.scopes and "access:services" not in user.scopes:
         raise PermissionDenied(
             f"the token of {user.kind} {user.name} lacks the scope {scope}, so it may not use "
-            f"the {service_name} service; a hub admin grants it with a role, and for the "
-            "token of a notebook server also in c.Spawner.server_token_scopes",
+            f"the {service_name} service.  Only a hub admin can grant it: with a role for the "
+            f"user or a group of theirs (c.JupyterHub.load_roles; adding the user to the "
+            f"group the docs' role names is enough, no hub restart), and for the token of a "
+            f"notebook server also in c.Spawner.server_token_scopes; then restart the "
+            f"notebook server, whose token keeps the scopes it was made with",
             status=403,
             code="missing_scope",
         )
