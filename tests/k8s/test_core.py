@@ -453,3 +453,30 @@ async def test_outcome_by_argument(shared: Installed) -> None:
         assert (await final(backend, oom.id)).state is JobState.OUT_OF_MEMORY
         assert (await final(backend, later.id)).state is JobState.COMPLETED
         assert time.monotonic() - start >= 2.5
+
+
+# -- dependencies across a failover (issue 13) -------------------------------------------
+
+
+async def test_a_second_replica_takes_over_jobs_that_wait(shared: Installed) -> None:
+    """The record is in the objects: jobs waiting on others while the only server goes away
+    are started by the next one, once, when their dependency is met."""
+    async with started(shared, instance="failover") as first:
+        prep = await first.submit(
+            "uma", spec(args=outcome_args("succeed", duration="4s")), idempotency_key=None
+        )
+        train = await first.submit(
+            "uma", spec(dependency=f"afterok:{prep.id}"), idempotency_key=None
+        )
+
+        async def waiting() -> bool:
+            return (await first.get(train.id)).reason == "Dependency"
+
+        await until(waiting, what="the dependent job to wait")
+    # the first server is gone; its successor knows nothing but what the objects say
+    async with started(shared, instance="failover") as second:
+        done = await final(second, train.id, limit=90)
+        before = await second.get(prep.id)
+        assert (before.state, done.state) == (JobState.COMPLETED, JobState.COMPLETED)
+        assert done.started is not None and before.finished is not None
+        assert done.started >= before.finished

@@ -190,3 +190,48 @@ async def test_finished_hook_runs_once_after_a_restart(
     await third.reconcile()
     await third.stop()
     assert hooks.finished_ids == [job.id]  # not again
+
+
+async def test_jobs_waiting_on_others_survive_a_restart(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """Dependencies and --begin are state on disk: a server stopped while jobs wait loses
+    nothing, and the next one starts them when they may, once each."""
+    from datetime import UTC, datetime, timedelta
+
+    state = tmp_path_factory.mktemp("hk") / "s"
+    config = LocalConfig(state_dir=state, cpus=2, tick=0.2, kill_grace=1)
+    first = LocalBackend(config)
+    await first.start()
+    prep = await first.submit(
+        "u", spec(tmp_path, "sleep 1; echo prep >> order"), idempotency_key=None
+    )
+    train = await first.submit(
+        "u",
+        JobSpec(
+            script="#!/bin/sh\necho train >> order\n",
+            workdir=str(tmp_path),
+            dependency=f"afterok:{prep.id}",
+        ),
+        idempotency_key=None,
+    )
+    later = await first.submit(
+        "u",
+        JobSpec(
+            script="#!/bin/sh\necho later >> order\n",
+            workdir=str(tmp_path),
+            begin=datetime.now(UTC) + timedelta(seconds=3),
+        ),
+        idempotency_key=None,
+    )
+    assert (await first.get(train.id)).reason == "Dependency"
+    await first.stop()  # prep goes on without the server; train and later wait on disk
+    await asyncio.sleep(1.5)
+    second = LocalBackend(config)
+    await second.start()
+    try:
+        done = [await ended(second, j.id) for j in (prep, train, later)]
+        assert [j.state for j in done] == [JobState.COMPLETED] * 3
+        assert (tmp_path / "order").read_text() == "prep\ntrain\nlater\n"  # each ran once
+    finally:
+        await second.stop()
