@@ -480,3 +480,35 @@ async def test_a_second_replica_takes_over_jobs_that_wait(shared: Installed) -> 
         assert (before.state, done.state) == (JobState.COMPLETED, JobState.COMPLETED)
         assert done.started is not None and before.finished is not None
         assert done.started >= before.finished
+
+
+# -- per-user limits (issue 9, on Kubernetes) ------------------------------------------------
+
+
+async def test_per_user_limits_hold_jobs_without_pods(shared: Installed) -> None:
+    """Beyond a limit a job waits suspended, with Slurm's reason, and no pod; another
+    user's job is not held by it; the job starts when the limit frees."""
+    from kbatch.backends.userlimits import UserLimits
+
+    async with started(shared, instance="limits") as backend:
+        backend.limits = UserLimits(max_running_jobs_per_user=1, max_submitted_jobs_per_user=3)
+        running = spec(args=outcome_args("running"))
+        first = await backend.submit("vera", running, idempotency_key=None)
+        second = await backend.submit("vera", spec(), idempotency_key=None)
+        third = await backend.submit("vera", spec(), idempotency_key=None)
+        with pytest.raises(PermissionDenied, match="max_submitted_jobs_per_user"):
+            await backend.submit("vera", spec(), idempotency_key=None)
+        other = await backend.submit("walt", spec(), idempotency_key=None)
+
+        async def held() -> bool:
+            return (await state_of(backend, second.id)) == (
+                JobState.PENDING,
+                "QOSMaxJobsPerUserLimit",
+            ) and (await state_of(backend, third.id))[1] == "QOSMaxJobsPerUserLimit"
+
+        await until(held, what="vera's later jobs to be held by her limit")
+        assert (await final(backend, other.id)).state is JobState.COMPLETED  # walt's: not held
+        assert not backend._pods_by_job.get(second.id)  # held without a pod
+        await backend.cancel(first.id, by="vera")
+        for job in (second, third):
+            assert (await final(backend, job.id, limit=90)).state is JobState.COMPLETED

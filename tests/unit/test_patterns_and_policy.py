@@ -66,6 +66,7 @@ def test_per_user_limits_are_read_from_the_policy_section(tmp_path: Path) -> Non
     )
     config = load_config(path, environ={"HOME": str(tmp_path)})
     assert config.policy.user_limits() == UserLimits(2, 50, 4, 8 * 1024**3, 1)
-    # Not enforced on Kubernetes yet: refused rather than silently ignored.
-    with pytest.raises(ConfigError, match="local backend only"):
-        load_config(path, environ={"HOME": str(tmp_path)}, backend="kubernetes")
+    # Kubernetes enforces them too; a backend that does not is refused, never ignored.
+    load_config(path, environ={"HOME": str(tmp_path)}, backend="kubernetes")
+    with pytest.raises(ConfigError, match="not by 'fake'"):
+        load_config(path, environ={"HOME": str(tmp_path)}, backend="fake")

@@ -283,10 +283,10 @@ def load_config(
         raise ConfigError(f"config: auth {config.auth!r} is not known; use token or jupyterhub")
     if config.auth == "jupyterhub":
         _check_jupyterhub(config.jupyterhub)
-    if config.backend != "local" and config.policy.user_limits().any():
+    if config.backend not in ("local", "kubernetes") and config.policy.user_limits().any():
         raise ConfigError(
             "config [policy]: the per-user limits (max_*_per_user) are enforced by the local "
-            "backend only, not yet on Kubernetes; remove them, or use namespace ResourceQuotas"
+            f"and kubernetes backends, not by {config.backend!r}; remove them"
         )
     check_shared_account(config)
     config.prefix = "/" + config.prefix.strip("/") if config.prefix.strip("/") else ""

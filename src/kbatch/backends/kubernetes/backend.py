@@ -27,6 +27,7 @@ reconciler; they never move a job themselves.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -76,6 +77,7 @@ from kbatch.backends.kubernetes.status import (
     parse_time,
     pod_started,
 )
+from kbatch.backends.userlimits import Usage, held_by
 from kbatch.backends.workqueue import WorkQueue
 from kbatch.dependencies import (
     Dependency,
@@ -292,10 +294,11 @@ class KubernetesBackend(Backend):
         # job id -> when its start may be tried again (monotonic): watch events, which
         # queue a job at once, must not cut a hook's backoff short
         self._retry_at: dict[str, float] = {}
-        self._no_pod: dict[str, str] = {}
-        self._waiting: dict[
-            str, str
-        ] = {}  # job id -> why its gate is closed (Dependency...)  # job id -> why the Job controller made no pod
+        self._no_pod: dict[str, str] = {}  # job id -> why the Job controller made no pod
+        self._waiting: dict[str, str] = {}  # job id -> why its gate is closed (Dependency...)
+        self._user_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock
+        )
         self._events_warned = False
         self._notebooks: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self._notebooks_lock = asyncio.Lock()
@@ -553,9 +556,13 @@ class KubernetesBackend(Backend):
             if patch:
                 await self._patch_job(obj, patch)
         elif obj["spec"].get("suspend"):
-            if await self._gated(obj, model):
-                return
-            await self._release(obj, model)
+            # With per-user limits, one user's releases go one at a time (in this replica):
+            # each sees what the one before it started.
+            limited = self.limits.any()
+            async with self._user_locks[model.user] if limited else contextlib.nullcontext():
+                if await self._gated(obj, model):
+                    return
+                await self._release(obj, model)
         else:
             await self._enforce_time_limit(obj, model, pods)
             await self._explain_no_pod(obj, model, pods)
@@ -714,6 +721,39 @@ class KubernetesBackend(Backend):
         shown = describe(dependency, states, singleton_clear=clear)
         return msgspec.structs.replace(job, dependency=shown)
 
+    def _held_by_limits(self, job: Job) -> str | None:
+        """The per-user limit (Slurm's reason) that keeps ``job`` from starting now, if any:
+        what the user's released, unfinished Jobs hold, from the watch cache.  A job also
+        waits behind an earlier job of the same user that a limit holds (submission order)."""
+        usage = Usage()
+        for other_id, other in self._models.items():
+            if other.user != job.user or other_id == job.id or other.state.is_terminal:
+                continue
+            obj = self._object(other_id)
+            if obj is None:
+                continue
+            if not obj["spec"].get("suspend"):
+                usage = usage.plus(other.cpus, other.memory or 0, other.gpus)
+            elif self._waiting.get(other_id, "").startswith("QOS") and (
+                other.submitted,
+                other.id,
+            ) < (job.submitted, job.id):
+                return self._waiting[other_id]
+        return held_by(self.limits, usage, job.cpus, job.memory or 0, job.gpus)
+
+    def _check_submit_limit(self, user: str) -> None:
+        limit = self.limits.max_submitted_jobs_per_user
+        if limit is None:
+            return
+        active = sum(1 for m in self._models.values() if m.user == user and not m.state.is_terminal)
+        if active >= limit:
+            raise PermissionDenied(
+                f"you have {active} jobs pending or running; the limit (policy "
+                f"max_submitted_jobs_per_user) is {limit}: wait for some to end or cancel some",
+                status=403,
+                code="submit_limit",
+            )
+
     async def _gated(self, obj: dict[str, Any], job: Job) -> bool:
         """Whether the job must wait yet for its --begin or its dependency; its reason
         is then shown (computed from the cache by every replica alike, never stored).
@@ -741,6 +781,8 @@ class KubernetesBackend(Backend):
                             }
                         },
                     )
+        if reason is None and self.limits.any():
+            reason = self._held_by_limits(job)
         if reason is None:
             if self._waiting.pop(job.id, None) is not None:
                 self._refresh(job.id)
@@ -948,6 +990,11 @@ class KubernetesBackend(Backend):
 
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)
+        if (
+            idempotency_key is None
+            or names.keyed_job_id(self.config.instance, user, idempotency_key) not in self._models
+        ):  # a retry of a job it has is not a new submission
+            self._check_submit_limit(user)
         namespace = self.namespace_of(user)
         await self._ensure_namespace(namespace)
         if idempotency_key is not None:
@@ -1078,7 +1125,8 @@ class KubernetesBackend(Backend):
         gated = _spec_of(created) is None or any(
             getattr(_spec_of(created), f) is not None for f in ("dependency", "begin")
         )
-        return no_start_hook and not gated and desired_of(created) is Desired.RUN
+        limited = self.limits.any()  # only the reconciler counts a user's running jobs
+        return no_start_hook and not gated and not limited and desired_of(created) is Desired.RUN
 
     async def _existing(self, manifests: Manifests) -> Job:
         meta = manifests.job["metadata"]
