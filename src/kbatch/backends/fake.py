@@ -151,6 +151,9 @@ class FakeBackend(Backend):
     async def get(self, job_id: str) -> Job:
         return self._entry(job_id).job
 
+    async def spec(self, job_id: str) -> JobSpec | None:
+        return self._entry(job_id).spec
+
     async def list(
         self,
         *,

@@ -306,6 +306,9 @@ class LocalBackend(Backend):
     async def get(self, job_id: str) -> Job:
         return self._record(self._parse_id(job_id)).to_job()
 
+    async def spec(self, job_id: str) -> JobSpec | None:
+        return self._record(self._parse_id(job_id)).spec
+
     async def list(
         self,
         *,
