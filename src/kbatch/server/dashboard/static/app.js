@@ -184,6 +184,7 @@
     const body = document.createDocumentFragment();
     for (const job of list.slice(0, shown)) body.appendChild(row(job));
     $("job-rows").replaceChildren(body);
+    if (!render.marked && list.length) { render.marked = true; performance.mark("kbatch-first-rows"); }
     $("jobs").classList.toggle("all-users", allUsers());
     $("empty").hidden = list.length > 0;
     const more = $("more");
@@ -307,7 +308,16 @@
   function openForm(spec) {
     formBase = spec ? Object.assign({}, spec) : null;
     $("submit-title").textContent = spec ? "Edit and resubmit" : "New job";
+    if (!spec && !$("f-workdir").value) {
+      // Where the user's latest job ran: usually where the next one should.
+      let latest = null;
+      for (const job of jobs.values()) {
+        if (job.user === me.user && job.workdir && (!latest || job.submitted > latest.submitted)) latest = job;
+      }
+      if (latest) $("f-workdir").value = latest.workdir;
+    }
     if (spec) {
+      $("f-workdir").value = spec.workdir || "";
       $("f-script").value = spec.script;
       $("f-name").value = spec.name || "";
       $("f-cpus").value = spec.cpus || 1;
@@ -327,6 +337,8 @@
         cpus: parseInt($("f-cpus").value || "1", 10),
         gpus: parseInt($("f-gpus").value || "0", 10),
       });
+      const workdir = $("f-workdir").value.trim();
+      if (workdir) spec.workdir = workdir; else delete spec.workdir;
       const name = $("f-name").value.trim();
       if (name) spec.name = name; else delete spec.name;
       const memory = parseMemory($("f-memory").value);
