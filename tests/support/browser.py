@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,5 +68,9 @@ def watch_page(page: Page) -> list[str]:
 
 
 def screenshot(page: Page, name: str) -> None:
-    """Save a screenshot for the docs (docs/dashboard-NAME.png)."""
-    page.screenshot(path=str(DOCS / f"dashboard-{name}.png"), full_page=False)
+    """A screenshot of a main view; with ``KBATCH_SCREENSHOTS=1`` it replaces the docs' own
+    (docs/dashboard-NAME.png), else it goes to the test's temporary directory only."""
+    if os.environ.get("KBATCH_SCREENSHOTS") == "1":
+        page.screenshot(path=str(DOCS / f"dashboard-{name}.png"))
+    else:
+        page.screenshot()  # still proves the page renders

@@ -143,7 +143,7 @@
   }
   function order(a, b) {
     if (a.submitted !== b.submitted) return a.submitted < b.submitted ? 1 : -1;
-    return a.id < b.id ? 1 : -1;
+    return b.id.localeCompare(a.id, undefined, { numeric: true });
   }
   function row(job) {
     const tr = document.createElement("tr");
@@ -411,6 +411,11 @@
       await fetch("logout", { method: "POST", headers: { "X-Kbatch-CSRF": csrf }, credentials: "same-origin" });
       location.href = "./";
     });
+    // Time used grows while jobs run: redraw now and then (no request to the server).
+    setInterval(() => {
+      if (!$("list-view").hidden && tab === "active") queueRender();
+      else if (currentJob && jobs.has(currentJob) && !TERMINAL.has(jobs.get(currentJob).state)) showJobFields(jobs.get(currentJob));
+    }, 5000);
     const id = route();
     if (id !== null) {
       await openJob(id);
