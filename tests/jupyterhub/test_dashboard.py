@@ -40,6 +40,7 @@ def hub_login(hub: Hub, context: BrowserContext, user: str) -> tuple[Page, list[
     """Open the dashboard: the hub asks who we are, then sends us back logged in."""
     page = context.new_page()
     problems = watch_page(page)
+    page.goto(hub.service_url + "/")
     page.wait_for_url(re.compile(r".*/hub/login.*"))
     page.fill("input[name=username]", user)
     page.fill("input[name=password]", "any password: the dummy authenticator takes it")
@@ -140,6 +141,7 @@ def test_a_user_without_access_is_turned_away(
     eve = hub.create_user(username("eve"))  # in no group: no access:services!service=kbatch
     context = contexts()
     page = context.new_page()
+    page.goto(hub.service_url + "/")
     page.wait_for_url(re.compile(r".*/hub/login.*"))
     page.fill("input[name=username]", eve)
     page.fill("input[name=password]", "x")
