@@ -134,6 +134,10 @@ def test_dashboard_through_the_hub(
     expect(boss_page.locator("#job-rows tr")).to_have_count(3)
     screenshot(boss_page, "admin")
 
+    # No login code, OAuth state or token reached the service's log.
+    log = hub.logs()
+    assert "code=" not in log and "state=" not in log and "access_token" not in log
+
 
 def test_a_user_without_access_is_turned_away(
     hub: Hub, contexts: Callable[[], BrowserContext], username: Callable[[str], str]
