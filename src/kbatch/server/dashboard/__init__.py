@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from kbatch.server.hub import HubClient
 
 __all__ = [
+    "CSP",
     "CSRF_HEADER",
     "SESSION_COOKIE",
     "Dashboard",
