@@ -64,7 +64,14 @@ def login(client: TestClient, token: str) -> str:
 
 
 def submit(client: TestClient, csrf: str, name: str = "j") -> str:
-    spec = {"spec": {"script": "#!/bin/sh\necho hi\n", "name": name, "workdir": "/tmp"}}
+    spec = {
+        "spec": {
+            "script": "#!/bin/sh\necho hi\n",
+            "name": name,
+            "workdir": "/tmp",
+            "environment": {"SECRET": "x"},
+        }
+    }
     answer = client.post(
         "/api/v1/jobs", json=spec, headers={"X-Kbatch-CSRF": csrf, "Origin": ORIGIN}
     )
@@ -107,11 +114,21 @@ def test_actions_need_the_csrf_token_and_our_origin(client: TestClient) -> None:
 def test_the_spec_is_the_owners_only(client: TestClient) -> None:
     csrf = login(client, "alice-token")
     job_id = submit(client, csrf, name="<b>x</b>")
-    assert client.get(f"/dashboard/jobs/{job_id}/spec").json()["name"] == "<b>x</b>"
+    own = client.get(f"/dashboard/jobs/{job_id}/spec").json()
+    assert own["name"] == "<b>x</b>" and own["environment"] == {"SECRET": "x"}
     bob = client.get(
         f"/dashboard/jobs/{job_id}/spec", headers={"Authorization": "Bearer bob-token"}
     )
     assert bob.status_code == 404
+    admin = Identity(name="root", admin=True)
+    TOKENS["root-token"] = admin
+    try:
+        seen = client.get(
+            f"/dashboard/jobs/{job_id}/spec", headers={"Authorization": "Bearer root-token"}
+        ).json()
+    finally:
+        del TOKENS["root-token"]
+    assert seen["script"].startswith("#!/bin/sh") and seen.get("environment", {}) == {}
     assert client.get("/dashboard/jobs/..%2F/spec").status_code == 404
     events = client.get(
         "/dashboard/events?all_users=true", headers={"Authorization": "Bearer bob-token"}

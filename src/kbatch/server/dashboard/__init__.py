@@ -278,7 +278,8 @@ class Dashboard:
         )
 
     async def spec(self, request: Request) -> Response:
-        """The spec of one of the caller's jobs (an admin: anyone's), for its script and resubmit."""
+        """The spec of one of the caller's jobs, for its script and resubmit (an admin: anyone's
+        script, without its environment)."""
         identity = await self.auth.authenticate(Credentials.from_request(request))
         request.state.user = identity.name
         job_id = request.path_params["job_id"]
@@ -296,6 +297,10 @@ class Dashboard:
                 status=404,
                 code="no_spec",
             )
+        if job.user != identity.name:
+            # An admin reads another user's script, never the environment they submitted
+            # with (it may hold their secrets); resubmitting is the owner's to do.
+            spec = msgspec.structs.replace(spec, environment={})
         return Response(_encoder.encode(spec), media_type="application/json")
 
     # -- logins ---------------------------------------------------------------------

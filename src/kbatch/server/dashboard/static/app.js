@@ -281,6 +281,10 @@
       const spec = await api("GET", "dashboard/jobs/" + encodeURIComponent(id) + "/spec");
       $("job-script").textContent = spec.script;
       openJob.spec = spec;
+      if (job.user !== me.user) {  // an admin's view of another user's job: theirs to resubmit
+        $("act-resubmit").disabled = true;
+        $("act-edit").disabled = true;
+      }
     } catch (e) {
       $("job-script").textContent = "(" + e.message + ")";
       openJob.spec = null;
