@@ -187,3 +187,23 @@ def test_the_oauth_token_request_and_answer() -> None:
     assert parse_oauth_token(400, b'{"error": "invalid_grant"}', request, hub) is None
     with pytest.raises(ServiceUnavailable):
         parse_oauth_token(500, b"", request, hub)
+
+
+def test_the_event_stream_resyncs_first_and_keeps_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import kbatch.server.dashboard as dashboard
+
+    monkeypatch.setattr(dashboard, "HEARTBEAT_SECONDS", 0.01)
+
+    async def first_two() -> list[bytes]:
+        backend = FakeBackend()
+        stream = dashboard._sse(backend, "alice")
+        lines = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        assert backend.events.subscribers == 0  # the subscription ended with the stream
+        return lines
+
+    resync, alive = asyncio.run(first_two())
+    assert resync == b'data: {"type":"resync","job":null}\n\n'
+    assert alive == b": keep-alive\n\n"

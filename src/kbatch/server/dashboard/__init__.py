@@ -21,10 +21,11 @@ script, nothing from elsewhere, no framing).  The page builds its DOM with
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,6 +64,7 @@ log = logging.getLogger("kbatch.dashboard")
 SESSION_COOKIE = "kbatch-session"
 STATE_COOKIE = "kbatch-oauth-state"
 CSRF_HEADER = "x-kbatch-csrf"
+HEARTBEAT_SECONDS = 20.0
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -435,12 +437,19 @@ class Dashboard:
         return routes
 
 
-async def _sse(backend: Backend, user: str | None) -> AsyncIterator[bytes]:
+async def _sse(backend: Backend, user: str | None) -> AsyncGenerator[bytes]:
     """Server-sent events: a ``resync`` first (list now), then one event per change."""
     events = backend.watch(user)
     try:
         yield b"data: " + _encoder.encode(JobEvent(type="resync")) + b"\n\n"
-        async for event in events:
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), HEARTBEAT_SECONDS)
+            except TimeoutError:
+                # A comment line: keeps proxies from closing an idle stream, and finds
+                # a browser that left (the write fails, the subscription ends).
+                yield b": keep-alive\n\n"
+                continue
             yield b"data: " + _encoder.encode(event) + b"\n\n"
     finally:
         await events.aclose()
