@@ -23,10 +23,12 @@
     clearTimeout(flash.timer);
     flash.timer = setTimeout(() => { f.hidden = true; }, 8000);
   }
+  // One formatter for every date: toLocaleString() makes a new one per call (slow for 10,000 rows).
+  const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "short", timeStyle: "medium" });
   function when(value) {
     if (!value) return "";
     const d = new Date(value);
-    return isNaN(d) ? "" : d.toLocaleString();
+    return isNaN(d) ? "" : dateFormat.format(d);
   }
   function duration(seconds) {
     if (seconds === null || seconds === undefined) return "";
