@@ -185,7 +185,16 @@
     $("count-finished").textContent = "(" + finished + ")";
     const body = document.createDocumentFragment();
     for (const job of list.slice(0, shown)) body.appendChild(row(job));
+    // A live update redraws the rows: keep the keyboard's place on the focused one.
+    const focused = document.activeElement && document.activeElement.closest ? document.activeElement.closest("#job-rows tr") : null;
+    const focusedId = focused ? focused.dataset.id : null;
+    const focusedLink = focused && document.activeElement.tagName === "A";
     $("job-rows").replaceChildren(body);
+    if (focusedId !== null) {
+      for (const tr of $("job-rows").children) {
+        if (tr.dataset.id === focusedId) { (focusedLink ? tr.querySelector("a") : tr).focus(); break; }
+      }
+    }
     if (!render.marked && list.length) { render.marked = true; performance.mark("kbatch-first-rows"); }
     $("jobs").classList.toggle("all-users", allUsers());
     $("empty").hidden = list.length > 0;
