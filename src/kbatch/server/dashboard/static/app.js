@@ -131,6 +131,15 @@
     if (currentJob === job.id) showJobFields(job);
     queueRender();
   }
+  // An answer to our own request (an action, a job's first read) may be older than what
+  // the event stream already said (the job ended meanwhile): never show a job going back.
+  const rank = (job) => (TERMINAL.has(job.state) ? 2 : job.state === "RUNNING" ? 1 : 0);
+  function merge(job) {
+    const known = jobs.get(job.id);
+    if (known && rank(known) > rank(job)) return known;
+    apply(job);
+    return job;
+  }
   function queueRender() {
     if (renderQueued) return;
     renderQueued = true;
@@ -279,7 +288,7 @@
       return;
     }
     document.title = "kbatch: " + job.name + " (" + job.id + ")";
-    showJobFields(job);
+    job = merge(job);
     const apart = job.error && job.error !== job.output;
     $("error-section").hidden = !apart;
     $("dl-output").href = "api/v1/jobs/" + encodeURIComponent(id) + "/logs?stream=output";
@@ -306,8 +315,7 @@
   async function action(verb, question) {
     if (!window.confirm(question)) return;
     try {
-      const job = await api("POST", "api/v1/jobs/" + encodeURIComponent(currentJob) + "/" + verb);
-      showJobFields(job);
+      const job = merge(await api("POST", "api/v1/jobs/" + encodeURIComponent(currentJob) + "/" + verb));
       flash(verb + ": done for job " + job.id, true);
     } catch (e) { flash(verb + " failed: " + e.message); }
   }
