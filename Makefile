@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit k8s-binaries bench clean
+.PHONY: demo test lint typecheck unit k8s-binaries browser bench clean
 
 # The virtual environment, rebuilt when the dependencies change.
 $(STAMP): pyproject.toml
@@ -34,8 +34,12 @@ k8s-binaries:
 
 # The control plane and helm are built once per machine (cached outside the repo)
 # before pytest, so that a cold build does not count against a test's timeout.
-test: $(STAMP) lint typecheck k8s-binaries
+test: $(STAMP) lint typecheck k8s-binaries browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# Debian's chromium for the dashboard's browser tests (quick when it is installed).
+browser:
+	bash tools/browser/install.sh >/dev/null
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -2,10 +2,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.servers import KbatchServer
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 
 @pytest.fixture
@@ -54,3 +58,12 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     yield make
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    """One headless Chromium (Debian's, driven by playwright) for the browser tests."""
+    from tests.support.browser import launched
+
+    with launched() as running:
+        yield running

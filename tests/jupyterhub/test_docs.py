@@ -6,12 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, expect
 
+from tests.jupyterhub.test_dashboard import hub_login
 from tests.support.jupyterhub import DocsHub, assert_no_secrets, install_proxy
 from tests.support.polling import wait_for
 
 
-def test_a_hub_set_up_as_the_docs_say(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_hub_set_up_as_the_docs_say(
+    tmp_path_factory: pytest.TempPathFactory, browser: Browser
+) -> None:
     hub = DocsHub(root=tmp_path_factory.mktemp("docs", numbered=True), proxy_exe=install_proxy())
     try:
         hub.start_hub()
@@ -41,6 +45,18 @@ def test_a_hub_set_up_as_the_docs_say(tmp_path_factory: pytest.TempPathFactory) 
         boss_env = hub.spawn(boss)
         everyone = hub.notebook_cli(boss_env, "kqueue", "--all", "--all-users", "--json")
         assert [(j["id"], j["user"]) for j in json.loads(everyone.stdout)] == [(job_id, "alice")]
+
+        # The web dashboard: alice logs in through the hub's OAuth and sees her job.
+        context = browser.new_context()
+        try:
+            page, problems = hub_login(hub, context, alice)
+            page.click("#tab-finished")
+            expect(page.locator(f'#job-rows tr[data-id="{job_id}"] .state')).to_have_text(
+                "COMPLETED"
+            )
+            assert problems == []
+        finally:
+            context.close()
         assert_no_secrets(hub)
     finally:
         hub.stop()

@@ -266,6 +266,8 @@ c.JupyterHub.services = [
         "api_token": {self.service_token!r},
         "timeout": 5,
         "display": False,
+        # the web dashboard logs users in through the hub (OAuth), without a consent page
+        "oauth_no_confirm": True,
     }},
     {{"name": "dask-gateway"}},
     # the tests' own hand on the hub: an admin, as only admins may make admins

@@ -235,6 +235,11 @@ class Backend(abc.ABC):
     def logs(self, job_id: str, *, follow: bool, stream: str = "output") -> AsyncIterator[bytes]:
         """The job's output; with ``follow``, until the job has ended."""
 
+    async def spec(self, job_id: str) -> JobSpec | None:
+        """The spec the job was submitted with (the dashboard's script and resubmit),
+        or None when this backend does not keep it.  The caller checks ownership."""
+        return None
+
     def watch(self, user: str | None) -> Subscription:
         """Changes of ``user``'s jobs (everyone's with None) from the moment of the call;
         the caller ``aclose()``s it when done."""

@@ -157,6 +157,9 @@ class FakeBackend(Backend):
         shown = describe(parse_dependency(job.dependency), states, singleton_clear=True)
         return msgspec.structs.replace(job, dependency=shown)
 
+    async def spec(self, job_id: str) -> JobSpec | None:
+        return self._entry(job_id).spec
+
     async def list(
         self,
         *,

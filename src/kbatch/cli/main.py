@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     configure.add_argument("--show", action="store_true", help="show what the client would use")
     configure.set_defaults(handler=_lazy("kbatch.cli.configure", "configure"))
 
+    dashboard = commands.add_parser(
+        "dashboard", help="open the web dashboard (prints a one-time login link)"
+    )
+    dashboard.add_argument(
+        "--no-browser", action="store_true", help="print the link only; do not open a browser"
+    )
+    dashboard.set_defaults(handler=_lazy("kbatch.cli.dashboard", "dashboard"))
+
     whoami = commands.add_parser("whoami", help="who the server thinks you are")
     whoami.set_defaults(handler=_lazy("kbatch.cli.configure", "whoami"))
 

@@ -18,8 +18,10 @@ from kbatch.errors import ApiError, api_error_for_status
 from kbatch.models import API_PREFIX, ErrorBody, JobEvent, JobSpec, SubmitRequest
 
 __all__ = [
+    "LoginCode",
     "Request",
     "cancel_job",
+    "dashboard_login_code",
     "error_from",
     "events",
     "get_job",
@@ -49,6 +51,18 @@ class Request:
 def _path(*parts: str, query: dict[str, str] | None = None) -> str:
     path = API_PREFIX + "".join("/" + quote(part, safe="") for part in parts)
     return f"{path}?{urlencode(query)}" if query else path
+
+
+class LoginCode(msgspec.Struct, kw_only=True):
+    """A single-use login link of the dashboard: ``path`` below the server's URL."""
+
+    path: str
+    expires_in: int
+
+
+def dashboard_login_code() -> Request:
+    """A one-time login code for the web dashboard (``kbatch dashboard``)."""
+    return Request("POST", "/dashboard/login-code")
 
 
 def submit_job(spec: JobSpec, *, idempotency_key: str, dry_run: bool = False) -> Request:

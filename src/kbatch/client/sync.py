@@ -164,6 +164,11 @@ class Client:
         """Let a held job start; a job not held is returned unchanged."""
         return self._call(rq.release_job(_job_id(job_id)), Job)
 
+    def dashboard_link(self) -> str:
+        """A single-use link that logs a browser in to the dashboard (valid two minutes)."""
+        code = self._call(rq.dashboard_login_code(), rq.LoginCode)
+        return f"{self.url.rstrip('/')}/{code.path}"
+
     def whoami(self) -> Identity:
         return self._call(rq.whoami(), Identity)
 

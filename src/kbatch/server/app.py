@@ -17,7 +17,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -511,11 +511,18 @@ def _route(api: Api, path: str, methods: dict[str, str]) -> Route:
 
 
 def create_app(
-    backend: Backend, authenticator: Authenticator, policy: Policy, *, prefix: str = ""
+    backend: Backend,
+    authenticator: Authenticator,
+    policy: Policy,
+    *,
+    prefix: str = "",
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
+    """The app; ``extra_routes`` (the dashboard's) are mounted beside the API's, at ``prefix``."""
     api = Api(backend, authenticator, policy)
     backend.limits = policy.user_limits()  # the policy's per-user limits, enforced by the backend
     routes: list[BaseRoute] = [_route(api, path, methods) for path, methods in ROUTES.items()]
+    routes += extra_routes
     if prefix:
         routes = [Mount(prefix, routes=routes)]
 

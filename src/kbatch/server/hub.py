@@ -35,9 +35,11 @@ __all__ = [
     "delete_token",
     "identify",
     "list_tokens",
+    "oauth_token",
     "parse_deleted",
     "parse_identity",
     "parse_new_token",
+    "parse_oauth_token",
     "parse_tokens",
 ]
 
@@ -102,6 +104,7 @@ class HubRequest:
     what: str  # for messages: "check a token", "create a token for alice"
     body: dict[str, Any] | None = None
     caller_token: str | None = field(default=None, repr=False)
+    form: dict[str, str] | None = field(default=None, repr=False)  # sent form-encoded
 
 
 def _user_path(user: str, *rest: str) -> str:
@@ -128,6 +131,31 @@ def delete_token(user: str, token_id: str) -> HubRequest:
     return HubRequest(
         "DELETE", _user_path(user, "tokens", token_id), f"revoke token {token_id} of {user}"
     )
+
+
+def oauth_token(code: str, *, client_id: str, client_secret: str, redirect_uri: str) -> HubRequest:
+    """Exchange an OAuth code (the dashboard's login) for the user's token, as HubOAuth does."""
+    form = {
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+    }
+    return HubRequest("POST", "/oauth2/token", "finish an OAuth login", form=form)
+
+
+class _OAuthToken(msgspec.Struct):
+    access_token: str
+
+
+def parse_oauth_token(status: int, body: bytes, request: HubRequest, hub: str) -> str | None:
+    """The access token, or None when the hub refused the code (used, expired, forged)."""
+    if status in (400, 401, 403):
+        return None
+    _check(status, body, request, hub)
+    token: _OAuthToken = _decode(body, _OAuthToken, request, hub)
+    return token.access_token
 
 
 def _hub_message(body: bytes) -> str:
@@ -253,6 +281,7 @@ class HubClient:
                 request.method,
                 self.api_url + request.path,
                 json=request.body,
+                data=request.form,
                 headers={"Authorization": f"token {token}"},
             )
         except httpx.TransportError as exc:
@@ -270,6 +299,13 @@ class HubClient:
     async def identify(self, token: str) -> HubUser | None:
         request = identify(token)
         return parse_identity(*await self.send(request), request, self.api_url)
+
+    async def token_for_code(self, code: str, *, client_id: str, redirect_uri: str) -> str | None:
+        """The user's token for an OAuth code; the client secret is the service's token."""
+        request = oauth_token(
+            code, client_id=client_id, client_secret=self._api_token, redirect_uri=redirect_uri
+        )
+        return parse_oauth_token(*await self.send(request), request, self.api_url)
 
     async def create_token(
         self, user: str, *, note: str, expires_in: int | None, scopes: list[str]

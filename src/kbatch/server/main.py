@@ -93,7 +93,7 @@ def build_hub_client(config: ServerConfig) -> HubClient:
 def build_app(config: ServerConfig) -> Starlette:
     backend = build_backend(config)
     if config.auth != "jupyterhub":
-        return create_app(backend, build_authenticator(config), config.policy, prefix=config.prefix)
+        return _with_dashboard(config, backend, build_authenticator(config))
     # One hub client for both; the authenticator opens and closes it around the backend.
     hub = build_hub_client(config)
     settings = config.jupyterhub
@@ -107,9 +107,40 @@ def build_app(config: ServerConfig) -> Starlette:
             default_expiry=settings.job_token_expiry,
             margin=settings.job_token_margin,
         )
-    return create_app(
-        backend, build_authenticator(config, hub), config.policy, prefix=config.prefix
+    return _with_dashboard(config, backend, build_authenticator(config, hub), hub)
+
+
+def _with_dashboard(
+    config: ServerConfig, backend: Backend, auth: Authenticator, hub: HubClient | None = None
+) -> Starlette:
+    """The API, and the web dashboard at the server's root (kbatch.server.dashboard)."""
+    from kbatch.server.dashboard import (
+        Dashboard,
+        DashboardAuthenticator,
+        SecurityHeaders,
+        hub_oauth_settings,
     )
+    from kbatch.server.dashboard.sessions import Sessions
+
+    dashboard_auth = DashboardAuthenticator(auth, Sessions())
+    oauth = None
+    if hub is not None:
+        oauth = hub_oauth_settings(
+            os.environ,
+            service_name=config.jupyterhub.service_name,
+            prefix=config.prefix,
+            admin_groups=config.jupyterhub.admin_groups,
+        )
+    dashboard = Dashboard(backend, dashboard_auth, prefix=config.prefix, oauth=oauth, hub=hub)
+    app = create_app(
+        backend,
+        dashboard_auth,
+        config.policy,
+        prefix=config.prefix,
+        extra_routes=dashboard.routes(),
+    )
+    app.add_middleware(SecurityHeaders, sessions=dashboard_auth.sessions)
+    return app
 
 
 def ensure_owner_token(state_dir: Path) -> None:

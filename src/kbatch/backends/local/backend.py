@@ -382,6 +382,9 @@ class LocalBackend(Backend):
             job = msgspec.structs.replace(job, dependency=shown)
         return job
 
+    async def spec(self, job_id: str) -> JobSpec | None:
+        return self._record(self._parse_id(job_id)).spec
+
     async def list(
         self,
         *,
