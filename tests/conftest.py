@@ -60,9 +60,12 @@ def make_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         srv.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium (Debian's, driven by playwright) for the browser tests."""
+    """A headless Chromium (Debian's, driven by playwright) for a module's browser tests.
+
+    Per module, not per session: playwright's sync API keeps an event loop running
+    in this thread while it is started, and every asyncio test after it would fail."""
     from tests.support.browser import launched
 
     with launched() as running:

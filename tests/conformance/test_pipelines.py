@@ -64,9 +64,9 @@ async def test_afterok_on_a_failed_job_is_never_satisfied(harness: Harness) -> N
         await backend.cancel(waits.id, by="ann")
 
 
-async def test_afterany_runs_after_a_failure_and_waits_with_its_reason(harness: Harness) -> None:
+async def test_afterany_runs_after_a_timeout_and_waits_with_its_reason(harness: Harness) -> None:
     async with harness.backend() as backend:
-        first = await backend.submit("ann", harness.spec("run"), idempotency_key=None)
+        first = await backend.submit("ann", harness.spec("run", time_limit=3), idempotency_key=None)
         then = await backend.submit(
             "ann", harness.spec("succeed", dependency=f"afterany:{first.id}"), idempotency_key=None
         )
@@ -75,7 +75,7 @@ async def test_afterany_runs_after_a_failure_and_waits_with_its_reason(harness: 
         assert waiting.state is JobState.PENDING
         # kbatch show: what it still waits on, as scontrol shows it
         assert waiting.dependency == f"afterany:{first.id}(unfulfilled)"
-        await backend.cancel(first.id, by="ann")
+        assert (await ended(backend, first.id, within=60)).state is JobState.TIMEOUT
         assert (await ended(backend, then.id, within=60)).state is JobState.COMPLETED
 
 
