@@ -18,7 +18,6 @@ conformance suite (``tests/conformance``), which is what keeps it honest.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import re
@@ -33,7 +32,7 @@ import msgspec
 
 from kbatch.backends.base import Backend, decode_section, not_pending, paginate
 from kbatch.backends.derive import output_paths, pending_job
-from kbatch.backends.workqueue import WorkQueue
+from kbatch.backends.workqueue import WorkQueue, stop_workers
 from kbatch.dependencies import DependencyStatus, describe, evaluate, parse_dependency
 from kbatch.errors import Conflict, KbatchError, NotFound, ServiceUnavailable, TransportError
 from kbatch.lifecycle import Desired, check_transition, parse_job_ref
@@ -109,12 +108,7 @@ class FakeBackend(Backend):
         self._workers = [asyncio.create_task(self._worker()) for _ in range(4)]
 
     async def stop(self) -> None:
-        self._queue.close()
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_workers(self._queue, self._workers)
 
     # -- the contract ------------------------------------------------------------
 

@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import random
 from collections import deque
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
-__all__ = ["WorkQueue"]
+__all__ = ["WorkQueue", "stop_workers"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -135,3 +135,13 @@ class WorkQueue(Generic[K]):
 
     def _notify(self) -> None:
         self._nonempty.set()
+
+
+async def stop_workers(queue: WorkQueue[Any], workers: Sequence[asyncio.Task[None]]) -> None:
+    """Close ``queue`` and end the reconciler tasks that read it, waiting for each."""
+    queue.close()
+    for task in workers:
+        task.cancel()
+    for task in workers:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

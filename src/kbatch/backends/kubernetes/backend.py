@@ -78,7 +78,7 @@ from kbatch.backends.kubernetes.status import (
     pod_started,
 )
 from kbatch.backends.userlimits import Usage, held_by
-from kbatch.backends.workqueue import WorkQueue
+from kbatch.backends.workqueue import WorkQueue, stop_workers
 from kbatch.dependencies import (
     Dependency,
     DependencyStatus,
@@ -384,12 +384,7 @@ class KubernetesBackend(Backend):
         )
 
     async def stop(self) -> None:
-        self._queue.close()
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_workers(self._queue, self._workers)
         self._workers = []
         for cache in (self._jobs, self._pods):
             if cache is not None:

@@ -28,7 +28,7 @@ from kbatch.backends.local.jobdir import Account, JobDir, LaunchSpec, Result
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import JobRecord, JobStore
-from kbatch.backends.workqueue import WorkQueue
+from kbatch.backends.workqueue import WorkQueue, stop_workers
 from kbatch.dependencies import DependencyStatus, describe, evaluate, parse_dependency
 from kbatch.errors import (
     ConfigError,
@@ -211,12 +211,7 @@ class LocalBackend(Backend):
     async def stop(self) -> None:
         if self._begin_timer is not None:
             self._begin_timer.cancel()
-        self._queue.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_workers(self._queue, self._tasks)
         self._tasks = []
         if self._transport is not None:
             self._transport.close()
@@ -612,6 +607,18 @@ class LocalBackend(Backend):
         self._wake.set()  # its resources are free: schedule soon
         return True
 
+    async def _setup_failed(self, record: JobRecord, exc: Exception) -> None:
+        """A start refused for good (the hub will not make a token, the account is gone)."""
+        log.error("job %s: cannot be started: %s", record.id, exc)
+        self._granted.pop(record.id, None)
+        await self._finish(
+            record,
+            JobState.PENDING,
+            state=JobState.FAILED,
+            reason=f"JobSetupFailed: {exc}",
+            finished=time.time(),
+        )
+
     async def _cancel_before_start(self, record: JobRecord) -> None:
         self._granted.pop(record.id, None)
         await self._finish(
@@ -699,15 +706,7 @@ class LocalBackend(Backend):
                 self._set(record.id, reason="JobSetupPending")
             raise _Retry from exc
         except KbatchError as exc:  # refused for good (e.g. the hub will not make its token)
-            log.error("job %s: cannot be started: %s", record.id, exc)
-            self._granted.pop(record.id, None)
-            await self._finish(
-                record,
-                JobState.PENDING,
-                state=JobState.FAILED,
-                reason=f"JobSetupFailed: {exc}",
-                finished=time.time(),
-            )
+            await self._setup_failed(record, exc)
             return
         current = self._record(record.id)
         if current.desired is Desired.CANCEL:  # cancelled while the hook ran: never start it
@@ -718,15 +717,7 @@ class LocalBackend(Backend):
             try:  # again: the account may have gone, or changed, since the submission
                 account = lookup(record.user, self.config.account_policy())
             except PermissionDenied as exc:
-                log.error("job %s: cannot be started: %s", record.id, exc)
-                self._granted.pop(record.id, None)
-                await self._finish(
-                    current,
-                    JobState.PENDING,
-                    state=JobState.FAILED,
-                    reason=f"JobSetupFailed: {exc}",
-                    finished=time.time(),
-                )
+                await self._setup_failed(current, exc)
                 return
         jobdir = self._jobdir(record.id)
         if jobdir.path.exists():
