@@ -19,11 +19,12 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from kbatch.errors import SpecError
-from kbatch.models import SweepParams
+from kbatch.models import JobState, SweepParams
 
 __all__ = [
     "ArrayRequest",
     "IndexSet",
+    "aggregate_state",
     "check_params",
     "params_environment",
     "parse_array",
@@ -273,6 +274,31 @@ def task_environment(array_id: str, index: int, indexes: IndexSet) -> dict[str, 
     env = {f"SLURM_{k}": v for k, v in values.items()}
     env.update({f"KBATCH_{k}": v for k, v in values.items()})
     return env
+
+
+# The end of an array whose tasks ended differently: the worst one.
+_WORST_FIRST = (
+    JobState.FAILED,
+    JobState.OUT_OF_MEMORY,
+    JobState.TIMEOUT,
+    JobState.NODE_FAIL,
+    JobState.CANCELLED,
+    JobState.COMPLETED,
+)
+
+
+def aggregate_state(counts: Mapping[JobState, int]) -> JobState:
+    """The state of a whole array from its tasks' (docs/core.md, "Arrays in the contract"):
+    RUNNING while any task runs, PENDING while any other waits, then the worst end."""
+    present = {state for state, n in counts.items() if n > 0}
+    if JobState.RUNNING in present:
+        return JobState.RUNNING
+    if JobState.PENDING in present:
+        return JobState.PENDING
+    for state in _WORST_FIRST:
+        if state in present:
+            return state
+    return JobState.PENDING
 
 
 # -- sweeps: one task per row of a CSV file -------------------------------------------

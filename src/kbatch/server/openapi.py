@@ -18,8 +18,8 @@ from kbatch.models import (
     Job,
     JobEvent,
     JobList,
-    JobState,
     JobSpec,
+    JobState,
     SubmitRequest,
     UpdateRequest,
 )
