@@ -47,6 +47,7 @@ from lightkube.resources.batch_v1 import Job as K8sJob
 from lightkube.resources.core_v1 import ConfigMap, Event, Pod, Secret
 from lightkube.types import PatchType
 
+from kbatch.arrays import IndexSet
 from kbatch.backends.base import (
     Backend,
     BackendHealth,
@@ -56,6 +57,13 @@ from kbatch.backends.base import (
     paginate,
 )
 from kbatch.backends.kubernetes import names
+from kbatch.backends.kubernetes.arrays import (
+    MAX_TASKS,
+    ArrayView,
+    array_view,
+    contains,
+    task_order,
+)
 from kbatch.backends.kubernetes.cache import WatchCache
 from kbatch.backends.kubernetes.manifests import (
     RESTRICTED,
@@ -97,9 +105,10 @@ from kbatch.errors import (
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
+    SpecError,
     TransportError,
 )
-from kbatch.lifecycle import Desired
+from kbatch.lifecycle import Desired, JobRef, parse_job_ref
 from kbatch.models import Job, JobList, JobSpec, JobState
 
 __all__ = ["KubernetesBackend", "KubernetesConfig", "api_error"]
@@ -200,11 +209,13 @@ def api_error(exc: Exception, doing: str) -> KbatchApiError:
 
 
 _HTTP_ERRORS = (ApiError, httpx.HTTPError)
+_Ops = list[dict[str, Any]]  # a JSON patch
 RELEASE_CLAIM_SECONDS = 60.0  # a replica's claim to start a job lapses after this
 OBJECTS_GRACE_SECONDS = 120.0
 NO_POD_RECHECK = 5.0  # how often a released Job without a pod is asked why
 NOTEBOOKS_FOR = 2.0  # seconds one listing of the notebook pods serves submissions
 NO_POD_GRACE = 3.0  # seconds a released Job may have no pod before its events are read
+TASK_LOG_CHARS = 64 * 1024  # the tail of a stopped task's log kept in the ConfigMap
 SAVED_LOG_CHARS = (
     512 * 1024
 )  # the tail of a log kept in the ConfigMap (1 MiB at most)  # a Job whose ConfigMap/Secret never came is ended after this
@@ -247,6 +258,11 @@ def _ended(pods: list[dict[str, Any]]) -> bool:
 
 
 def _list_key(job: Job) -> str:
+    """Submission order; an array's tasks in index order after it, its waiting groups last."""
+    if job.array_job_id is not None and job.array_task_id is not None:
+        return f"{job.submitted.isoformat()}|{job.array_job_id}|t{job.array_task_id:010d}"
+    if job.array_job_id is not None:
+        return f"{job.submitted.isoformat()}|{job.id}|~{job.state.value}"
     return f"{job.submitted.isoformat()}|{job.id}"
 
 
@@ -269,6 +285,31 @@ def _spec_of(obj: dict[str, Any]) -> JobSpec | None:
         return None
 
 
+def _pod_start(pod: dict[str, Any]) -> datetime | None:
+    """When the pod's container started (its task's time counts from then)."""
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        state = status.get("state") or {}
+        began = (state.get("running") or state.get("terminated") or {}).get("startedAt")
+        if began:
+            return parse_time(began)
+    return parse_time(pod.get("status", {}).get("startTime"))
+
+
+def _annotation_path(key: str) -> str:
+    """A JSON patch's path to an annotation (``/`` escaped as ``~1``)."""
+    return "/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def _tasks_not_supported(job_id: str, action: str) -> Conflict:
+    return Conflict(
+        f"single tasks of an array cannot be {action} on Kubernetes (its tasks are one "
+        f"Job); hold or release the whole array ({job_id.partition('_')[0]}), or change "
+        "its throttle",
+        status=409,
+        code="not_supported",
+    )
+
+
 def _kill_on_invalid_dep(obj: dict[str, Any]) -> bool:
     spec = _spec_of(obj)
     return bool(spec and spec.kill_on_invalid_dep)
@@ -287,6 +328,7 @@ class KubernetesBackend(Backend):
         self._pods_by_job: dict[str, dict[str, dict[str, Any]]] = {}
         self._job_keys: dict[str, tuple[str, str]] = {}  # job id -> (namespace, name)
         self._models: dict[str, Job] = {}
+        self._views: dict[str, ArrayView] = {}  # array id -> its tasks, from the cache
         self._namespaces: set[str] = set()
         self._queue: WorkQueue[str] = WorkQueue(base_delay=0.5, max_delay=60.0)
         self._workers: list[asyncio.Task[None]] = []
@@ -425,6 +467,7 @@ class KubernetesBackend(Backend):
         if new is None:  # deleted (its TTL, or by hand): forget everything about it
             self._job_keys.pop(job_id, None)
             self._models.pop(job_id, None)
+            self._views.pop(job_id, None)
             if not self._pods_by_job.get(job_id):
                 self._pods_by_job.pop(job_id, None)
             self._queue.forget(job_id)
@@ -464,7 +507,7 @@ class KubernetesBackend(Backend):
         obj = self._object(job_id)
         if obj is None:
             return None
-        model = job_from_objects(
+        model, view = self._model(
             obj,
             list(self._pods_by_job.get(job_id, {}).values()),
             no_pod=self._no_pod.get(job_id),
@@ -473,11 +516,34 @@ class KubernetesBackend(Backend):
         before = self._models.get(job_id)
         self._models[job_id] = model
         self.events.publish(model)
+        if view is not None:
+            old = self._views.get(job_id)
+            self._views[job_id] = view
+            for index, task in view.tasks.items():  # tasks that moved on, as jobs of their own
+                seen = old.tasks.get(index) if old is not None else None
+                if seen is None or (seen.state, seen.reason) != (task.state, task.reason):
+                    self.events.publish(task)
         if self._waiting and (before is None or before.state is not model.state):
             for waiting in self._waiting:  # a job they may wait on has moved on
                 if waiting != job_id:
                     self._queue.put(waiting)
         return model
+
+    def _model(
+        self,
+        obj: dict[str, Any],
+        pods: list[dict[str, Any]],
+        *,
+        no_pod: str | None = None,
+        waiting: str | None = None,
+    ) -> tuple[Job, ArrayView | None]:
+        """The job a Job and its pods stand for; for an array, the whole and its tasks."""
+        model = job_from_objects(obj, pods, no_pod=no_pod, waiting=waiting)
+        spec = _spec_of(obj)
+        if spec is None or not spec.array:
+            return model, None
+        view = array_view(obj, pods, model, spec, no_pod=no_pod, waiting=waiting)
+        return view.job, view
 
     def _observe(self, obj: Any) -> dict[str, Any]:
         """A Job the API server just returned, taken into the cache at once."""
@@ -559,10 +625,121 @@ class KubernetesBackend(Backend):
                     return
                 await self._release(obj, model)
         else:
-            await self._enforce_time_limit(obj, model, pods)
+            if job_id in self._views:
+                await self._reconcile_tasks(obj, pods)
+            else:
+                await self._enforce_time_limit(obj, model, pods)
             await self._explain_no_pod(obj, model, pods)
         self._queue.forget(job_id)
         self._retry_at.pop(job_id, None)
+
+    async def _reconcile_tasks(self, obj: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        """A running array's tasks: the pods of cancelled tasks are deleted (the Job
+        controller counts the index failed: backoffLimitPerIndex 0), and so are those of
+        tasks past their time limit, once recorded as timed out; their logs are kept in
+        the ConfigMap first.  A lowered throttle takes effect as running tasks end."""
+        job_id = _job_id_of(obj) or ""
+        spec = _spec_of(obj)
+        if spec is None or not spec.array:
+            return
+        annotations = _annotations(obj)
+        order = task_order(spec.array)[0]
+        cancelled = IndexSet.parse(annotations.get(names.ANNOTATION_CANCELLED_TASKS, ""))
+        now = datetime.now(UTC)
+        ending: list[tuple[int, dict[str, Any]]] = []
+        timed_out: list[int] = []
+        next_check: float | None = None
+        for pod in pods:
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp") or pod.get("status", {}).get("phase") in (
+                "Succeeded",
+                "Failed",
+            ):
+                continue
+            position = (meta.get("labels") or {}).get(names.LABEL_COMPLETION_INDEX, "")
+            if not position.isdigit() or int(position) >= len(order):
+                continue
+            index = order[int(position)]
+            if contains(cancelled, index):
+                ending.append((index, pod))
+            elif spec.time_limit and pod_started(pod):
+                began = _pod_start(pod) or now
+                left = spec.time_limit - (now - began).total_seconds()
+                if left <= 0:
+                    timed_out.append(index)
+                    ending.append((index, pod))
+                else:
+                    next_check = left if next_check is None else min(next_check, left)
+        if timed_out:
+            old = annotations.get(names.ANNOTATION_TIMED_OUT_TASKS, "")
+            new = str(IndexSet.of([*IndexSet.parse(old), *timed_out]))
+            path = _annotation_path(names.ANNOTATION_TIMED_OUT_TASKS)
+            claimed = await self._json_patch(
+                obj,
+                [
+                    {"op": "test", "path": path, "value": old},
+                    {"op": "replace", "path": path, "value": new},
+                ],
+            )
+            if not claimed:  # another replica's: the watch brings its change back
+                return
+        if ending:
+            await self._save_task_logs(obj, [p for _, p in ending if pod_started(p)])
+            await asyncio.gather(*(self._delete_pod(p) for _, p in ending))
+        if next_check is not None:
+            self._queue.put_after(job_id, next_check)
+        throttle = annotations.get(names.ANNOTATION_THROTTLE, "")
+        wanted = self._parallelism(obj, int(throttle) if throttle.isdigit() else None)
+        if int(obj["spec"].get("parallelism") or 0) > wanted:
+            await self._json_patch(
+                obj, [{"op": "replace", "path": "/spec/parallelism", "value": wanted}]
+            )
+
+    async def _delete_pod(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        try:
+            await self.client.delete(Pod, meta["name"], namespace=meta["namespace"])
+        except ApiError as exc:
+            if exc.status.code != 404:
+                raise api_error(exc, "stop a task") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "stop a task") from exc
+
+    async def _save_task_logs(self, obj: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        """Keep the logs of tasks about to be stopped in the ConfigMap (``log-<index>``,
+        the last TASK_LOG_CHARS each): their pods, and logs, go.  Best effort."""
+        spec = _spec_of(obj)
+        if not pods or spec is None or not spec.array:
+            return
+        order = task_order(spec.array)[0]
+        meta = obj["metadata"]
+        namespace = meta["namespace"]
+
+        async def read(pod: dict[str, Any]) -> tuple[str, str] | None:
+            position = (pod["metadata"].get("labels") or {}).get(names.LABEL_COMPLETION_INDEX)
+            if position is None or not position.isdigit() or int(position) >= len(order):
+                return None
+            try:
+                lines = [
+                    line
+                    async for line in self.client.log(
+                        pod["metadata"]["name"], namespace=namespace, container="job"
+                    )
+                ]
+            except _HTTP_ERRORS as exc:
+                log.warning("job %s: cannot keep a task's log: %s", _job_id_of(obj), exc)
+                return None
+            return f"log-{order[int(position)]}", "".join(lines)[-TASK_LOG_CHARS:]
+
+        found = [kept for kept in await asyncio.gather(*(read(p) for p in pods)) if kept]
+        if not found:
+            return
+        try:
+            await self.client.patch(
+                ConfigMap, meta["name"], {"data": dict(found)}, namespace=namespace
+            )
+        except _HTTP_ERRORS as exc:
+            log.warning("job %s: cannot keep its tasks' logs: %s", _job_id_of(obj), exc)
 
     async def _explain_no_pod(
         self, obj: dict[str, Any], job: Job, pods: list[dict[str, Any]]
@@ -662,7 +839,10 @@ class KubernetesBackend(Backend):
         spec = obj["spec"]
         if spec.get("activeDeadlineSeconds") == 1 and not spec.get("suspend"):
             return None  # done already; the Job controller does the rest
-        if any(pod_started(p) for p in pods) and not _ended(pods):
+        if _job_id_of(obj) in self._views:  # an array: each running task's log
+            running = [p for p in pods if pod_started(p) and not _ended([p])]
+            await self._save_task_logs(obj, running)
+        elif any(pod_started(p) for p in pods) and not _ended(pods):
             obj = await self._save_log(obj, pods)  # the Job controller deletes the pod
         patch: dict[str, Any] = {"spec": {"activeDeadlineSeconds": 1, "suspend": False}}
         if spec.get("suspend") and not any(pod_started(p) for p in pods):
@@ -983,6 +1163,17 @@ class KubernetesBackend(Backend):
             mine[0], same_namespace=self.config.notebook_namespace == namespace
         )
 
+    async def validate(self, user: str, spec: JobSpec) -> None:
+        await super().validate(user, spec)
+        if spec.array:
+            count = len(IndexSet.parse(spec.array))
+            if count > MAX_TASKS:
+                raise SpecError(
+                    f"--array={spec.array}: {count} tasks; an array on Kubernetes (one "
+                    f"Indexed Job) has at most {MAX_TASKS}: split it",
+                    field="array",
+                )
+
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)
         if (
@@ -1086,7 +1277,7 @@ class KubernetesBackend(Backend):
             raise api_error(exc, "create the job") from exc
         if patched is None:
             raise NotFound("the job was deleted while it was being created", status=404)
-        return job_from_objects(patched, [])
+        return self._model(patched, [])[0]
 
     async def _ready_and_start(self, created: dict[str, Any]) -> dict[str, Any] | None:
         """Mark the Job ready and unsuspend it, if its desired state is still ``run``
@@ -1145,7 +1336,7 @@ class KubernetesBackend(Backend):
         if names.ANNOTATION_OBJECTS_READY not in _annotations(found):
             return await self._complete(found, manifests)  # an earlier attempt was cut short
         pods = list(self._pods_by_job.get(job_id, {}).values())
-        return job_from_objects(found, pods)
+        return self._model(found, pods)[0]
 
     async def _delete_quietly(self, namespace: str, name: str) -> None:
         for resource in (K8sJob, ConfigMap, Secret):
@@ -1170,6 +1361,9 @@ class KubernetesBackend(Backend):
         raise NotFound(f"no job {job_id}", status=404, code="not_found")
 
     async def get(self, job_id: str) -> Job:
+        ref = parse_job_ref(job_id)
+        if ref.tasks is not None:
+            return self._tasks_of(ref, await self._array(ref))
         model = self._models.get(job_id)
         if model is not None:
             return self._with_dependency_detail(model)
@@ -1178,7 +1372,36 @@ class KubernetesBackend(Backend):
             found = await self.client.get(K8sJob, name, namespace=namespace)
         except (ApiError, httpx.HTTPError) as exc:
             raise api_error(exc, "read the job") from exc
-        return job_from_objects(found.to_dict(), list(self._pods_by_job.get(job_id, {}).values()))
+        pods = list(self._pods_by_job.get(job_id, {}).values())
+        return self._model(found.to_dict(), pods)[0]
+
+    async def _array(self, ref: JobRef) -> ArrayView:
+        """The array ``ref`` names (NotFound if it names no array)."""
+        view = self._views.get(ref.job_id)
+        if view is None:
+            namespace, name = await self._lookup(ref.job_id)
+            try:
+                found = (await self.client.get(K8sJob, name, namespace=namespace)).to_dict()
+            except (ApiError, httpx.HTTPError) as exc:
+                raise api_error(exc, "read the job") from exc
+            view = self._model(found, list(self._pods_by_job.get(ref.job_id, {}).values()))[1]
+        if view is None:
+            raise NotFound(
+                f"no job {ref}: job {ref.job_id} is not an array", status=404, code="not_found"
+            )
+        return view
+
+    @staticmethod
+    def _tasks_of(ref: JobRef, view: ArrayView) -> Job:
+        """Task ``ID_INDEX`` of an array, or its tasks ``ID_[...]`` as one job."""
+        if ref.index is not None:
+            task = view.task(ref.index)
+        else:
+            assert ref.indexes is not None
+            task = view.subset(ref.indexes)
+        if task is None:
+            raise NotFound(f"no job {ref}", status=404, code="not_found")
+        return task
 
     async def list(
         self,
@@ -1188,13 +1411,14 @@ class KubernetesBackend(Backend):
         limit: int | None = None,
         after: str | None = None,
     ) -> JobList:
-        jobs = [
-            job
-            for job in self._models.values()
-            if (user is None or job.user == user) and (states is None or job.state in states)
-        ]
-        # (time, id) sorts as the cursors do (ISO times of one offset), far faster
-        jobs.sort(key=lambda j: (j.submitted, j.id))
+        jobs: list[Job] = []
+        for job_id, job in self._models.items():
+            if user is not None and job.user != user:
+                continue
+            view = self._views.get(job_id)
+            rows = [job] if view is None else view.rows()
+            jobs.extend(row for row in rows if states is None or row.state in states)
+        jobs.sort(key=_list_key)
         page = paginate(jobs, limit=limit, after=after, key=_list_key)
         stale = self.health().stale_seconds
         if stale is not None:
@@ -1221,8 +1445,13 @@ class KubernetesBackend(Backend):
     async def cancel(self, job_id: str, *, by: str) -> Job:
         """Ask for the job to end; the reconciler ends it through its deadline (see _end).
 
-        It stays visible as CANCELLED until its TTL, with ``cancelled_by``.
+        It stays visible as CANCELLED until its TTL, with ``cancelled_by``.  Some tasks
+        of an array (``ID_7``, ``ID_[1-5]``) are recorded on the Job and their pods
+        deleted by the reconciler; the others keep running.
         """
+        ref = parse_job_ref(job_id)
+        if ref.tasks is not None:
+            return await self._cancel_tasks(ref, by)
         job = await self.get(job_id)
         if job.state.is_terminal:
             return job
@@ -1236,7 +1465,128 @@ class KubernetesBackend(Backend):
         )
         return await self._settled(job_id)
 
+    async def _cancel_tasks(self, ref: JobRef, by: str) -> Job:
+        """Add the named tasks that have not ended to the Job's cancelled tasks: a JSON
+        patch that tests the value it extends, so concurrent cancels (of any replica) add
+        up; the reconciler then deletes their pods, and never lets them start."""
+        assert ref.tasks is not None
+        for _ in range(10):
+            view = await self._array(ref)
+            self._tasks_of(ref, view)  # NotFound if it names none of the array's tasks
+            obj = self._object(ref.job_id)
+            if obj is None:
+                namespace, name = await self._lookup(ref.job_id)
+                obj = (await self.client.get(K8sJob, name, namespace=namespace)).to_dict()
+            if view.job.state.is_terminal or desired_of(obj) is Desired.CANCEL:
+                break
+            old = _annotations(obj).get(names.ANNOTATION_CANCELLED_TASKS, "")
+            adding = [
+                i
+                for i in view.indexes
+                if contains(ref.tasks, i)
+                and not ((task := view.task(i)) is not None and task.state.is_terminal)
+            ]
+            if not adding:
+                break
+            new = str(IndexSet.of([*IndexSet.parse(old), *adding]))
+            ops = [
+                {
+                    "op": "test",
+                    "path": _annotation_path(names.ANNOTATION_CANCELLED_TASKS),
+                    "value": old,
+                },
+                {
+                    "op": "replace",
+                    "path": _annotation_path(names.ANNOTATION_CANCELLED_TASKS),
+                    "value": new,
+                },
+                {"op": "add", "path": _annotation_path(names.ANNOTATION_CANCELLED_BY), "value": by},
+            ]
+            if await self._json_patch(obj, ops):
+                break
+            await self._fresh(ref.job_id)  # another cancel came first: read it and add to it
+        return await self._settled_ref(ref)
+
+    async def _settled_ref(self, ref: JobRef) -> Job:
+        await self._settled(ref.job_id)
+        return await self.get(str(ref))
+
+    async def _fresh(self, job_id: str) -> dict[str, Any]:
+        """The Job as the API server has it now, taken into the cache."""
+        namespace, name = await self._lookup(job_id)
+        try:
+            return self._observe(await self.client.get(K8sJob, name, namespace=namespace))
+        except _HTTP_ERRORS as exc:
+            raise api_error(exc, "read the job") from exc
+
+    async def _json_patch(self, obj: dict[str, Any], ops: _Ops) -> bool:
+        """Apply a JSON patch whose ``test`` ops claim it; False if a test failed."""
+        meta = obj["metadata"]
+        try:
+            patched = await self.client.patch(
+                K8sJob, meta["name"], ops, namespace=meta["namespace"], patch_type=PatchType.JSON
+            )
+        except ApiError as exc:
+            if exc.status.code in (409, 422):
+                return False
+            raise api_error(exc, "update the job") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "update the job") from exc
+        self._observe(patched)
+        return True
+
+    async def set_throttle(self, job_id: str, throttle: int | None) -> Job:
+        """An array's throttle: recorded on the Job and its ``parallelism`` raised at once;
+        lowered only as far as the tasks running allow (the Job controller would stop the
+        others), then further by the reconciler as they end."""
+        ref = parse_job_ref(job_id)
+        if ref.tasks is not None:
+            raise Conflict(
+                f"job {ref} is some tasks of an array; the throttle is the array's: "
+                f"use {ref.job_id}",
+                status=409,
+                code="not_an_array",
+            )
+        view = self._views.get(ref.job_id)
+        if view is None:
+            try:
+                view = await self._array(ref)
+            except NotFound:
+                await self.get(ref.job_id)  # NotFound for unknown ids
+                raise Conflict(
+                    f"job {ref.job_id} is not an array; only an array has a throttle",
+                    status=409,
+                    code="not_an_array",
+                ) from None
+        obj = self._object(ref.job_id) or await self._fresh(ref.job_id)
+        ops: _Ops = [
+            {
+                "op": "add",
+                "path": _annotation_path(names.ANNOTATION_THROTTLE),
+                "value": str(throttle or ""),
+            },
+        ]
+        if not view.job.state.is_terminal:
+            parallelism = self._parallelism(obj, throttle)
+            ops.append({"op": "replace", "path": "/spec/parallelism", "value": parallelism})
+        await self._json_patch(obj, ops)
+        return await self._settled_ref(ref)
+
+    def _parallelism(self, obj: dict[str, Any], throttle: int | None) -> int:
+        """What an array's ``parallelism`` may be for ``throttle``: never below the tasks
+        running now (the Job controller would delete their pods)."""
+        count = int(obj["spec"].get("completions") or 1)
+        wanted = min(throttle or count, count)
+        running = sum(
+            1
+            for p in self._pods_by_job.get(_job_id_of(obj) or "", {}).values()
+            if pod_started(p) and (p.get("status") or {}).get("phase") == "Running"
+        )
+        return max(wanted, min(running, count))
+
     async def hold(self, job_id: str) -> Job:
+        if parse_job_ref(job_id).tasks is not None:
+            raise _tasks_not_supported(job_id, "held")
         job = await self.get(job_id)
         pods = self._pods_by_job.get(job_id, {}).values()
         if job.state is not JobState.PENDING or any(pod_started(p) for p in pods):
@@ -1251,6 +1601,8 @@ class KubernetesBackend(Backend):
         return held
 
     async def release(self, job_id: str) -> Job:
+        if parse_job_ref(job_id).tasks is not None:
+            raise _tasks_not_supported(job_id, "released")
         obj = self._object(job_id)
         if obj is None:
             await self._lookup(job_id)  # NotFound for unknown ids
@@ -1263,6 +1615,11 @@ class KubernetesBackend(Backend):
     async def logs(
         self, job_id: str, *, follow: bool, stream: str = "output"
     ) -> AsyncIterator[bytes]:
+        ref = parse_job_ref(job_id)
+        if ref.tasks is not None or ref.job_id in self._views:
+            async for chunk in self._task_logs(ref, follow=follow):
+                yield chunk
+            return
         namespace, name = await self._lookup(job_id)
         try:  # the API server answers (else a 503 before anything is sent), and the Job is there
             current = self._observe(await self.client.get(K8sJob, name, namespace=namespace))
@@ -1302,6 +1659,76 @@ class KubernetesBackend(Backend):
             return
         async for chunk in self._follow(job_id, pod_name, namespace):
             yield chunk
+
+    async def _task_logs(self, ref: JobRef, *, follow: bool) -> AsyncIterator[bytes]:
+        """The log of task ``ID_INDEX``: its pod's (the newest that started), or once the
+        pod is gone the copy kept in the ConfigMap when it was cancelled or timed out."""
+        view = await self._array(ref)
+        if ref.index is None:
+            raise Conflict(
+                f"job {ref} is {'some tasks of ' if ref.indexes is not None else ''}an array: "
+                f"name one task for its log, e.g. {ref.job_id}_{view.indexes.first}",
+                status=409,
+                code="array_logs",
+            )
+        task_id = str(ref)
+        self._tasks_of(ref, view)  # NotFound for an index the array does not have
+        spec = _spec_of(self._object(ref.job_id) or await self._fresh(ref.job_id))
+        order = task_order((spec.array if spec else None) or str(view.indexes))[1]
+        position = str(order[ref.index])
+        namespace, name = await self._lookup(ref.job_id)
+        while True:
+            started = sorted(
+                (
+                    p
+                    for p in self._pods_by_job.get(ref.job_id, {}).values()
+                    if (p["metadata"].get("labels") or {}).get(names.LABEL_COMPLETION_INDEX)
+                    == position
+                    and p.get("status", {}).get("phase") in ("Running", "Succeeded", "Failed")
+                ),
+                key=lambda p: p["metadata"].get("creationTimestamp") or "",
+            )
+            if started:
+                break
+            task = await self.get(task_id)
+            if not follow or task.state.is_terminal:
+                async for chunk in self._kept_task_log(task, namespace, name):
+                    yield chunk
+                return
+            await asyncio.sleep(0.5)
+        pod = started[-1]
+        pod_name = pod["metadata"]["name"]
+        if not follow or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            try:
+                async for line in self.client.log(pod_name, namespace=namespace, container="job"):
+                    yield line.encode()
+            except (ApiError, httpx.HTTPError) as exc:
+                raise api_error(exc, "read the task's log") from exc
+            return
+        async for chunk in self._follow(task_id, pod_name, namespace):
+            yield chunk
+
+    async def _kept_task_log(self, task: Job, namespace: str, name: str) -> AsyncIterator[bytes]:
+        try:
+            kept = await self.client.get(ConfigMap, name, namespace=namespace)
+        except _HTTP_ERRORS as exc:
+            raise api_error(exc, "read the task's kept log") from exc
+        text = (kept.data or {}).get(f"log-{task.array_task_id}")
+        if text is not None:
+            yield text.encode()
+            return
+        if task.started is not None or task.state in (
+            JobState.COMPLETED,
+            JobState.FAILED,
+            JobState.OUT_OF_MEMORY,
+        ):
+            where = f"; its output file was {task.output}" if task.output else ""
+            raise KbatchApiError(
+                f"the output of task {task.id} is gone: its pod was deleted and no copy "
+                f"of its log was kept{where}",
+                status=410,
+                code="output_gone",
+            )
 
     async def _kept_log(self, job: Job, obj: dict[str, Any]) -> AsyncIterator[bytes]:
         """The log of a job whose pod is gone: the copy kept when it was cancelled or

@@ -6,6 +6,29 @@
 set -u
 script="$1"
 shift
+# A task of an array (an Indexed Job): its line of the ConfigMap's "tasks" (line k for
+# completion index k) holds its variables, quoted by the server: NAME='value' ...
+tasks="${0%/*}/tasks"
+if [ -n "${JOB_COMPLETION_INDEX:-}" ] && [ -f "$tasks" ]; then
+    KBATCH_NL='
+'
+    KBATCH_CR=$(printf '\r')
+    n=0
+    found=""
+    while IFS= read -r line || [ -n "$line" ]; do
+        if [ "$n" = "$JOB_COMPLETION_INDEX" ]; then
+            found=$line
+            break
+        fi
+        n=$((n + 1))
+    done <"$tasks"
+    if [ -z "$found" ]; then
+        echo "kbatch: no task for completion index $JOB_COMPLETION_INDEX" >&2
+        exit 70
+    fi
+    eval "export $found"
+    unset KBATCH_NL KBATCH_CR n found line
+fi
 out="${KBATCH_OUTPUT:-}"
 err="${KBATCH_ERROR:-}"
 

@@ -24,6 +24,7 @@ import msgspec
 
 from kbatch.backends.derive import job_environment, job_name, output_paths
 from kbatch.backends.kubernetes import names
+from kbatch.backends.kubernetes.arrays import make_indexed
 from kbatch.backends.kubernetes.notebook import NotebookDefaults
 from kbatch.errors import SpecError
 from kbatch.models import JobSpec
@@ -245,12 +246,10 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
     if ctx.forbid_root:
         check_not_root(job["spec"]["template"]["spec"])
     meta = {"name": name, "namespace": ctx.namespace, "labels": dict(labels)}
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": meta,
-        "data": {"script": spec.script, "entrypoint": ENTRYPOINT},
-    }
+    data = {"script": spec.script, "entrypoint": ENTRYPOINT}
+    if spec.array:  # one Indexed Job, its tasks' lines in the ConfigMap
+        make_indexed(job, data, spec, user=ctx.user, grace=TIME_LIMIT_GRACE)
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",

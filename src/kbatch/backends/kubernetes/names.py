@@ -15,6 +15,7 @@ import string
 __all__ = [
     "ANNOTATION_CANCELLED",
     "ANNOTATION_CANCELLED_BY",
+    "ANNOTATION_CANCELLED_TASKS",
     "ANNOTATION_CANCEL_REASON",
     "ANNOTATION_DESIRED",
     "ANNOTATION_ERROR",
@@ -31,7 +32,10 @@ __all__ = [
     "ANNOTATION_SPEC",
     "ANNOTATION_SPEC_DIGEST",
     "ANNOTATION_SUBMITTED",
+    "ANNOTATION_THROTTLE",
+    "ANNOTATION_TIMED_OUT_TASKS",
     "ANNOTATION_USER",
+    "LABEL_COMPLETION_INDEX",
     "LABEL_IDEMPOTENCY",
     "LABEL_INSTANCE",
     "LABEL_JOB_ID",
@@ -75,6 +79,12 @@ ANNOTATION_IDEMPOTENCY = f"{PREFIX}/idempotency-key"
 ANNOTATION_OUTPUT = f"{PREFIX}/output"
 ANNOTATION_LOG_SAVED = f"{PREFIX}/log-saved"  # the pod's log was copied into the ConfigMap
 ANNOTATION_ERROR = f"{PREFIX}/error"
+# Arrays (one Indexed Job each): the tasks users cancelled and those the reconciler ended
+# at their time limit (task indexes in --array's form), and the throttle users asked for.
+ANNOTATION_CANCELLED_TASKS = f"{PREFIX}/cancelled-tasks"
+ANNOTATION_TIMED_OUT_TASKS = f"{PREFIX}/timed-out-tasks"
+ANNOTATION_THROTTLE = f"{PREFIX}/throttle"
+LABEL_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's
 LABEL_IDEMPOTENCY = f"{PREFIX}/idempotency"  # selectable: a digest of user and key
 MANAGED_BY = "kbatch"
 # A node selector no node matches: put on a never-started Job's pod template
