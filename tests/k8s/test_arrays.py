@@ -60,7 +60,7 @@ async def state_is(backend: KubernetesBackend, job_id: str, *states: JobState) -
 def run_task(tmp_path: Path, data: dict[str, str], position: int) -> dict[str, str]:
     """Run the job's entrypoint as the pod of completion index ``position`` would, with
     /bin/sh, and return the environment its script sees."""
-    for key in ("entrypoint", "tasks"):
+    for key in ("entrypoint", "tasks", "array"):
         (tmp_path / key).write_text(data[key])
     script = tmp_path / "script"
     script.write_text("#!/bin/sh\nenv -0\n")
@@ -88,9 +88,12 @@ async def test_an_array_is_one_indexed_job_with_a_state_per_task(
         assert (made["backoffLimitPerIndex"], made["maxFailedIndexes"]) == (0, 4)
         assert "activeDeadlineSeconds" not in made
         rules = made["podFailurePolicy"]["rules"]
-        assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+        assert {
+            "action": "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        } in rules
         lines = config_map(cluster, job.id)["tasks"].splitlines()
-        assert len(lines) == 4 and f"SLURM_JOB_ID='{job.id}_3'" in lines[3]
+        assert lines == ["0", "1", "2", "3"]
 
         whole = await ended(backend, job.id)
         assert whole.state is JobState.FAILED  # the worst end of its tasks
@@ -115,6 +118,272 @@ async def test_an_array_is_one_indexed_job_with_a_state_per_task(
 
         async def counted() -> Any:  # the Job controller's record agrees
             status = k8s_job(cluster, job.id)["status"]
-            return (status.get("completedIndexes"), status.get("failedIndexes")) == ("0,3", "1-2")
+            return (status.get("completedIndexes"), status.get("failedIndexes")) == ("0,3", "1,2")
 
         await until(counted, what="the Job's completed and failed indexes")
+
+
+async def test_sparse_and_stepped_indexes_map_onto_completion_indexes(
+    cluster: K8sCluster, shared: Installed, tmp_path: Path
+) -> None:
+    async with started(shared, instance=instance()) as backend:
+        args = ["kbatch-test-index-1=fail"]  # completion index 1: task 5
+        job = await backend.submit("bea", spec(array="1,5,9", args=args), idempotency_key=None)
+        assert k8s_job(cluster, job.id)["spec"]["completions"] == 3
+        data = config_map(cluster, job.id)
+        env = run_task(tmp_path, data, 1)
+        assert env["SLURM_ARRAY_TASK_ID"] == env["KBATCH_ARRAY_TASK_ID"] == "5"
+        assert (env["SLURM_ARRAY_TASK_MIN"], env["SLURM_ARRAY_TASK_MAX"]) == ("1", "9")
+        assert (env["SLURM_ARRAY_TASK_COUNT"], env["SLURM_ARRAY_TASK_STEP"]) == ("3", "4")
+        assert env["SLURM_ARRAY_JOB_ID"] == job.id
+        assert env["SLURM_JOB_ID"] == env["KBATCH_JOB_ID"] == f"{job.id}_5"
+        assert env["KBATCH_OUTPUT"] == f"/home/jovyan/kbatch-{job.id}_5.out"
+        whole = await ended(backend, job.id)
+        assert whole.array_counts == {"COMPLETED": 2, "FAILED": 1}
+        assert [(t.id, t.state) for t in (await backend.list(user="bea")).jobs] == [
+            (f"{job.id}_1", JobState.COMPLETED),
+            (f"{job.id}_5", JobState.FAILED),
+            (f"{job.id}_9", JobState.COMPLETED),
+        ]
+        with pytest.raises(NotFound):
+            await backend.get(f"{job.id}_2")  # not one of its indexes
+
+        stepped = await backend.submit(
+            "bea", spec(array="0-99:3%5", hold=True), idempotency_key=None
+        )
+        made = k8s_job(cluster, stepped.id)["spec"]
+        assert (made["completions"], made["parallelism"], made["suspend"]) == (34, 5, True)
+        env = run_task(tmp_path, config_map(cluster, stepped.id), 33)
+        assert (env["SLURM_ARRAY_TASK_ID"], env["SLURM_ARRAY_TASK_STEP"]) == ("99", "3")
+        held = await backend.get(stepped.id)
+        assert (held.state, held.reason, held.array_tasks, held.array_throttle) == (
+            JobState.PENDING,
+            "JobHeldUser",
+            "0-99:3",
+            5,
+        )
+        await backend.cancel(stepped.id, by="bea")
+        gone = await ended(backend, stepped.id)
+        assert gone.state is JobState.CANCELLED and gone.array_counts == {"CANCELLED": 34}
+
+
+async def test_a_csv_sweep_gives_each_task_its_row(
+    cluster: K8sCluster, shared: Installed, tmp_path: Path
+) -> None:
+    hostile = 'it\'s $HOME `id` "q"\nline two; exit 3'
+    params = SweepParams(columns=["alpha", "name"], rows=[["0.1", "plain"], ["0.2", hostile]])
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("cy", spec(params=params, array="0-1"), idempotency_key=None)
+        data = config_map(cluster, job.id)
+        assert len(data["tasks"].splitlines()) == 2  # one line per task, newlines and all
+        env = run_task(tmp_path, data, 1)
+        assert (env["alpha"], env["name"]) == ("0.2", hostile)
+        assert run_task(tmp_path, data, 0)["name"] == "plain"
+        annotations = k8s_job(cluster, job.id)["metadata"]["annotations"]
+        assert "plain" not in annotations[names.ANNOTATION_SPEC]  # the table is in the ConfigMap
+        assert (await ended(backend, job.id)).state is JobState.COMPLETED
+
+
+async def test_cancel_one_task_and_a_range_while_the_others_run(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("dan", spec(array="0-5", args=[RUN]), idempotency_key=None)
+
+        async def all_running() -> bool:
+            whole = await backend.get(job.id)
+            return whole.array_counts == {"RUNNING": 6}
+
+        await until(all_running, what="six tasks running")
+        await backend.cancel(f"{job.id}_2", by="dan")
+        await until(lambda: state_is(backend, f"{job.id}_2", JobState.CANCELLED), what="2 ends")
+        await backend.cancel(f"{job.id}_[3-4]", by="dan")
+        for i in (3, 4):
+            await until(lambda i=i: state_is(backend, f"{job.id}_{i}", JobState.CANCELLED))
+        cancelled = await backend.get(f"{job.id}_3")
+        assert cancelled.cancelled_by == "dan" and cancelled.reason == "CancelledByUser"
+        await asyncio.sleep(1.0)  # the others keep running, and no cancelled task comes back
+        whole = await backend.get(job.id)
+        assert whole.state is JobState.RUNNING
+        assert whole.array_counts == {"CANCELLED": 3, "RUNNING": 3}
+
+        async def counted() -> Any:  # the Job controller counts them failed, the rest active
+            status = k8s_job(cluster, job.id)["status"]
+            return (status.get("failedIndexes"), status.get("active")) == ("2-4", 3)
+
+        await until(counted, limit=20, what="indexes 2-4 failed, 3 active")
+        assert (
+            names.ANNOTATION_CANCELLED_TASKS in k8s_job(cluster, job.id)["metadata"]["annotations"]
+        )
+        # cancelling them again, or a range with ended tasks, changes nothing
+        again = await backend.cancel(f"{job.id}_[2-3]", by="dan")
+        assert again.array_counts == {"CANCELLED": 2}
+        await backend.cancel(job.id, by="dan")  # the rest
+        whole = await ended(backend, job.id)
+        assert whole.state is JobState.CANCELLED and whole.array_counts == {"CANCELLED": 6}
+
+
+async def test_throttle_and_set_throttle(cluster: K8sCluster, shared: Installed) -> None:
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("eve", spec(array="0-5%2", args=[RUN]), idempotency_key=None)
+        assert k8s_job(cluster, job.id)["spec"]["parallelism"] == 2
+
+        async def shape() -> list[tuple[str, JobState, str | None, str | None]]:
+            rows = (await backend.list(user="eve")).jobs
+            return [(r.id, r.state, r.reason, r.array_tasks) for r in rows]
+
+        async def two_running() -> bool:
+            return await shape() == [
+                (f"{job.id}_0", JobState.RUNNING, None, None),
+                (f"{job.id}_1", JobState.RUNNING, None, None),
+                (job.id, JobState.PENDING, "JobArrayTaskLimit", "2-5"),
+            ]
+
+        await until(two_running, what="two tasks running, four held by the throttle")
+        waiting = (await backend.list(user="eve")).jobs[-1]
+        assert waiting.array_throttle == 2
+        raised = await backend.set_throttle(job.id, 4)
+        assert raised.array_throttle == 4
+        assert k8s_job(cluster, job.id)["spec"]["parallelism"] == 4
+
+        async def four_running() -> bool:
+            return (await backend.get(job.id)).array_counts == {"PENDING": 2, "RUNNING": 4}
+
+        await until(four_running, what="four tasks running")
+        lowered = await backend.set_throttle(job.id, 1)
+        assert lowered.array_throttle == 1
+        # tasks already running beyond a lowered throttle run on: parallelism stays 4
+        assert k8s_job(cluster, job.id)["spec"]["parallelism"] == 4
+        await asyncio.sleep(1.0)
+        assert (await backend.get(job.id)).array_counts == {"PENDING": 2, "RUNNING": 4}
+        await backend.cancel(f"{job.id}_[0-2]", by="eve")  # three end: now it may go to 1
+
+        async def lowered_to_one() -> bool:
+            return k8s_job(cluster, job.id)["spec"]["parallelism"] == 1
+
+        await until(lowered_to_one, what="parallelism lowered as tasks end")
+
+        async def one_running() -> bool:  # tasks started after the change wait again
+            return (await backend.get(job.id)).array_counts == {
+                "CANCELLED": 3,
+                "PENDING": 2,
+                "RUNNING": 1,
+            }
+
+        await until(one_running, what="task 3 running alone, 4-5 waiting")
+        assert (await backend.get(f"{job.id}_3")).state is JobState.RUNNING
+        assert (await backend.get(f"{job.id}_4")).state is JobState.PENDING
+        with pytest.raises(Conflict):
+            await backend.set_throttle(f"{job.id}_1", 3)
+        plain = await backend.submit("eve", spec(), idempotency_key=None)
+        with pytest.raises(Conflict):
+            await backend.set_throttle(plain.id, 3)
+        await backend.cancel(job.id, by="eve")
+        assert (await ended(backend, job.id)).state is JobState.CANCELLED
+
+
+async def test_hold_and_release_a_whole_array(cluster: K8sCluster, shared: Installed) -> None:
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("fay", spec(array="0-2", hold=True), idempotency_key=None)
+        held = await backend.get(job.id)
+        assert (held.state, held.reason) == (JobState.PENDING, "JobHeldUser")
+        with pytest.raises(Conflict):
+            await backend.release(f"{job.id}_1")
+        released = await backend.release(job.id)
+        assert released.state in (JobState.PENDING, JobState.RUNNING, JobState.COMPLETED)
+        whole = await ended(backend, job.id)
+        assert whole.state is JobState.COMPLETED and whole.array_counts == {"COMPLETED": 3}
+        assert whole.exit_code == 0
+
+
+async def test_a_task_past_its_time_limit_times_out_alone_and_keeps_its_log(
+    cluster: K8sCluster, shared: Installed, pod_log: Any
+) -> None:
+    pod_log("working on it\n")
+    async with started(shared, instance=instance()) as backend:
+        args = ["kbatch-test-index-0=running", "kbatch-test-duration-1=1s"]
+        job = await backend.submit(
+            "gus", spec(array="0-1", args=args, time_limit=3), idempotency_key=None
+        )
+        template = k8s_job(cluster, job.id)["spec"]["template"]["spec"]
+        assert template["activeDeadlineSeconds"] == 3 + 30  # the kubelet's, if kbatch is down
+        whole = await ended(backend, job.id, limit=90)
+        assert whole.array_counts == {"COMPLETED": 1, "TIMEOUT": 1}
+        assert whole.state is JobState.TIMEOUT
+        late = await backend.get(f"{job.id}_0")
+        assert (late.state, late.reason) == (JobState.TIMEOUT, "TimeLimit")
+        assert config_map(cluster, job.id).get("log-0") == "working on it\n"
+        cluster.kubectl("delete", "pod", "-n", SHARED_NS, "-l", f"{names.LABEL_JOB_ID}={job.id}")
+        text = b"".join([c async for c in backend.logs(f"{job.id}_0", follow=False)])
+        assert text == b"working on it\n"
+
+
+async def test_logs_of_a_task(cluster: K8sCluster, shared: Installed, pod_log: Any) -> None:
+    pod_log("task says hi\n")
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("hal", spec(array="0-1"), idempotency_key=None)
+        await ended(backend, job.id)
+        text = b"".join([c async for c in backend.logs(f"{job.id}_1", follow=False)])
+        assert text == b"task says hi\n"
+        followed = b"".join([c async for c in backend.logs(f"{job.id}_0", follow=True)])
+        assert followed == b"task says hi\n"
+        with pytest.raises(Conflict):
+            _ = [c async for c in backend.logs(job.id, follow=False)]
+        with pytest.raises(NotFound):
+            _ = [c async for c in backend.logs(f"{job.id}_7", follow=False)]
+
+
+async def test_crafted_references_are_not_found(shared: Installed) -> None:
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("ivy", spec(array="0-3", hold=True), idempotency_key=None)
+        plain = await backend.submit("ivy", spec(hold=True), idempotency_key=None)
+        for ref in (
+            f"{job.id}_[",
+            f"{job.id}_[1-999999999]",
+            f"{job.id}_[7-9]",
+            f"{job.id}_4",
+            f"{plain.id}_0",
+            f"{plain.id}_[0-1]",
+            "zzzzzzzz_1",
+            f"{job.id}_1\n",
+        ):
+            with pytest.raises(NotFound):
+                await backend.get(ref)
+            with pytest.raises(NotFound):
+                await backend.cancel(ref, by="ivy")
+        assert (await backend.get(f"{job.id}_[0-9999999]")).array_tasks == "0-3"
+        await backend.cancel(job.id, by="ivy")
+        await backend.cancel(plain.id, by="ivy")
+
+
+async def test_ten_thousand_tasks_are_one_job_listed_from_the_cache(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("joe", spec(array="0-9999%50", hold=True), idempotency_key=None)
+        made = k8s_job(cluster, job.id)
+        assert (made["spec"]["completions"], made["spec"]["parallelism"]) == (10_000, 50)
+        assert len(config_map(cluster, job.id)["tasks"].splitlines()) == 10_000
+        jobs = cluster.kubectl_json(
+            "get", "jobs", "-n", SHARED_NS, "-l", f"{names.LABEL_JOB_ID}={job.id}"
+        )["items"]
+        pods = cluster.kubectl_json(
+            "get", "pods", "-n", SHARED_NS, "-l", f"{names.LABEL_JOB_ID}={job.id}"
+        )["items"]
+        assert (len(jobs), len(pods)) == (1, 0)
+        begin = time.perf_counter()
+        rows = (await backend.list(user="joe")).jobs
+        elapsed = time.perf_counter() - begin
+        assert [(r.id, r.state, r.array_tasks, r.array_throttle) for r in rows] == [
+            (job.id, JobState.PENDING, "0-9999", 50)
+        ]
+        assert elapsed < 0.3
+        task = await backend.get(f"{job.id}_9999")
+        assert (task.state, task.reason, task.id) == (
+            JobState.PENDING,
+            "JobHeldUser",
+            f"{job.id}_9999",
+        )
+        await backend.cancel(job.id, by="joe")
+        whole = await ended(backend, job.id)
+        assert whole.array_counts == {"CANCELLED": 10_000}

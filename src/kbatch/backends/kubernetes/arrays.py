@@ -49,10 +49,13 @@ from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
 __all__ = [
+    "ARRAY_KEY",
+    "MARK",
     "MAX_TASKS",
     "PARAMS_KEY",
     "TASKS_KEY",
     "ArrayView",
+    "array_header",
     "array_view",
     "contains",
     "k8s_positions",
@@ -63,9 +66,13 @@ __all__ = [
 ]
 
 TASKS_KEY = "tasks"  # the ConfigMap key of the tasks' lines
+ARRAY_KEY = "array"  # and of what they share
 PARAMS_KEY = "params"  # and of a sweep's table (JSON)
 # The Job API's bound for an Indexed Job with maxFailedIndexes (and on parallelism).
 MAX_TASKS = 100_000
+# What stands for the task's index in the output paths' template: no index is this high.
+MARK = 4_294_967_291
+TRACKING_FINALIZER = "batch.kubernetes.io/job-tracking"  # the Job controller's, on its pods
 _NEWLINE = "'\"$KBATCH_NL\"'"  # the entrypoint sets KBATCH_NL to a newline: one line per task
 
 
@@ -75,28 +82,61 @@ def quote(value: str) -> str:
     return f"'{body}'"
 
 
-def task_variables(
-    spec: JobSpec, *, array_id: str, user: str, index: int, indexes: IndexSet
-) -> dict[str, str]:
-    """What task ``index`` sets on top of the job's Secret: its row of a sweep, Slurm's
-    and kbatch's array variables, its own job id (``ID_INDEX``) and output files."""
-    task_id = f"{array_id}_{index}"
-    env = dict(params_environment(spec.params, index))
-    env.update(task_environment(array_id, index, indexes))
-    env["KBATCH_JOB_ID"] = env["SLURM_JOB_ID"] = env["SLURM_JOBID"] = task_id
-    paths = output_paths(spec, job_id=task_id, user=user, array_id=array_id, task=index)
-    env["KBATCH_OUTPUT"] = paths.output
-    if paths.error:
-        env["KBATCH_ERROR"] = paths.error
-    return env
+def _output_template(
+    spec: JobSpec, *, array_id: str, user: str, indexes: IndexSet
+) -> tuple[str, str] | None:
+    """The output and error paths of every task as one text with MARK where its index
+    goes, if that is what they are (checked on the first and last task), else None."""
+
+    def paths(task: int) -> tuple[str, str]:
+        found = output_paths(
+            spec, job_id=f"{array_id}_{task}", user=user, array_id=array_id, task=task
+        )
+        return found.output, found.error or ""
+
+    template = paths(MARK)
+    for index in (indexes.first, indexes.last):
+        if tuple(t.replace(str(MARK), str(index)) for t in template) != paths(index):
+            return None  # e.g. %4a pads, or the pattern holds MARK's digits
+    return template
+
+
+def array_header(spec: JobSpec, *, array_id: str, user: str, indexes: IndexSet) -> str:
+    """The ConfigMap's ``array``, sourced by the entrypoint of every task: what all tasks
+    share (Slurm's and kbatch's array variables but the task's id) and the template of
+    their output paths (``kbatch_output``: MARK stands for the task's index)."""
+    shared = task_environment(array_id, indexes.first, indexes)
+    for key in ("SLURM_ARRAY_TASK_ID", "KBATCH_ARRAY_TASK_ID"):
+        del shared[key]
+    template = _output_template(spec, array_id=array_id, user=user, indexes=indexes)
+    output, error = template or ("", "")
+    values = {
+        "kbatch_array_id": array_id,
+        "kbatch_mark": str(MARK),
+        "kbatch_output": output,
+        "kbatch_error": error,
+    }
+    lines = [f"{name}={quote(value)}" for name, value in values.items()]
+    lines.append("export " + " ".join(f"{k}={quote(v)}" for k, v in shared.items()))
+    return "\n".join(lines) + "\n"
 
 
 def task_lines(spec: JobSpec, *, array_id: str, user: str, indexes: IndexSet) -> str:
-    """The ConfigMap's ``tasks``: line ``k`` is ``NAME='value' ...`` for completion index k."""
+    """The ConfigMap's ``tasks``: line ``k`` is completion index k's task index, then its
+    row of a sweep as ``NAME='value'`` (and its output paths when no template fits)."""
+    template = _output_template(spec, array_id=array_id, user=user, indexes=indexes)
     lines = []
     for index in indexes:
-        env = task_variables(spec, array_id=array_id, user=user, index=index, indexes=indexes)
-        lines.append(" ".join(f"{name}={quote(value)}" for name, value in env.items()))
+        env = dict(params_environment(spec.params, index))
+        if template is None:
+            paths = output_paths(
+                spec, job_id=f"{array_id}_{index}", user=user, array_id=array_id, task=index
+            )
+            env["KBATCH_OUTPUT"] = paths.output
+            if paths.error:
+                env["KBATCH_ERROR"] = paths.error
+        words = [str(index), *(f"{name}={quote(value)}" for name, value in env.items())]
+        lines.append(" ".join(words))
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +333,14 @@ def array_view(
             return JobState.FAILED, f"Signal {signal}" if signal else "NonZeroExitCode", code
         return JobState.FAILED, str(pod_reason or "Failed"), code
 
+    uncounted = set((status.get("uncountedTerminatedPods") or {}).get("failed") or [])
+
+    def counted(pod: dict[str, Any]) -> bool:
+        """A failed pod the Job controller counts (its index fails): not one it took its
+        finalizer from and deleted because parallelism was lowered (that task waits again)."""
+        meta = pod.get("metadata") or {}
+        return TRACKING_FINALIZER in (meta.get("finalizers") or []) or meta.get("uid") in uncounted
+
     tasks: dict[int, Job] = {}
     started_positions = completed | failed | set(newest)
     for k in sorted(started_positions):
@@ -306,7 +354,9 @@ def array_view(
             tasks[index] = task_job(
                 index, JobState.COMPLETED, None, exit_code=0, started=began, finished=finished
             )
-        elif k in failed or (phase == "Failed" and pod is not None and not _disrupted(pod)):
+        elif k in failed or (
+            phase == "Failed" and pod is not None and not _disrupted(pod) and counted(pod)
+        ):
             state, reason, code = ended(index, pod)
             tasks[index] = task_job(
                 index, state, reason, exit_code=code, started=began, finished=finished
@@ -341,7 +391,8 @@ def array_view(
     special: dict[int, tuple[JobState, str]] = {}
     for k, pod in newest.items():
         if k < n and order[k] not in tasks:  # a pod that has not started, or was replaced
-            reason = "PodReplaced" if _disrupted(pod) else _pending_reason(pod)
+            replaced = _disrupted(pod) or (pod.get("status") or {}).get("phase") == "Failed"
+            reason = "PodReplaced" if replaced else _pending_reason(pod)
             special[order[k]] = (
                 default_state,
                 reason if default_state is JobState.PENDING else default_reason,
@@ -462,6 +513,9 @@ def make_indexed(
     public = msgspec.json.decode(annotations[names.ANNOTATION_SPEC])
     public.pop("params", None)
     annotations[names.ANNOTATION_SPEC] = msgspec.json.encode(public).decode()
+    config_data[ARRAY_KEY] = array_header(
+        spec, array_id=array_id, user=user, indexes=request.indexes
+    )
     config_data[TASKS_KEY] = task_lines(spec, array_id=array_id, user=user, indexes=request.indexes)
     if spec.params is not None:
         config_data[PARAMS_KEY] = msgspec.json.encode(spec.params).decode()

@@ -285,6 +285,13 @@ def _spec_of(obj: dict[str, Any]) -> JobSpec | None:
         return None
 
 
+def _parse_time_or(value: str | None, default: datetime) -> datetime:
+    try:
+        return parse_time(value) or default
+    except ValueError:
+        return default
+
+
 def _pod_start(pod: dict[str, Any]) -> datetime | None:
     """When the pod's container started (its task's time counts from then)."""
     for status in pod.get("status", {}).get("containerStatuses") or []:
@@ -689,7 +696,8 @@ class KubernetesBackend(Backend):
         if next_check is not None:
             self._queue.put_after(job_id, next_check)
         throttle = annotations.get(names.ANNOTATION_THROTTLE, "")
-        wanted = self._parallelism(obj, int(throttle) if throttle.isdigit() else None)
+        since = _parse_time_or(annotations.get(names.ANNOTATION_THROTTLE_SET), now)
+        wanted = self._parallelism(obj, int(throttle) if throttle.isdigit() else None, since)
         if int(obj["spec"].get("parallelism") or 0) > wanted:
             await self._json_patch(
                 obj, [{"op": "replace", "path": "/spec/parallelism", "value": wanted}]
@@ -1559,29 +1567,37 @@ class KubernetesBackend(Backend):
                     code="not_an_array",
                 ) from None
         obj = self._object(ref.job_id) or await self._fresh(ref.job_id)
+        now = datetime.now(UTC)
         ops: _Ops = [
             {
                 "op": "add",
                 "path": _annotation_path(names.ANNOTATION_THROTTLE),
                 "value": str(throttle or ""),
             },
+            {
+                "op": "add",
+                "path": _annotation_path(names.ANNOTATION_THROTTLE_SET),
+                "value": now.isoformat(),
+            },
         ]
         if not view.job.state.is_terminal:
-            parallelism = self._parallelism(obj, throttle)
+            parallelism = self._parallelism(obj, throttle, now)
             ops.append({"op": "replace", "path": "/spec/parallelism", "value": parallelism})
         await self._json_patch(obj, ops)
         return await self._settled_ref(ref)
 
-    def _parallelism(self, obj: dict[str, Any], throttle: int | None) -> int:
-        """What an array's ``parallelism`` may be for ``throttle``: never below the tasks
-        running now (the Job controller would delete their pods)."""
+    def _parallelism(self, obj: dict[str, Any], throttle: int | None, since: datetime) -> int:
+        """What an array's ``parallelism`` may be for ``throttle``, set at ``since``: never
+        below the tasks that were running then (they run to their end; the Job controller
+        would stop them).  Tasks started since beyond it are stopped and wait again (the
+        Job controller takes its finalizer from such a pod first: its index is not failed)."""
         count = int(obj["spec"].get("completions") or 1)
         wanted = min(throttle or count, count)
-        running = sum(
-            1
-            for p in self._pods_by_job.get(_job_id_of(obj) or "", {}).values()
-            if pod_started(p) and (p.get("status") or {}).get("phase") == "Running"
-        )
+        running = 0
+        for pod in self._pods_by_job.get(_job_id_of(obj) or "", {}).values():
+            began = _pod_start(pod) if pod_started(pod) else None
+            if pod.get("status", {}).get("phase") == "Running" and began and began <= since:
+                running += 1
         return max(wanted, min(running, count))
 
     async def hold(self, job_id: str) -> Job:
@@ -1699,11 +1715,21 @@ class KubernetesBackend(Backend):
         pod = started[-1]
         pod_name = pod["metadata"]["name"]
         if not follow or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            lines: list[str] = []
             try:
                 async for line in self.client.log(pod_name, namespace=namespace, container="job"):
-                    yield line.encode()
-            except (ApiError, httpx.HTTPError) as exc:
+                    lines.append(line)
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise api_error(exc, "read the task's log") from exc
+                # the pod went meanwhile (the watch had not said): the kept copy, if any
+                async for chunk in self._kept_task_log(await self.get(task_id), namespace, name):
+                    yield chunk
+                return
+            except httpx.HTTPError as exc:
                 raise api_error(exc, "read the task's log") from exc
+            for line in lines:
+                yield line.encode()
             return
         async for chunk in self._follow(task_id, pod_name, namespace):
             yield chunk

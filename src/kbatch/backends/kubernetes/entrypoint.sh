@@ -6,13 +6,15 @@
 set -u
 script="$1"
 shift
-# A task of an array (an Indexed Job): its line of the ConfigMap's "tasks" (line k for
-# completion index k) holds its variables, quoted by the server: NAME='value' ...
+# A task of an array (an Indexed Job): the ConfigMap's "array" holds what its tasks
+# share, line k of its "tasks" (k: the completion index) the task's index and its row
+# of a sweep as NAME='value' words, quoted by the server.
 tasks="${0%/*}/tasks"
-if [ -n "${JOB_COMPLETION_INDEX:-}" ] && [ -f "$tasks" ]; then
+if [ -n "${JOB_COMPLETION_INDEX:-}" ] && [ -f "$tasks" ] && [ -f "${0%/*}/array" ]; then
     KBATCH_NL='
 '
     KBATCH_CR=$(printf '\r')
+    . "${0%/*}/array"
     n=0
     found=""
     while IFS= read -r line || [ -n "$line" ]; do
@@ -22,12 +24,42 @@ if [ -n "${JOB_COMPLETION_INDEX:-}" ] && [ -f "$tasks" ]; then
         fi
         n=$((n + 1))
     done <"$tasks"
-    if [ -z "$found" ]; then
+    task=${found%% *}
+    case "$task" in
+    '' | *[!0-9]*)
         echo "kbatch: no task for completion index $JOB_COMPLETION_INDEX" >&2
         exit 70
+        ;;
+    esac
+    case "$found" in
+    *" "*) eval "export ${found#* }" ;;
+    esac
+    # $1 with every $kbatch_mark replaced by the task's index
+    with_index() {
+        rest=$1
+        acc=""
+        while :; do
+            case "$rest" in
+            *"$kbatch_mark"*)
+                acc="$acc${rest%%"$kbatch_mark"*}$task"
+                rest=${rest#*"$kbatch_mark"}
+                ;;
+            *) break ;;
+            esac
+        done
+        printf '%s' "$acc$rest"
+    }
+    if [ -n "$kbatch_output" ]; then
+        KBATCH_OUTPUT=$(with_index "$kbatch_output")
+        KBATCH_ERROR=""
+        if [ -n "$kbatch_error" ]; then KBATCH_ERROR=$(with_index "$kbatch_error"); fi
+        export KBATCH_OUTPUT KBATCH_ERROR
     fi
-    eval "export $found"
-    unset KBATCH_NL KBATCH_CR n found line
+    export SLURM_ARRAY_TASK_ID="$task" KBATCH_ARRAY_TASK_ID="$task"
+    export SLURM_JOB_ID="${kbatch_array_id}_$task" SLURM_JOBID="${kbatch_array_id}_$task"
+    export KBATCH_JOB_ID="${kbatch_array_id}_$task"
+    unset KBATCH_NL KBATCH_CR n found line rest acc task
+    unset kbatch_array_id kbatch_mark kbatch_output kbatch_error
 fi
 out="${KBATCH_OUTPUT:-}"
 err="${KBATCH_ERROR:-}"

@@ -33,6 +33,7 @@ __all__ = [
     "ANNOTATION_SPEC_DIGEST",
     "ANNOTATION_SUBMITTED",
     "ANNOTATION_THROTTLE",
+    "ANNOTATION_THROTTLE_SET",
     "ANNOTATION_TIMED_OUT_TASKS",
     "ANNOTATION_USER",
     "LABEL_COMPLETION_INDEX",
@@ -84,6 +85,7 @@ ANNOTATION_ERROR = f"{PREFIX}/error"
 ANNOTATION_CANCELLED_TASKS = f"{PREFIX}/cancelled-tasks"
 ANNOTATION_TIMED_OUT_TASKS = f"{PREFIX}/timed-out-tasks"
 ANNOTATION_THROTTLE = f"{PREFIX}/throttle"
+ANNOTATION_THROTTLE_SET = f"{PREFIX}/throttle-set"  # when: tasks running then run on
 LABEL_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the Job controller's
 LABEL_IDEMPOTENCY = f"{PREFIX}/idempotency"  # selectable: a digest of user and key
 MANAGED_BY = "kbatch"
