@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +199,8 @@ async def test_cancel_one_task_and_a_range_while_the_others_run(
         await backend.cancel(f"{job.id}_2", by="dan")
         await until(lambda: state_is(backend, f"{job.id}_2", JobState.CANCELLED), what="2 ends")
         await backend.cancel(f"{job.id}_[3-4]", by="dan")
-        for i in (3, 4):
-            await until(lambda i=i: state_is(backend, f"{job.id}_{i}", JobState.CANCELLED))
+        for task in (f"{job.id}_3", f"{job.id}_4"):
+            await until(partial(state_is, backend, task, JobState.CANCELLED), what=task)
         cancelled = await backend.get(f"{job.id}_3")
         assert cancelled.cancelled_by == "dan" and cancelled.reason == "CancelledByUser"
         await asyncio.sleep(1.0)  # the others keep running, and no cancelled task comes back

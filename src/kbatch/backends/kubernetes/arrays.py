@@ -361,7 +361,7 @@ def array_view(
             tasks[index] = task_job(
                 index, state, reason, exit_code=code, started=began, finished=finished
             )
-        elif pod is not None and pod_started(pod) and not _disrupted(pod):
+        elif pod is not None and phase != "Failed" and pod_started(pod) and not _disrupted(pod):
             pending_cancel = whole_cancel or contains(cancelled, index)
             tasks[index] = task_job(
                 index, JobState.RUNNING, "Cancelling" if pending_cancel else None, started=began
