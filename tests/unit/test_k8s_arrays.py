@@ -122,9 +122,7 @@ def test_kubernetes_index_lists() -> None:
 NOW = "2026-01-01T00:00:00Z"
 
 
-def job_obj(
-    array: str, *, status: dict[str, Any] | None = None, **annotations: str
-) -> dict[str, Any]:
+def job_obj(array: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     spec = msgspec.json.encode(JobSpec(script="-", array=array)).decode()
     return {
         "metadata": {
@@ -135,11 +133,11 @@ def job_obj(
                 names.ANNOTATION_USER: "ann",
                 names.ANNOTATION_SPEC: spec,
                 names.ANNOTATION_SUBMITTED: datetime(2026, 1, 1, tzinfo=UTC).isoformat(),
-                **annotations,
+                **(annotations or {}),
             },
         },
         "spec": {"suspend": False, "parallelism": 2, "completions": len(task_order(array)[0])},
-        "status": status or {},
+        "status": {},
     }
 
 
@@ -169,7 +167,8 @@ def rows(view: Any) -> list[tuple[str, JobState, str | None, str | None]]:
 
 
 def test_started_tasks_one_row_each_the_rest_one_group() -> None:
-    obj = job_obj("10-15", status={"completedIndexes": "0", "failedIndexes": "1"})
+    obj = job_obj("10-15")
+    obj["status"] = {"completedIndexes": "0", "failedIndexes": "1"}
     pods = [
         pod(1, "Failed", exitCode=4),
         pod(2, "Running"),
@@ -193,7 +192,7 @@ def test_started_tasks_one_row_each_the_rest_one_group() -> None:
 def test_cancelled_tasks_and_a_pod_the_job_controller_took_back() -> None:
     obj = job_obj(
         "0-4",
-        **{
+        {
             names.ANNOTATION_CANCELLED_TASKS: "1,4",
             names.ANNOTATION_TIMED_OUT_TASKS: "2",
             names.ANNOTATION_CANCELLED_BY: "ann",
@@ -216,9 +215,7 @@ def test_cancelled_tasks_and_a_pod_the_job_controller_took_back() -> None:
 
 
 def test_a_held_array_waits_as_one_row() -> None:
-    obj = job_obj(
-        "0-9999%50", **{names.ANNOTATION_DESIRED: "hold", names.ANNOTATION_THROTTLE: "50"}
-    )
+    obj = job_obj("0-9999%50", {names.ANNOTATION_DESIRED: "hold", names.ANNOTATION_THROTTLE: "50"})
     obj["spec"]["suspend"] = True
     view = view_of(obj, [])
     assert rows(view) == [("arr1", JobState.PENDING, "JobHeldUser", "0-9999")]
