@@ -16,17 +16,28 @@ started by tests/support/k8s_cluster.py). The figures:
   API server (suspended, so no pods churn), labelled as the backend labels
   its own; the server sees them through its watch, as it would after a restart.
 
+- ``array_requests``: the API requests one ``submit`` of a 10,000-index array
+  (``--array=0-9999%50``) makes: one Job (Indexed) and its ConfigMap (with the
+  tasks' lines) and Secret, then the patch that starts it; ``array_submit`` its
+  time; ``kqueue_array_10000``: ``kqueue --all`` with that array running (50 tasks
+  on kwok, the rest one pending row), end to end, and ``list_array_10000`` the
+  backend's own ``list`` of it (target for both: under 0.3 s).
+
 Measured only when :mod:`kbatch.backends.kubernetes` can be imported and the
 control plane's binaries build; otherwise the section says why.
+``KBATCH_BENCH_K8S_STEPS=array`` (comma-separated: create, rate, list, array)
+runs only those steps of this section.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import getpass
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -138,8 +149,189 @@ def run(ctx: Context, result: SectionResult) -> None:
             server.stop()
 
 
+def _steps() -> set[str]:
+    """The steps of this section to run (KBATCH_BENCH_K8S_STEPS; default all)."""
+    chosen = os.environ.get("KBATCH_BENCH_K8S_STEPS", "")
+    names = {n.strip() for n in chosen.split(",") if n.strip()}
+    return names or {"create", "rate", "list", "array"}
+
+
+async def _array_submit(kubeconfig: Path, user: str) -> dict[str, Any]:
+    """Submit a 10,000-index array from a backend of this process whose API client
+    counts its requests; list it from the watch cache; the figures."""
+    from lightkube import AsyncClient, KubeConfig
+
+    from kbatch.backends.kubernetes.backend import KubernetesBackend, KubernetesConfig
+    from kbatch.models import JobSpec, JobState
+
+    single = KubeConfig.from_file(str(kubeconfig)).get()
+    assert single is not None
+    client = AsyncClient(single, field_manager="kbatch")
+    requests: collections.Counter[str] = collections.Counter()
+    counting = False
+    for verb in ("create", "patch", "get", "delete", "list"):
+        real = getattr(client, verb)
+
+        def counted(*args: Any, _real: Any = real, _verb: str = verb, **kw: Any) -> Any:
+            if counting:
+                what = args[0] if isinstance(args[0], type) else type(args[0])
+                requests[f"{_verb} {what.__name__}"] += 1
+            return _real(*args, **kw)
+
+        setattr(client, verb, counted)
+    config = KubernetesConfig(
+        kubeconfig=str(kubeconfig),
+        namespace_mode="shared",
+        namespace=NAMESPACE,
+        image=IMAGE,
+        ttl_seconds=3600,
+    )
+    backend = KubernetesBackend(config, client=client)
+    await backend.start()
+    try:
+        spec = JobSpec(
+            script="#!/bin/sh\ntrue\n",
+            name="array",
+            workdir="/tmp",
+            array="0-9999%50",
+            args=["kbatch-test-outcome=running"],  # kwok keeps the 50 running
+        )
+        counting = True
+        began = time.perf_counter()
+        job = await backend.submit(user, spec, idempotency_key=None)
+        took = time.perf_counter() - began
+        counting = False
+
+        # tasks start (as many as the kwok nodes' CPUs allow, up to the throttle's 50),
+        # then the array settles: the same counts for two seconds
+        deadline = time.monotonic() + 180
+        seen: list[dict[str, int]] = []
+        while True:
+            counts = (await backend.get(job.id)).array_counts or {}
+            seen = [*seen[-9:], counts]
+            if counts.get(JobState.RUNNING.value) and len(seen) == 10 and seen[0] == counts:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the array's tasks did not settle in 180 s: {counts}")
+            await asyncio.sleep(0.2)
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            page = await backend.list(user=user)
+            times.append(time.perf_counter() - started)
+        rows = [j for j in page.jobs if (j.array_job_id or j.id) == job.id]
+        return {
+            "counts": counts,
+            "id": job.id,
+            "requests": dict(requests),
+            "submit": took,
+            "list": times,
+            "rows": len(rows),
+        }
+    finally:
+        await backend.stop()
+
+
+async def _array_cancel(kubeconfig: Path, job_id: str) -> None:
+    from kbatch.backends.kubernetes.backend import KubernetesBackend, KubernetesConfig
+
+    config = KubernetesConfig(
+        kubeconfig=str(kubeconfig), namespace_mode="shared", namespace=NAMESPACE, image=IMAGE
+    )
+    backend = KubernetesBackend(config)
+    await backend.start()
+    try:
+        await backend.cancel(job_id, by="bench")
+    finally:
+        await backend.stop()
+
+
 def _measure(
     ctx: Context, result: SectionResult, cluster: Any, server: KbatchServer, scratch: Path
+) -> None:
+    steps = _steps()
+    if "array" in steps:
+        _measure_array(ctx, result, cluster, server, scratch)
+    if steps & {"create", "rate", "list"}:
+        _measure_jobs(ctx, result, cluster, server, scratch, steps)
+
+
+def _measure_array(
+    ctx: Context, result: SectionResult, cluster: Any, server: KbatchServer, scratch: Path
+) -> None:
+    def array() -> None:
+        user = getpass.getuser()
+        found = asyncio.run(_array_submit(cluster.kubeconfig, user))
+        requests: dict[str, int] = found["requests"]
+        shown = ", ".join(f"{n} {k}" for k, n in sorted(requests.items()))
+        result.add(
+            Metric(
+                "array_requests",
+                "API requests of one `submit` of a 10,000-index array",
+                "requests",
+                float(sum(requests.values())),
+                note=shown,
+            )
+        )
+        result.add(
+            Metric(
+                "array_submit",
+                "`submit` of a 10,000-index array (backend, in process)",
+                "s",
+                found["submit"],
+                note=f"ConfigMap lines for 10,000 tasks; {shown}",
+            )
+        )
+        result.add(
+            Metric.from_samples(
+                "list_array_10000",
+                "backend `list` with the array running (throttle 50), from the watch cache",
+                "s",
+                found["list"],
+                note=f"{found['rows']} rows (one per started task, then the waiting groups): "
+                f"{found['counts']}",
+            )
+        )
+        client = server.client()
+        wait_until(
+            lambda: any(
+                (j.array_job_id or j.id) == found["id"] for j in client.list(include_finished=True)
+            ),
+            timeout=60,
+            interval=0.2,
+            what="the server's watch cache to hold the array",
+        )
+        command = Command(
+            "kqueue_array_10000", [cli_path("kqueue"), "--all"], env=server.env(), cwd=scratch
+        )
+        times = ctx.timer.time([command], runs=ctx.counts.list_runs, warmup=1)
+        result.add(
+            Metric.from_samples(
+                "kqueue_array_10000",
+                "`kqueue --all` with a 10,000-index array running, end to end",
+                "s",
+                times["kqueue_array_10000"],
+                note="target under 0.3 s",
+            )
+        )
+        asyncio.run(_array_cancel(cluster.kubeconfig, found["id"]))
+
+    run_step(
+        result,
+        ctx,
+        "a 10,000-index array",
+        ("array_requests", "array_submit", "list_array_10000", "kqueue_array_10000"),
+        array,
+    )
+
+
+def _measure_jobs(
+    ctx: Context,
+    result: SectionResult,
+    cluster: Any,
+    server: KbatchServer,
+    scratch: Path,
+    steps: set[str],
 ) -> None:
     counts = ctx.counts
     env = server.env()
@@ -195,13 +387,14 @@ def _measure(
             )
         )
 
-    run_step(
-        result,
-        ctx,
-        "kubectl create vs kbatch submit",
-        ("kubectl_create", "submit"),
-        create_commands,
-    )
+    if "create" in steps:
+        run_step(
+            result,
+            ctx,
+            "kubectl create vs kbatch submit",
+            ("kubectl_create", "submit"),
+            create_commands,
+        )
 
     client = server.client()
 
@@ -218,10 +411,11 @@ def _measure(
             "until each Job exists",
         )
 
-    run_step(result, ctx, "submit rate through the HTTP API", ("submit_rate",), api_rate)
+    if "rate" in steps:
+        run_step(result, ctx, "submit rate through the HTTP API", ("submit_rate",), api_rate)
 
     seeded = 0
-    for size in counts.list_sizes:
+    for size in counts.list_sizes if "list" in steps else ():
         key = f"list_{size}"
 
         def listing(size: int = size, key: str = key) -> None:

@@ -22,6 +22,7 @@ from kbatch.models import Job, JobState, SweepParams
 from tests.k8s.conftest import SHARED_NS, Installed
 from tests.k8s.test_backend import spec, started, until
 from tests.support.k8s_cluster import K8sCluster
+from tests.support.servers import KbatchServer
 
 pytestmark = [pytest.mark.kubernetes, pytest.mark.anyio]
 
@@ -388,3 +389,38 @@ async def test_ten_thousand_tasks_are_one_job_listed_from_the_cache(
         await backend.cancel(job.id, by="joe")
         whole = await ended(backend, job.id)
         assert whole.array_counts == {"CANCELLED": 10_000}
+
+
+def test_another_users_array_and_tasks_are_not_found(
+    cluster: K8sCluster, shared: Installed, tmp_path: Path
+) -> None:
+    """Through the real server: bob reaches none of alice's array, task by task or by
+    range, and a crafted reference is a clear 404 for anyone."""
+    config = tmp_path / "kbatch.toml"
+    config.write_text(
+        'backend = "kubernetes"\n[kubernetes]\n'
+        f'kubeconfig = "{shared.kubeconfig}"\nnamespace_mode = "shared"\n'
+        f'namespace = "{SHARED_NS}"\nimage = "busybox:stable"\ninstance = "{instance()}"\n'
+    )
+    server = KbatchServer(tmp_path / "s", args=["--config", str(config)])
+    server.start()
+    try:
+        alice = server.client(server.add_token("alice"))
+        bob = server.client(server.add_token("bob"))
+        job = alice.submit(spec(array="0-3", args=[RUN]))
+        assert alice.get(f"{job.id}_2").id == f"{job.id}_2"
+        refs = [job.id, f"{job.id}_2", f"{job.id}_[1-2]", f"{job.id}_[0-9999999]"]
+        for ref in refs:
+            for call in (bob.get, bob.cancel, bob.hold, bob.release):
+                with pytest.raises(NotFound):
+                    call(ref)
+            with pytest.raises(NotFound):
+                list(bob.logs(ref))
+        assert bob.list(include_finished=True) == []
+        for ref in (f"{job.id}_[", f"{job.id}_[1-999999999]", f"{job.id}_9", f"{job.id}_[5-7]"):
+            with pytest.raises(NotFound):
+                alice.get(ref)
+        assert all(t.state is not JobState.CANCELLED for t in alice.list())  # bob changed nothing
+        assert alice.cancel(job.id).id == job.id
+    finally:
+        server.stop()
