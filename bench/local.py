@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import arrays
 from bench.context import Context, wait_until
 from bench.kbatch_server import KbatchServer, QueuedServer, cli_path
 from bench.measure import (
@@ -191,6 +192,15 @@ def run(ctx: Context, result: SectionResult) -> None:
         )
         run_step(result, ctx, "submit rate (kbatch submit)", ("submit_rate_cli",), rate_cli)
         run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+        run_step(
+            result,
+            ctx,
+            "arrays",
+            ("array_submit_api", "array_submit_cli", "kqueue_array_10000", "array_e2e_1000"),
+            lambda: arrays.measure_local(
+                ctx, result, client, server.env(), work, scripts, kbatch, cli_path("kqueue")
+            ),
+        )
         peak = server.peak_rss_mib()
         if peak is not None:
             result.add(

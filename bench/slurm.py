@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import arrays
 from bench.context import Context, wait_until
 from bench.machine import peak_rss_mib
 from bench.measure import (
@@ -66,6 +67,16 @@ class Slurm:
             timeout=60,
         )
         return out.stdout.strip()
+
+    def cancel(self, job_id: str) -> None:
+        scancel = shutil.which("scancel") or "/usr/bin/scancel"
+        subprocess.run([scancel, job_id], env=self.env, check=True, timeout=60)
+        wait_until(
+            lambda: not self.state(job_id).strip(),
+            timeout=120,
+            interval=0.05,
+            what=f"Slurm job {job_id} to go from the queue",
+        )
 
     def queued(self) -> int:
         out = subprocess.run(
@@ -208,6 +219,23 @@ def _measure(ctx: Context, result: SectionResult, cluster: SlurmCluster) -> None
     run_step(result, ctx, "submit rate", ("submit_rate",), rate)
     run_step(result, ctx, "concurrent submit rate", ("submit_rate_concurrent",), rate_concurrent)
     run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+    run_step(
+        result,
+        ctx,
+        "arrays",
+        ("array_submit", "squeue_array_10000", "array_e2e_1000"),
+        lambda: arrays.measure_slurm(
+            ctx,
+            result,
+            slurm.submit,
+            slurm.drain,
+            slurm.cancel,
+            slurm.env,
+            work,
+            scripts,
+            slurm.squeue,
+        ),
+    )
     run_step(
         result,
         ctx,
