@@ -531,9 +531,8 @@ class LocalBackend(Backend):
             cancelled_by=by,
         )
         if ids:
-            current = self._record(head.id)
-            if current.array_pending:
-                self.events.publish(current.to_job())
+            # The head's row shrinks (or, with no task left waiting, goes: array_tasks "").
+            self.events.publish(self._record(head.id).to_job())
             for task_id in ids:
                 self.events.publish(self._record(task_id).to_job())
         return ids
