@@ -1180,6 +1180,37 @@ class KubernetesBackend(Backend):
             raise api_error(exc, "read the job") from exc
         return job_from_objects(found.to_dict(), list(self._pods_by_job.get(job_id, {}).values()))
 
+    async def spec(self, job_id: str) -> JobSpec | None:
+        """The spec the job was submitted with: what its Job records (everything but the
+        script and the environment) and the script from its ConfigMap.
+
+        The environment is left out: it lives only in the job's Secret, which the server
+        never reads back (its RBAC cannot), and which also holds the job's token.
+        None when the Job's record is unreadable or its ConfigMap is gone."""
+        obj = self._object(job_id)
+        if obj is None:
+            namespace, name = await self._lookup(job_id)
+            try:
+                obj = (await self.client.get(K8sJob, name, namespace=namespace)).to_dict()
+            except _HTTP_ERRORS as exc:
+                raise api_error(exc, "read the job") from exc
+        recorded = _spec_of(obj)
+        if recorded is None:
+            return None
+        meta = obj["metadata"]
+        try:
+            config_map = await self.client.get(ConfigMap, meta["name"], namespace=meta["namespace"])
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise api_error(exc, "read the job's script") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "read the job's script") from exc
+        script = (config_map.data or {}).get("script")
+        if not script:
+            return None
+        return msgspec.structs.replace(recorded, script=script, environment={})
+
     async def list(
         self,
         *,
