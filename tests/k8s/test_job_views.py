@@ -1,5 +1,5 @@
 """What the real server on the Kubernetes backend makes of a job: the spec the dashboard
-reads back (script view, resubmit), on the real control plane.
+reads back (script view, resubmit) and the Job of a notebook, on the real control plane.
 
 The server runs as the Helm chart's ServiceAccount (its RBAC, not the cluster admin's);
 the objects are read with the admin's kubectl.
@@ -8,6 +8,7 @@ the objects are read with the admin's kubectl.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import httpx
 import msgspec
 import pytest
 
+from kbatch import notebook_runner
 from kbatch.backends.kubernetes import names
+from kbatch.backends.kubernetes.manifests import ENTRYPOINT
 from kbatch.models import JobSpec
 from tests.k8s.conftest import SHARED_NS, Installed
 from tests.support.k8s_cluster import K8sCluster
@@ -128,3 +131,92 @@ def test_spec_is_read_back_for_its_owner_only_and_resubmits(
     assert container["command"][-2:] == ["one", "two words"]
     assert container["resources"]["requests"]["cpu"] == "2"
     assert "MY_SECRET" not in env
+
+
+def _notebook(path: Path) -> None:
+    cells = [
+        {
+            "cell_type": "code",
+            "metadata": {"tags": ["parameters"]},
+            "source": "alpha = 1\nlabel = 'x'\n",
+            "outputs": [],
+            "execution_count": None,
+        },
+        {
+            "cell_type": "code",
+            "metadata": {},
+            "source": "print(label * alpha)\n",
+            "outputs": [],
+            "execution_count": None,
+        },
+    ]
+    meta = {"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"}}
+    path.write_text(
+        json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": meta, "cells": cells})
+    )
+
+
+def _payload(script: str) -> dict[str, Any]:
+    encoded = script.split('KBATCH_PAYLOAD = """')[1].split('"""')[0]
+    payload: dict[str, Any] = notebook_runner.decode_payload(encoded)
+    return payload
+
+
+def test_notebook_job_shape_on_the_control_plane(
+    cluster: K8sCluster, k8s_server: KbatchServer, tmp_path: Path
+) -> None:
+    alice = k8s_server.add_token("alice")
+    work = tmp_path / "analysis"
+    work.mkdir()
+    _notebook(work / "nb.ipynb")
+    submitted = k8s_server.cli(
+        "submit",
+        "--parsable",
+        "nb.ipynb",
+        "-p",
+        "alpha",
+        "3",
+        "-p",
+        "label",
+        "ab",
+        "--kernel",
+        "python3-custom",
+        cwd=work,
+        env={"KBATCH_TOKEN": alice},
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    job, config_map, env = _objects(cluster, job_id)
+
+    # the container runs the entrypoint on the script, which is the notebook runner
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["/bin/sh", "/kbatch/entrypoint", "/kbatch/script"]
+    assert container["workingDir"] == str(work)
+    assert {"name": "kbatch-script", "mountPath": "/kbatch", "readOnly": True} in container[
+        "volumeMounts"
+    ]
+    script = config_map["data"]["script"]
+    assert config_map["data"]["entrypoint"] == ENTRYPOINT
+    assert script.startswith("#!/usr/bin/env python3\n")
+    runner = Path(notebook_runner.__file__).read_text().rstrip()
+    assert runner in script and script.rstrip().endswith("sys.exit(main(KBATCH_PAYLOAD))")
+
+    # what the runner is told: the notebook, its kernel, its parameters, where it writes
+    payload = _payload(script)
+    assert payload["name"] == "nb.ipynb"
+    assert payload["kernel"] == "python3-custom"
+    assert payload["parameters"] == {"alpha": 3, "label": "ab"}
+    assert payload["output"] == f"{work}/nb-%j.ipynb"  # beside the notebook
+    sources = ["".join(c["source"]) for c in payload["notebook"]["cells"]]
+    assert "print(label * alpha)\n" in sources
+    # the runner expands %j from the job's environment (its Secret) to the job's id
+    assert env["SLURM_JOB_ID"] == job_id
+    assert notebook_runner.expand_output(payload["output"], env) == f"{work}/nb-{job_id}.ipynb"
+
+    # the record on the Job, and what the server says of it
+    recorded = json.loads(job["metadata"]["annotations"][names.ANNOTATION_SPEC])
+    assert recorded["name"] == "nb.ipynb" and recorded["script"] == "-"
+    shown = json.loads(k8s_server.cli("show", job_id, "--json", env={"KBATCH_TOKEN": alice}).stdout)
+    assert shown["name"] == "nb.ipynb" and shown["workdir"] == str(work)
+    spec = _get_spec(k8s_server, job_id, alice)
+    assert spec.status_code == 200 and spec.json()["script"] == script
