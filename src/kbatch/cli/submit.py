@@ -140,7 +140,14 @@ def submit_parsed(cli: ParsedOptions) -> int:
             raise SpecError("no script given; use kbatch submit SCRIPT or kbatch submit --wrap CMD")
         script_path, *script_args = cli.positionals
         if notebooks.is_notebook(script_path):
-            script = notebooks.notebook_job_script(script_path, script_args, cli, cwd=os.getcwd())
+            array = params is not None or cli.get("array", "seq") is not None
+            script = notebooks.notebook_job_script(
+                script_path,
+                script_args,
+                cli,
+                cwd=os.getcwd(),
+                sweep_columns=(tuple(params.columns) if params else ()) if array else None,
+            )
             script_args = []
         else:
             script = _read_script(script_path)

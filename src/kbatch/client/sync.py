@@ -164,6 +164,14 @@ class Client:
         """Let a held job start; a job not held is returned unchanged."""
         return self._call(rq.release_job(_job_id(job_id)), Job)
 
+    def spec(self, job_id: str) -> JobSpec:
+        """The spec a job (or array) was submitted with."""
+        return self._call(rq.job_spec(_job_id(job_id)), JobSpec)
+
+    def update(self, job_id: str, *, throttle: int) -> Job:
+        """Change an array's throttle (0: none)."""
+        return self._call(rq.update_job(_job_id(job_id), throttle=throttle), Job)
+
     def dashboard_link(self) -> str:
         """A single-use link that logs a browser in to the dashboard (valid two minutes)."""
         code = self._call(rq.dashboard_login_code(), rq.LoginCode)

@@ -59,6 +59,7 @@ from kbatch.backends.base import (
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.arrays import (
     MAX_TASKS,
+    PARAMS_KEY,
     ArrayView,
     array_view,
     contains,
@@ -84,6 +85,7 @@ from kbatch.backends.kubernetes.status import (
     job_from_objects,
     parse_time,
     pod_started,
+    succeeded_unrecorded,
 )
 from kbatch.backends.userlimits import Usage, held_by
 from kbatch.backends.workqueue import WorkQueue, stop_workers
@@ -109,7 +111,7 @@ from kbatch.errors import (
     TransportError,
 )
 from kbatch.lifecycle import Desired, JobRef, parse_job_ref
-from kbatch.models import Job, JobList, JobSpec, JobState
+from kbatch.models import Job, JobList, JobSpec, JobState, SweepParams
 
 __all__ = ["KubernetesBackend", "KubernetesConfig", "api_error"]
 
@@ -273,6 +275,11 @@ def _job_id_of(obj: dict[str, Any] | None) -> str | None:
     labels = obj["metadata"].get("labels") or {}
     job_id = labels.get(names.LABEL_JOB_ID)
     return str(job_id) if job_id else None
+
+
+def _phase(pod: dict[str, Any] | None) -> str | None:
+    phase = ((pod or {}).get("status") or {}).get("phase")
+    return str(phase) if phase else None
 
 
 def _spec_of(obj: dict[str, Any]) -> JobSpec | None:
@@ -502,6 +509,11 @@ class KubernetesBackend(Backend):
         if job_id in self._job_keys:
             self._refresh(job_id)
             self._queue.put(job_id)
+            succeeded = _phase(new) == "Succeeded" and _phase(old) != "Succeeded"
+            if succeeded and self._waiting:
+                for waiting in self._waiting:  # they may wait on it: see _state_for_dependents
+                    if waiting != job_id:
+                        self._queue.put(waiting)
 
     def _object(self, job_id: str) -> dict[str, Any] | None:
         key = self._job_keys.get(job_id)
@@ -885,7 +897,11 @@ class KubernetesBackend(Backend):
         singleton term (if any) is clear: all from the watch cache."""
         assert job.dependency is not None
         dependency = parse_dependency(job.dependency)
-        states = {i: m.state for i in dependency.job_ids if (m := self._models.get(i))}
+        states = {
+            i: self._state_for_dependents(i, m)
+            for i in dependency.job_ids
+            if (m := self._models.get(i))
+        }
         singleton = any(t.kind == "singleton" for t in dependency.terms)
         earlier_active = singleton and any(
             m.user == job.user
@@ -895,6 +911,16 @@ class KubernetesBackend(Backend):
             for m in self._models.values()
         )
         return dependency, states, not earlier_active
+
+    def _state_for_dependents(self, job_id: str, model: Job) -> JobState:
+        """The job's state as the jobs waiting on it see it: COMPLETED as soon as its pod
+        has succeeded, without the Job controller's second before it says so."""
+        if model.state is JobState.RUNNING and job_id not in self._views:  # arrays: per task
+            obj = self._object(job_id)
+            pods = list(self._pods_by_job.get(job_id, {}).values())
+            if obj is not None and succeeded_unrecorded(obj, pods):
+                return JobState.COMPLETED
+        return model.state
 
     def _with_dependency_detail(self, job: Job) -> Job:
         """A pending job's dependency as scontrol shows it: each term (un)fulfilled."""
@@ -924,14 +950,27 @@ class KubernetesBackend(Backend):
                 return self._waiting[other_id]
         return held_by(self.limits, usage, job.cpus, job.memory or 0, job.gpus)
 
-    def _check_submit_limit(self, user: str) -> None:
+    def _check_submit_limit(self, user: str, spec: JobSpec) -> None:
+        """Refuse a submission over max_submitted_jobs_per_user; each task of an array
+        counts, as in Slurm (those of the user's arrays that have not ended too)."""
         limit = self.limits.max_submitted_jobs_per_user
         if limit is None:
             return
-        active = sum(1 for m in self._models.values() if m.user == user and not m.state.is_terminal)
-        if active >= limit:
+        active = 0
+        for job_id, model in self._models.items():
+            if model.user != user or model.state.is_terminal:
+                continue
+            view = self._views.get(job_id)
+            if view is None:
+                active += 1
+                continue
+            counts = view.job.array_counts or {}
+            active += sum(n for state, n in counts.items() if not JobState(state).is_terminal)
+        adding = len(IndexSet.parse(spec.array)) if spec.array else 1
+        if active + adding > limit:
+            asked = f"; this submission adds {adding}" if adding > 1 else ""
             raise PermissionDenied(
-                f"you have {active} jobs pending or running; the limit (policy "
+                f"you have {active} jobs pending or running{asked}; the limit (policy "
                 f"max_submitted_jobs_per_user) is {limit}: wait for some to end or cancel some",
                 status=403,
                 code="submit_limit",
@@ -1188,7 +1227,7 @@ class KubernetesBackend(Backend):
             idempotency_key is None
             or names.keyed_job_id(self.config.instance, user, idempotency_key) not in self._models
         ):  # a retry of a job it has is not a new submission
-            self._check_submit_limit(user)
+            self._check_submit_limit(user, spec)
         namespace = self.namespace_of(user)
         await self._ensure_namespace(namespace)
         if idempotency_key is not None:
@@ -1410,6 +1449,44 @@ class KubernetesBackend(Backend):
         if task is None:
             raise NotFound(f"no job {ref}", status=404, code="not_found")
         return task
+
+    async def spec(self, job_id: str) -> JobSpec | None:
+        """The spec the job was submitted with: what its Job records (everything but the
+        script and the environment) and the script from its ConfigMap.
+
+        The environment is left out: it lives only in the job's Secret, which the server
+        never reads back (its RBAC cannot), and which also holds the job's token.
+        None when the Job's record is unreadable or its ConfigMap is gone."""
+        obj = self._object(job_id)
+        if obj is None:
+            namespace, name = await self._lookup(job_id)
+            try:
+                obj = (await self.client.get(K8sJob, name, namespace=namespace)).to_dict()
+            except _HTTP_ERRORS as exc:
+                raise api_error(exc, "read the job") from exc
+        recorded = _spec_of(obj)
+        if recorded is None:
+            return None
+        meta = obj["metadata"]
+        try:
+            config_map = await self.client.get(ConfigMap, meta["name"], namespace=meta["namespace"])
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise api_error(exc, "read the job's script") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "read the job's script") from exc
+        data = config_map.data or {}
+        script = data.get("script")
+        if not script:
+            return None
+        params = recorded.params
+        if PARAMS_KEY in data:  # a sweep's table is kept in the ConfigMap, not on the Job
+            try:
+                params = msgspec.json.decode(data[PARAMS_KEY], type=SweepParams)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return None
+        return msgspec.structs.replace(recorded, script=script, environment={}, params=params)
 
     async def list(
         self,

@@ -373,7 +373,7 @@ class LocalBackend(Backend):
             max_active=self.limits.max_submitted_jobs_per_user,
         )
         if not new:
-            return record.to_job()
+            return await self.get(str(record.id))
         self.events.publish(record.to_job())
         if record.desired is Desired.RUN:
             gated = spec.dependency is not None or spec.begin is not None
@@ -385,7 +385,7 @@ class LocalBackend(Backend):
                 await self._schedule()
                 if record.id in self._granted:  # submit-to-start latency matters: start it now
                     await self._await_reconcile(record.id)
-        return self._record(record.id).to_job()
+        return await self.get(str(record.id))
 
     async def get(self, job_id: str) -> Job:
         ref = parse_job_ref(job_id)
@@ -531,9 +531,8 @@ class LocalBackend(Backend):
             cancelled_by=by,
         )
         if ids:
-            current = self._record(head.id)
-            if current.array_pending:
-                self.events.publish(current.to_job())
+            # The head's row shrinks (or, with no task left waiting, goes: array_tasks "").
+            self.events.publish(self._record(head.id).to_job())
             for task_id in ids:
                 self.events.publish(self._record(task_id).to_job())
         return ids

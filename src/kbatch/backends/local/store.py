@@ -392,13 +392,18 @@ class JobStore:
                         )
                     return existing, False
             if max_active is not None:
-                (active,) = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE user = ? AND state IN ('PENDING', 'RUNNING')",
+                # Each task of an array counts, as in Slurm: those waiting in a head too.
+                rows = db.execute(
+                    "SELECT array_pending FROM jobs WHERE user = ? "
+                    "AND state IN ('PENDING', 'RUNNING')",
                     (user,),
-                ).fetchone()
-                if active >= max_active:
+                ).fetchall()
+                active = sum(len(IndexSet.parse(p)) if p else 1 for (p,) in rows)
+                adding = len(parse_array(spec.array).indexes) if spec.array else 1
+                if active + adding > max_active:
+                    asked = f"; this submission adds {adding}" if adding > 1 else ""
                     raise PermissionDenied(
-                        f"you have {active} jobs pending or running; the limit (policy "
+                        f"you have {active} jobs pending or running{asked}; the limit (policy "
                         f"max_submitted_jobs_per_user) is {max_active}: wait for some to end "
                         "or cancel some",
                         status=403,
