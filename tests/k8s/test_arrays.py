@@ -17,7 +17,8 @@ import pytest
 
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.backend import KubernetesBackend
-from kbatch.errors import Conflict, NotFound
+from kbatch.backends.userlimits import UserLimits
+from kbatch.errors import Conflict, NotFound, PermissionDenied
 from kbatch.models import Job, JobState, SweepParams
 from tests.k8s.conftest import SHARED_NS, Installed
 from tests.k8s.test_backend import spec, started, until
@@ -184,6 +185,8 @@ async def test_a_csv_sweep_gives_each_task_its_row(
         annotations = k8s_job(cluster, job.id)["metadata"]["annotations"]
         assert "plain" not in annotations[names.ANNOTATION_SPEC]  # the table is in the ConfigMap
         assert (await ended(backend, job.id)).state is JobState.COMPLETED
+        again = await backend.spec(job.id)  # what resubmit reads: the table comes back
+        assert again is not None and again.params == params and again.array == "0-1"
 
 
 async def test_cancel_one_task_and_a_range_while_the_others_run(
@@ -424,3 +427,17 @@ def test_another_users_array_and_tasks_are_not_found(
         assert alice.cancel(job.id).id == job.id
     finally:
         server.stop()
+
+
+async def test_each_task_counts_toward_the_submit_limit(shared: Installed) -> None:
+    async with started(shared, instance=instance()) as backend:
+        backend.limits = UserLimits(max_submitted_jobs_per_user=3)
+        job = await backend.submit("kim", spec(array="0-1", hold=True), idempotency_key=None)
+        with pytest.raises(PermissionDenied, match=r"you have 2 jobs .* this submission adds 2"):
+            await backend.submit("kim", spec(array="5-6", hold=True), idempotency_key=None)
+        one = await backend.submit("kim", spec(hold=True), idempotency_key=None)
+        await backend.cancel(f"{job.id}_1", by="kim")  # a cancelled task frees its place
+        await until(partial(state_is, backend, f"{job.id}_1", JobState.CANCELLED))
+        other = await backend.submit("kim", spec(hold=True), idempotency_key=None)
+        for done in (job.id, one.id, other.id):
+            await backend.cancel(done, by="kim")
