@@ -18,7 +18,7 @@ import pytest
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.backend import KubernetesBackend
 from kbatch.backends.userlimits import UserLimits
-from kbatch.errors import Conflict, NotFound, PermissionDenied
+from kbatch.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from kbatch.models import Job, JobState, SweepParams
 from tests.k8s.conftest import SHARED_NS, Installed
 from tests.k8s.test_backend import spec, started, until
@@ -332,7 +332,7 @@ async def test_logs_of_a_task(cluster: K8sCluster, shared: Installed, pod_log: A
         assert text == b"task says hi\n"
         followed = b"".join([c async for c in backend.logs(f"{job.id}_0", follow=True)])
         assert followed == b"task says hi\n"
-        with pytest.raises(Conflict):
+        with pytest.raises(InvalidRequest, match=f"name one task for its log, e.g. {job.id}_0"):
             _ = [c async for c in backend.logs(job.id, follow=False)]
         with pytest.raises(NotFound):
             _ = [c async for c in backend.logs(f"{job.id}_7", follow=False)]

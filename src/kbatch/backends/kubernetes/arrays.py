@@ -285,6 +285,7 @@ def array_view(
     completed = k8s_positions(status.get("completedIndexes"), n)
     failed = k8s_positions(status.get("failedIndexes"), n)
     cancelled = IndexSet.parse(annotations.get(names.ANNOTATION_CANCELLED_TASKS, ""))
+    ran_before = IndexSet.parse(annotations.get(names.ANNOTATION_CANCELLED_STARTED, ""))
     timed_out = IndexSet.parse(annotations.get(names.ANNOTATION_TIMED_OUT_TASKS, ""))
     whole_cancel = desired_of(obj) is Desired.CANCEL
     setup_failed = annotations.get(names.ANNOTATION_SETUP_FAILED)
@@ -376,10 +377,10 @@ def array_view(
         default_state, default_reason = JobState.CANCELLED, str(job_ended.get("reason") or "Failed")
     elif whole_cancel:
         default_reason = "Cancelling"
+    elif desired_of(obj) is Desired.HOLD:  # suspended, or its tasks running on
+        default_reason = "JobHeldUser"
     elif job_spec.get("suspend"):
-        if desired_of(obj) is Desired.HOLD:
-            default_reason = "JobHeldUser"
-        elif annotations.get(names.ANNOTATION_SETUP_PENDING):
+        if annotations.get(names.ANNOTATION_SETUP_PENDING):
             default_reason = "JobSetupPending"
         elif waiting:
             default_reason = waiting
@@ -398,7 +399,12 @@ def array_view(
                 reason if default_state is JobState.PENDING else default_reason,
             )
     for index in cancelled:
-        if index not in tasks and contains(indexes, index):
+        if not contains(indexes, index) or contains(ran_before, index):
+            continue
+        seen = tasks.get(index)
+        if seen is None or seen.state is not JobState.COMPLETED:
+            # cancelled before it started: whatever a pod made since did meanwhile
+            tasks.pop(index, None)
             special[index] = (JobState.CANCELLED, cancel_reason)
     if special:
         for index in indexes:

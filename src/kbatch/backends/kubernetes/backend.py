@@ -635,6 +635,8 @@ class KubernetesBackend(Backend):
                 patch["metadata"] = {"annotations": {names.ANNOTATION_RELEASING: None}}
             if patch:
                 await self._patch_job(obj, patch)
+            elif job_id in self._views and not obj["spec"].get("suspend"):
+                await self._reconcile_tasks(obj, pods)  # a held array whose tasks run on
         elif obj["spec"].get("suspend"):
             # With per-user limits, one user's releases go one at a time (in this replica):
             # each sees what the one before it started.
@@ -707,9 +709,7 @@ class KubernetesBackend(Backend):
             await asyncio.gather(*(self._delete_pod(p) for _, p in ending))
         if next_check is not None:
             self._queue.put_after(job_id, next_check)
-        throttle = annotations.get(names.ANNOTATION_THROTTLE, "")
-        since = _parse_time_or(annotations.get(names.ANNOTATION_THROTTLE_SET), now)
-        wanted = self._parallelism(obj, int(throttle) if throttle.isdigit() else None, since)
+        wanted = self._wanted_parallelism(obj, now)
         if int(obj["spec"].get("parallelism") or 0) > wanted:
             await self._json_patch(
                 obj, [{"op": "replace", "path": "/spec/parallelism", "value": wanted}]
@@ -1574,6 +1574,11 @@ class KubernetesBackend(Backend):
             if not adding:
                 break
             new = str(IndexSet.of([*IndexSet.parse(old), *adding]))
+            # those running now ran; the others never will (a pod the Job controller
+            # makes for one of them is deleted, whatever it did meanwhile)
+            ran = [i for i in adding if (t := view.tasks.get(i)) is not None and t.started]
+            had = _annotations(obj).get(names.ANNOTATION_CANCELLED_STARTED, "")
+            started = str(IndexSet.of([*IndexSet.parse(had), *ran]))
             ops = [
                 {
                     "op": "test",
@@ -1586,6 +1591,11 @@ class KubernetesBackend(Backend):
                     "value": new,
                 },
                 {"op": "add", "path": _annotation_path(names.ANNOTATION_CANCELLED_BY), "value": by},
+                {
+                    "op": "add",
+                    "path": _annotation_path(names.ANNOTATION_CANCELLED_STARTED),
+                    "value": started,
+                },
             ]
             if await self._json_patch(obj, ops):
                 break
@@ -1663,13 +1673,26 @@ class KubernetesBackend(Backend):
         await self._json_patch(obj, ops)
         return await self._settled_ref(ref)
 
-    def _parallelism(self, obj: dict[str, Any], throttle: int | None, since: datetime) -> int:
+    def _wanted_parallelism(self, obj: dict[str, Any], now: datetime) -> int:
+        """What an array's ``parallelism`` may be now: its throttle (none while it is
+        held), but never below the tasks running when that was set."""
+        annotations = _annotations(obj)
+        throttle = annotations.get(names.ANNOTATION_THROTTLE, "")
+        since = _parse_time_or(annotations.get(names.ANNOTATION_THROTTLE_SET), now)
+        held = desired_of(obj) is Desired.HOLD
+        return self._parallelism(
+            obj, int(throttle) if throttle.isdigit() else None, since, held=held
+        )
+
+    def _parallelism(
+        self, obj: dict[str, Any], throttle: int | None, since: datetime, *, held: bool = False
+    ) -> int:
         """What an array's ``parallelism`` may be for ``throttle``, set at ``since``: never
         below the tasks that were running then (they run to their end; the Job controller
         would stop them).  Tasks started since beyond it are stopped and wait again (the
         Job controller takes its finalizer from such a pod first: its index is not failed)."""
         count = int(obj["spec"].get("completions") or 1)
-        wanted = min(throttle or count, count)
+        wanted = 0 if held else min(throttle or count, count)
         running = 0
         for pod in self._pods_by_job.get(_job_id_of(obj) or "", {}).values():
             began = _pod_start(pod) if pod_started(pod) else None
@@ -1678,11 +1701,18 @@ class KubernetesBackend(Backend):
         return max(wanted, min(running, count))
 
     async def hold(self, job_id: str) -> Job:
-        if parse_job_ref(job_id).tasks is not None:
+        ref = parse_job_ref(job_id)
+        if ref.tasks is not None:
+            task = await self.get(job_id)
+            if task.state is not JobState.PENDING:
+                raise not_pending(task, "held")
             raise _tasks_not_supported(job_id, "held")
         job = await self.get(job_id)
         pods = self._pods_by_job.get(job_id, {}).values()
-        if job.state is not JobState.PENDING or any(pod_started(p) for p in pods):
+        started = any(pod_started(p) for p in pods)
+        if job_id in self._views and started and not job.state.is_terminal:
+            return await self._hold_running_array(job_id)
+        if job.state is not JobState.PENDING or started:
             raise not_pending(job, "held")
         await self._set_desired(job_id, {names.ANNOTATION_DESIRED: Desired.HOLD.value})
         held = await self._settled(job_id)
@@ -1693,6 +1723,42 @@ class KubernetesBackend(Backend):
             raise not_pending(held, "held")
         return held
 
+    async def _hold_running_array(self, job_id: str) -> Job:
+        """Hold an array some of whose tasks run: they run on, no other starts (its
+        ``parallelism`` goes down to the tasks running now, then lower as they end)."""
+        obj = self._object(job_id) or await self._fresh(job_id)
+        if desired_of(obj) is not Desired.HOLD:
+            now = datetime.now(UTC)
+            ops: _Ops = [
+                {
+                    "op": "test",
+                    "path": _annotation_path(names.ANNOTATION_DESIRED),
+                    "value": Desired.RUN.value,
+                },
+                {
+                    "op": "replace",
+                    "path": _annotation_path(names.ANNOTATION_DESIRED),
+                    "value": Desired.HOLD.value,
+                },
+                {
+                    "op": "add",
+                    "path": _annotation_path(names.ANNOTATION_THROTTLE_SET),
+                    "value": now.isoformat(),
+                },
+                {
+                    "op": "replace",
+                    "path": "/spec/parallelism",
+                    "value": self._parallelism(obj, 0, now, held=True),
+                },
+            ]
+            if not await self._json_patch(obj, ops):
+                raise Conflict(
+                    f"job {job_id} changed while it was being held (cancelled?); try again",
+                    status=409,
+                    code="conflict",
+                )
+        return await self._settled(job_id)
+
     async def release(self, job_id: str) -> Job:
         if parse_job_ref(job_id).tasks is not None:
             raise _tasks_not_supported(job_id, "released")
@@ -1700,6 +1766,36 @@ class KubernetesBackend(Backend):
         if obj is None:
             await self._lookup(job_id)  # NotFound for unknown ids
             obj = self._object(job_id)
+        if (
+            obj is not None
+            and job_id in self._views
+            and desired_of(obj) is Desired.HOLD
+            and not obj["spec"].get("suspend")
+        ):  # a held array whose tasks ran on: let the others start again
+            now = datetime.now(UTC)
+            throttle = _annotations(obj).get(names.ANNOTATION_THROTTLE, "")
+            limit = int(throttle) if throttle.isdigit() else None
+            await self._json_patch(
+                obj,
+                [
+                    {
+                        "op": "replace",
+                        "path": _annotation_path(names.ANNOTATION_DESIRED),
+                        "value": Desired.RUN.value,
+                    },
+                    {
+                        "op": "add",
+                        "path": _annotation_path(names.ANNOTATION_THROTTLE_SET),
+                        "value": now.isoformat(),
+                    },
+                    {
+                        "op": "replace",
+                        "path": "/spec/parallelism",
+                        "value": self._parallelism(obj, limit, now),
+                    },
+                ],
+            )
+            return await self._settled(job_id)
         if obj is not None and desired_of(obj) is not Desired.HOLD:
             return await self.get(job_id)
         await self._set_desired(job_id, {names.ANNOTATION_DESIRED: Desired.RUN.value})
@@ -1758,10 +1854,10 @@ class KubernetesBackend(Backend):
         pod is gone the copy kept in the ConfigMap when it was cancelled or timed out."""
         view = await self._array(ref)
         if ref.index is None:
-            raise Conflict(
+            raise InvalidRequest(
                 f"job {ref} is {'some tasks of ' if ref.indexes is not None else ''}an array: "
                 f"name one task for its log, e.g. {ref.job_id}_{view.indexes.first}",
-                status=409,
+                status=422,
                 code="array_logs",
             )
         task_id = str(ref)

@@ -15,6 +15,7 @@ import string
 __all__ = [
     "ANNOTATION_CANCELLED",
     "ANNOTATION_CANCELLED_BY",
+    "ANNOTATION_CANCELLED_STARTED",
     "ANNOTATION_CANCELLED_TASKS",
     "ANNOTATION_CANCEL_REASON",
     "ANNOTATION_DESIRED",
@@ -83,6 +84,7 @@ ANNOTATION_ERROR = f"{PREFIX}/error"
 # Arrays (one Indexed Job each): the tasks users cancelled and those the reconciler ended
 # at their time limit (task indexes in --array's form), and the throttle users asked for.
 ANNOTATION_CANCELLED_TASKS = f"{PREFIX}/cancelled-tasks"
+ANNOTATION_CANCELLED_STARTED = f"{PREFIX}/cancelled-tasks-started"  # those running then
 ANNOTATION_TIMED_OUT_TASKS = f"{PREFIX}/timed-out-tasks"
 ANNOTATION_THROTTLE = f"{PREFIX}/throttle"
 ANNOTATION_THROTTLE_SET = f"{PREFIX}/throttle-set"  # when: tasks running then run on
