@@ -441,3 +441,66 @@ async def test_each_task_counts_toward_the_submit_limit(shared: Installed) -> No
         other = await backend.submit("kim", spec(hold=True), idempotency_key=None)
         for done in (job.id, one.id, other.id):
             await backend.cancel(done, by="kim")
+
+
+async def test_hold_an_array_whose_tasks_run(cluster: K8sCluster, shared: Installed) -> None:
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("lou", spec(array="0-3%1", args=[RUN]), idempotency_key=None)
+        await until(partial(state_is, backend, f"{job.id}_0", JobState.RUNNING), what="task 0")
+        await backend.hold(job.id)  # the tasks not started; task 0 runs on
+        rows = [
+            (r.id, r.state, r.reason, r.array_tasks) for r in (await backend.list(user="lou")).jobs
+        ]
+        assert rows == [
+            (f"{job.id}_0", JobState.RUNNING, None, None),
+            (job.id, JobState.PENDING, "JobHeldUser", "1-3"),
+        ]
+        with pytest.raises(Conflict, match="only pending jobs"):
+            await backend.hold(f"{job.id}_0")
+        with pytest.raises(Conflict, match="single tasks of an array cannot be held"):
+            await backend.hold(f"{job.id}_2")
+        await backend.cancel(f"{job.id}_0", by="lou")
+        await until(partial(state_is, backend, f"{job.id}_0", JobState.CANCELLED), what="0 ends")
+
+        async def parked() -> bool:  # no pod runs: the Job's parallelism is 0
+            status = k8s_job(cluster, job.id)
+            return status["spec"]["parallelism"] == 0 and not status["status"].get("active")
+
+        await until(parked, what="the held array to run nothing")
+        await asyncio.sleep(1.0)
+        one = await backend.get(f"{job.id}_1")
+        assert (one.state, one.reason) == (JobState.PENDING, "JobHeldUser")
+        await backend.release(job.id)
+        await until(partial(state_is, backend, f"{job.id}_1", JobState.RUNNING), what="task 1")
+        assert k8s_job(cluster, job.id)["spec"]["parallelism"] == 1  # its throttle again
+        await backend.cancel(job.id, by="lou")
+        done = await ended(backend, job.id)
+        assert done.array_counts == {"CANCELLED": 4}
+
+
+async def test_tasks_cancelled_before_they_start_never_start(
+    cluster: K8sCluster, shared: Installed
+) -> None:
+    async with started(shared, instance=instance()) as backend:
+        job = await backend.submit("max", spec(array="0-5%2", args=[RUN]), idempotency_key=None)
+        await until(partial(state_is, backend, f"{job.id}_1", JobState.RUNNING), what="task 1")
+        await backend.cancel(f"{job.id}_[3-4]", by="max")
+        await backend.cancel(f"{job.id}_0", by="max")  # room: task 2 starts, not 3 or 4
+        await until(partial(state_is, backend, f"{job.id}_2", JobState.RUNNING), what="task 2")
+        await backend.cancel(f"{job.id}_1", by="max")
+        await until(partial(state_is, backend, f"{job.id}_5", JobState.RUNNING), what="task 5")
+        for index in (3, 4):
+            task = await backend.get(f"{job.id}_{index}")
+            assert (task.state, task.started, task.cancelled_by) == (
+                JobState.CANCELLED,
+                None,
+                "max",
+            )
+        rows = (await backend.list(user="max", states={JobState.CANCELLED})).jobs
+        assert [(r.id, r.array_tasks) for r in rows] == [
+            (f"{job.id}_0", None),
+            (f"{job.id}_1", None),
+            (job.id, "3-4"),  # cancelled before they started: one row
+        ]
+        await backend.cancel(job.id, by="max")
+        assert (await ended(backend, job.id)).array_counts == {"CANCELLED": 6}

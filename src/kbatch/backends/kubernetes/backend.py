@@ -1766,12 +1766,9 @@ class KubernetesBackend(Backend):
         if obj is None:
             await self._lookup(job_id)  # NotFound for unknown ids
             obj = self._object(job_id)
-        if (
-            obj is not None
-            and job_id in self._views
-            and desired_of(obj) is Desired.HOLD
-            and not obj["spec"].get("suspend")
-        ):  # a held array whose tasks ran on: let the others start again
+        if obj is not None and job_id in self._views and desired_of(obj) is Desired.HOLD:
+            # a held array: its parallelism back to its throttle (a hold of running
+            # tasks lowered it); a suspended one is then started by the reconciler
             now = datetime.now(UTC)
             throttle = _annotations(obj).get(names.ANNOTATION_THROTTLE, "")
             limit = int(throttle) if throttle.isdigit() else None
