@@ -340,6 +340,8 @@ def array_view(
         """A failed pod the Job controller counts (its index fails): not one it took its
         finalizer from and deleted because parallelism was lowered (that task waits again)."""
         meta = pod.get("metadata") or {}
+        if job_ended or whole_cancel:  # the Job's end (or cancel) stopped it: it is over
+            return True
         return TRACKING_FINALIZER in (meta.get("finalizers") or []) or meta.get("uid") in uncounted
 
     tasks: dict[int, Job] = {}
@@ -367,6 +369,10 @@ def array_view(
             tasks[index] = task_job(
                 index, JobState.RUNNING, "Cancelling" if pending_cancel else None, started=began
             )
+    for index in ran_before:  # running when cancelled, their pods gone since
+        if index not in tasks and contains(indexes, index) and (whole_cancel or job_ended):
+            tasks[index] = task_job(index, JobState.CANCELLED, cancel_reason)
+    tasks = dict(sorted(tasks.items()))
     # tasks that have not started, grouped by what keeps them
     default_state, default_reason = JobState.PENDING, "None"
     if setup_failed and never:

@@ -1540,14 +1540,22 @@ class KubernetesBackend(Backend):
         job = await self.get(job_id)
         if job.state.is_terminal:
             return job
-        await self._set_desired(
-            job_id,
-            {
-                names.ANNOTATION_DESIRED: Desired.CANCEL.value,
-                names.ANNOTATION_CANCELLED: _now(),
-                names.ANNOTATION_CANCELLED_BY: by,
-            },
-        )
+        desired = {
+            names.ANNOTATION_DESIRED: Desired.CANCEL.value,
+            names.ANNOTATION_CANCELLED: _now(),
+            names.ANNOTATION_CANCELLED_BY: by,
+        }
+        view = self._views.get(job_id)
+        obj = self._object(job_id)
+        if view is not None and obj is not None:
+            # the tasks running now ran: they stay rows of their own once the Job
+            # controller has deleted their pods (the others never started)
+            had = _annotations(obj).get(names.ANNOTATION_CANCELLED_STARTED, "")
+            ran = [i for i, t in view.tasks.items() if t.state is JobState.RUNNING]
+            desired[names.ANNOTATION_CANCELLED_STARTED] = str(
+                IndexSet.of([*IndexSet.parse(had), *ran])
+            )
+        await self._set_desired(job_id, desired)
         return await self._settled(job_id)
 
     async def _cancel_tasks(self, ref: JobRef, by: str) -> Job:
