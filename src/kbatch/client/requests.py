@@ -28,11 +28,13 @@ __all__ = [
     "hold_job",
     "is_error_body",
     "job_logs",
+    "job_spec",
     "list_jobs",
     "parse",
     "parse_event",
     "release_job",
     "submit_job",
+    "update_job",
     "whoami",
 ]
 
@@ -100,6 +102,19 @@ def list_jobs(
     if after is not None:
         query["after"] = after
     return Request("GET", _path("jobs", query=query))
+
+
+def job_spec(job_id: str) -> Request:
+    """The spec a job (an array: its whole spec) was submitted with."""
+    return Request("GET", _path("jobs", job_id, "spec"))
+
+
+def update_job(job_id: str, *, throttle: int | None) -> Request:
+    """Change an array's throttle (None: no throttle, sent as 0)."""
+    body = _encoder.encode(UpdateRequest(throttle=throttle or 0))
+    return Request(
+        "POST", _path("jobs", job_id, "update"), body, {"Content-Type": "application/json"}
+    )
 
 
 def _post(*parts: str) -> Request:
