@@ -31,6 +31,7 @@ import heapq
 import itertools
 import logging
 import re
+import shlex
 import time
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -133,8 +134,12 @@ def _output(run: _Run, environment: Mapping[str, str]) -> bytes:
     for line in run.lines:
         if line is None:
             out.extend(f"{k}={v}" for k, v in sorted(environment.items()))
-        else:
-            out.append(_VARIABLE.sub(value, line.strip("\"'") if line[:1] in "\"'" else line))
+            continue
+        try:  # as a shell would: quotes removed, words joined by one space
+            words = shlex.split(line)
+        except ValueError:
+            words = [line]
+        out.append(" ".join(_VARIABLE.sub(value, word) for word in words))
     return "".join(f"{line}\n" for line in out).encode()
 
 
