@@ -219,5 +219,6 @@ def resubmit(args: argparse.Namespace) -> int:
     if args.parsable:
         print(job.id)
     else:
-        print(f"Submitted batch job {job.id} (tasks {IndexSet.of(chosen)} of array {array.id})")
+        which = f"task{'s' if len(chosen) > 1 else ''} {IndexSet.of(chosen)}"
+        print(f"Submitted batch job {job.id} ({which} of array {array.id})")
     return 0
