@@ -33,7 +33,7 @@ import logging
 import re
 import shlex
 import time
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -510,9 +510,9 @@ class FakeBackend(Backend):
         )
 
     def _counts(self, array: _Array, subset: IndexSet | None = None) -> dict[str, int]:
-        def inside(indexes: Iterable[int]) -> int:
+        def inside(indexes: set[int]) -> int:
             if subset is None:
-                return sum(1 for _ in indexes)
+                return len(indexes)
             return sum(1 for i in indexes if i in subset)
 
         counts: dict[str, int] = {}
