@@ -5,9 +5,11 @@ local backend are tested by the conformance suite's contract below them."""
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -358,3 +360,30 @@ def test_client_wait_on_an_array_returns_its_aggregate(fake: KbatchServer) -> No
         part = client.wait(f"{array.id}_[0-1]", poll=0.1, timeout=5)
         assert part.state is JobState.COMPLETED
     assert isinstance(Client, type)
+
+
+@pytest.mark.parametrize(
+    "job_id", ["1_[5-1]", "1_[", "1_[1;2]", "1_[]", "1_1234567890", "1_-1", "_[1]", "1_[1]x"]
+)
+def test_crafted_task_ids_are_the_usual_404(fake: KbatchServer, job_id: str) -> None:
+    """No route hands the backend a task reference it could not have made."""
+    with fake.client() as client:
+        client.submit(JobSpec(script="#!/bin/sh\n", workdir="/tmp", array="0-3", hold=True))
+    parts = urlsplit(fake.url)
+    for method, action, body in (
+        ("GET", "", None),
+        ("GET", "/spec", None),
+        ("POST", "/update", b'{"throttle": 2}'),
+        ("POST", "/cancel", b""),
+        ("GET", "/logs", None),
+    ):
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
+        headers = {"Authorization": f"Bearer {fake.token}", "Content-Type": "application/json"}
+        conn.request(method, f"/api/v1/jobs/{quote(job_id, safe='')}{action}", body, headers)
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+        conn.close()
+        assert response.status == 404, (method, action, answer)
+        assert answer["error"]["code"] == "not_found"
+    with fake.client() as client:
+        assert client.get("1").array_counts == {"PENDING": 4}  # nothing happened to it
