@@ -133,20 +133,6 @@ def release_job(job_id: str) -> Request:
     return _post("jobs", job_id, "release")
 
 
-def job_spec(job_id: str) -> Request:
-    return Request("GET", _path("jobs", job_id, "spec"))
-
-
-def update_job(job_id: str, *, throttle: int) -> Request:
-    body = msgspec.json.encode(UpdateRequest(throttle=throttle))
-    return Request(
-        "POST",
-        _path("jobs", job_id, "update"),
-        body,
-        {"Content-Type": "application/json", "Content-Length": str(len(body))},
-    )
-
-
 def events(*, all_users: bool = False) -> Request:
     """The stream of job changes, one JSON :class:`JobEvent` a line."""
     query = {"all_users": "true"} if all_users else None

@@ -162,9 +162,11 @@ class Client:
         return self._call(rq.job_spec(_job_id(job_id)), JobSpec)
 
     def update(self, job_id: str, *, throttle: int | None) -> Job:
-        """Change how many tasks of array ``job_id`` may run at once (None: no limit)."""
-        if throttle is not None and throttle < 1:
-            raise ValueError(f"throttle must be at least 1 (or None for no limit), not {throttle}")
+        """Change how many tasks of array ``job_id`` may run at once (0 or None: no limit)."""
+        if throttle is not None and throttle < 0:
+            raise ValueError(
+                f"throttle must be a number of tasks (0 or None: no limit), not {throttle}"
+            )
         return self._call(rq.update_job(_job_id(job_id), throttle=throttle), Job)
 
     def hold(self, job_id: str) -> Job:
@@ -174,14 +176,6 @@ class Client:
     def release(self, job_id: str) -> Job:
         """Let a held job start; a job not held is returned unchanged."""
         return self._call(rq.release_job(_job_id(job_id)), Job)
-
-    def spec(self, job_id: str) -> JobSpec:
-        """The spec a job (or array) was submitted with."""
-        return self._call(rq.job_spec(_job_id(job_id)), JobSpec)
-
-    def update(self, job_id: str, *, throttle: int) -> Job:
-        """Change an array's throttle (0: none)."""
-        return self._call(rq.update_job(_job_id(job_id), throttle=throttle), Job)
 
     def dashboard_link(self) -> str:
         """A single-use link that logs a browser in to the dashboard (valid two minutes)."""
