@@ -30,9 +30,11 @@ async def rows_of(
     backend: Backend, array_id: str, states: Collection[JobState] | None = ACTIVE_STATES
 ) -> list[Job]:
     """The rows ``list`` gives for one array (active ones by default): its started tasks
-    and its groups of tasks not started."""
+    by index, then its groups of tasks not started (the contract leaves their order to
+    the backend)."""
     page = await backend.list(user=None, states=states)
-    return [j for j in page.jobs if (j.array_job_id or j.id) == array_id]
+    rows = [j for j in page.jobs if (j.array_job_id or j.id) == array_id]
+    return sorted(rows, key=lambda j: (j.array_task_id is None, j.array_task_id or 0))
 
 
 def counts(job: Job) -> dict[str, int]:

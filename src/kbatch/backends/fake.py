@@ -48,6 +48,7 @@ from kbatch.backends.workqueue import WorkQueue, stop_workers
 from kbatch.dependencies import DependencyStatus, describe, evaluate, parse_dependency
 from kbatch.errors import (
     Conflict,
+    InvalidRequest,
     KbatchError,
     NotFound,
     ServiceUnavailable,
@@ -433,11 +434,11 @@ class FakeBackend(Backend):
         ref = parse_job_ref(job_id)
         array = self._arrays.get(ref.job_id)
         if array is not None and ref.index is None:
-            raise Conflict(
+            raise InvalidRequest(
                 f"job {job_id} is an array: give one task, such as {ref.job_id}_"
                 f"{array.indexes.first}",
-                status=409,
-                code="is_an_array",
+                status=422,
+                code="array_logs",
             )
         if array is not None:
             self._chosen(array, ref, job_id)
