@@ -387,3 +387,34 @@ def test_crafted_task_ids_are_the_usual_404(fake: KbatchServer, job_id: str) -> 
         assert answer["error"]["code"] == "not_found"
     with fake.client() as client:
         assert client.get("1").array_counts == {"PENDING": 4}  # nothing happened to it
+
+
+def test_the_same_commands_on_the_local_backend(server: KbatchServer, workdir: Path) -> None:
+    """The sweep, show, logs and resubmit with real processes: task 1 fails on its row."""
+    (workdir / "grid.csv").write_text("alpha\n0.0\n0.1\n0.2\n")
+
+    def run(*args: str) -> CliResult:
+        return server.cli(*args, cwd=workdir)
+
+    first = run(
+        "submit", "--params", "grid.csv", "--array=0-2%1", "--wait",
+        "--wrap", 'echo "alpha={alpha} task={index}"; test {alpha} != 0.1 || exit 4',
+    )  # fmt: skip
+    assert first.returncode == 4, first.stderr  # the highest exit code of its tasks
+    array_id = first.stdout.split()[-1]
+    assert (workdir / f"kbatch-{array_id}_2.out").read_text() == "alpha=0.2 task=2\n"
+    assert run("logs", f"{array_id}_1").stdout == "alpha=0.1 task=1\n"
+    shown = run("show", array_id).stdout
+    assert "TaskStates: COMPLETED=2,FAILED=1" in shown and "FailedTasks: 1\n" in shown
+    tasks = [line.split()[:3] for line in run("show", array_id, "--tasks").stdout.splitlines()]
+    assert tasks[1:] == [
+        [f"{array_id}_0", "COMPLETED", "0"],
+        [f"{array_id}_1", "FAILED", "4"],
+        [f"{array_id}_2", "COMPLETED", "0"],
+    ]
+    again = run("resubmit", array_id, "--failed", "--parsable")
+    assert again.returncode == 0, again.stderr
+    new_id = again.stdout.strip()
+    done = server.wait_state(new_id)
+    assert (done.state, done.array_tasks, done.exit_code) == (JobState.FAILED, "1", 4)
+    assert (workdir / f"kbatch-{new_id}_1.out").read_text() == "alpha=0.1 task=1\n"  # row 1
