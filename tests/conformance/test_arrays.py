@@ -230,8 +230,30 @@ async def test_hold_and_release_a_whole_array(harness: Harness) -> None:
         await ended(backend, f"{job.id}_0")
         await asyncio.sleep(1.0)
         assert (await backend.get(f"{job.id}_1")).state is JobState.PENDING  # still held
-        await backend.release(f"{job.id}_[1-2]")
+        await backend.release(job.id)
         await task_state(backend, f"{job.id}_1", JobState.RUNNING, within=harness.start_within)
+        await cancel_all(backend, job.id)
+
+
+async def test_release_some_tasks_of_a_held_array(harness: Harness) -> None:
+    """As ``scontrol release 123_[1-2]``: those tasks may start, the others stay held."""
+    async with harness.backend() as backend:
+        job = await backend.submit(
+            "alice", harness.array_spec("0-3", "run", hold=True), idempotency_key=None
+        )
+        await backend.release(f"{job.id}_[1-2]")
+        for index in (1, 2):
+            await task_state(
+                backend, f"{job.id}_{index}", JobState.RUNNING, within=harness.start_within
+            )
+        for index in (0, 3):
+            held = await backend.get(f"{job.id}_{index}")
+            assert (held.state, held.reason) == (JobState.PENDING, "JobHeldUser")
+        await backend.hold(f"{job.id}_3")  # holding a held task again changes nothing
+        await backend.cancel(f"{job.id}_1", by="alice")  # room for one more (2 CPUs)
+        await ended(backend, f"{job.id}_1")
+        await backend.release(f"{job.id}_0")
+        await task_state(backend, f"{job.id}_0", JobState.RUNNING, within=harness.start_within)
         assert (await backend.get(f"{job.id}_3")).reason == "JobHeldUser"
         await cancel_all(backend, job.id)
 
