@@ -272,9 +272,13 @@ def array_view(
     *,
     no_pod: str | None = None,
     waiting: str | None = None,
+    previous: ArrayView | None = None,
 ) -> ArrayView:
     """The array a Job (``base``: its model as a job, ``spec``: its recorded spec) and
-    its pods stand for; see the module's docstring."""
+    its pods stand for; see the module's docstring.  The rows of tasks that had ended
+    in ``previous`` (the view before this change) are kept as they were: an end is
+    final, and a long array's refresh then costs what changed, not what ran."""
+    ended_before = {} if previous is None else previous.tasks
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
     array_id = base.id
     order, _ = task_order(spec.array or "0")
@@ -350,6 +354,10 @@ def array_view(
         if k >= n:
             continue
         index = order[k]
+        kept = ended_before.get(index)
+        if kept is not None and kept.state.is_terminal and kept.array_job_id == array_id:
+            tasks[index] = kept
+            continue
         pod = newest.get(k)
         phase = ((pod or {}).get("status") or {}).get("phase")
         began, finished = _times(pod) if pod is not None else (None, None)

@@ -561,7 +561,8 @@ class KubernetesBackend(Backend):
         spec = _spec_of(obj)
         if spec is None or not spec.array:
             return model, None
-        view = array_view(obj, pods, model, spec, no_pod=no_pod, waiting=waiting)
+        previous = self._views.get(model.id)
+        view = array_view(obj, pods, model, spec, no_pod=no_pod, waiting=waiting, previous=previous)
         return view.job, view
 
     def _observe(self, obj: Any) -> dict[str, Any]:
