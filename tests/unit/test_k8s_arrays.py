@@ -220,3 +220,15 @@ def test_a_held_array_waits_as_one_row() -> None:
     view = view_of(obj, [])
     assert rows(view) == [("arr1", JobState.PENDING, "JobHeldUser", "0-9999")]
     assert view.rows()[0].array_throttle == 50 and view.job.array_throttle == 50
+
+
+def test_a_refresh_keeps_the_rows_of_ended_tasks() -> None:
+    obj = job_obj("0-3")
+    obj["status"] = {"completedIndexes": "0"}
+    before = view_of(obj, [pod(0, "Succeeded", exitCode=0), pod(1, "Running")])
+    spec = msgspec.json.decode(obj["metadata"]["annotations"][names.ANNOTATION_SPEC], type=JobSpec)
+    pods = [pod(1, "Failed", exitCode=2)]  # task 0's pod is gone; task 1 has ended
+    after = array_view(obj, pods, job_from_objects(obj, pods), spec, previous=before)
+    assert after.tasks[0] is before.tasks[0]  # not built again
+    assert (after.tasks[1].state, after.tasks[1].exit_code) == (JobState.FAILED, 2)
+    assert after.job.array_counts == {"COMPLETED": 1, "FAILED": 1, "PENDING": 2}
