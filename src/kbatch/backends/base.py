@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -37,6 +37,9 @@ from kbatch.backends.events import EventBroker, Subscription
 from kbatch.backends.userlimits import UserLimits
 from kbatch.errors import ConfigError, Conflict
 from kbatch.models import Job, JobList, JobSpec, JobState
+
+if TYPE_CHECKING:
+    from kbatch.server.blobs import BlobStore
 
 __all__ = [
     "BACKENDS",
@@ -155,6 +158,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[Any]]
+    # Whether jobs may name uploaded files (JobSpec.code): the backend then starts them in
+    # a copy of :attr:`uploads`' files and collects their results there when they end.
+    supports_code: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.hooks: JobHooks = JobHooks()
@@ -162,6 +168,8 @@ class Backend(abc.ABC):
         # (kbatch.server.app.create_app).  Enforced by the local backend; others ignore them.
         self.limits: UserLimits = UserLimits()
         self.events = EventBroker()
+        # The server's store of uploaded files (kbatch.server.blobs), set like the limits.
+        self.uploads: BlobStore | None = None
 
     @classmethod
     @abc.abstractmethod

@@ -28,11 +28,15 @@ __all__ = [
     "hold_job",
     "is_error_body",
     "job_logs",
+    "job_result_file",
+    "job_results",
     "list_jobs",
     "parse",
     "parse_event",
+    "put_blob",
     "release_job",
     "submit_job",
+    "upload_manifest",
     "whoami",
 ]
 
@@ -129,6 +133,29 @@ def job_logs(job_id: str, *, follow: bool = False, stream: str = "output") -> Re
     if follow:
         query["follow"] = "true"
     return Request("GET", _path("jobs", job_id, "logs", query=query))
+
+
+def upload_manifest(body: bytes) -> Request:
+    """POST an upload's manifest (JSON): stored if complete, else the answer says what to send."""
+    return Request("POST", _path("uploads"), body, {"Content-Type": "application/json"})
+
+
+def put_blob(digest: str, size: int) -> Request:
+    """PUT one file's bytes (the body is streamed by the client from the file)."""
+    return Request(
+        "PUT",
+        _path("blobs", digest),
+        None,
+        {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+    )
+
+
+def job_results(job_id: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "results"))
+
+
+def job_result_file(job_id: str, digest: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "results", digest))
 
 
 def whoami() -> Request:
