@@ -108,17 +108,16 @@ def walk(top: str | os.PathLike[str]) -> list[LocalFile]:
         raise SpecError(f"--code {given}: is {_kind(info.st_mode)}; give a folder or a file")
     root = os.path.realpath(given)
     found: list[LocalFile] = []
-    visited: set[str] = set()
-    # (path of the folder in the upload, its real path, the rules that apply in it)
-    stack: list[tuple[str, str, _Rules]] = [("", root, _Rules())]
+    # (path of the folder in the upload, its real path, the rules that apply in it, and
+    # the real paths of the folders above it: a symlink back to one of them is a loop)
+    stack: list[tuple[str, str, _Rules, frozenset[str]]] = [("", root, _Rules(), frozenset())]
     while stack:
-        prefix, real_dir, rules = stack.pop()
-        if real_dir in visited:
+        prefix, real_dir, rules, above = stack.pop()
+        if real_dir in above:
             raise SpecError(
-                f"--code {given}: the folder {prefix or '.'} is reached twice through symlinks "
-                "(a loop?); remove the link or list it in .kbatchignore"
+                f"--code {given}: {prefix.rstrip('/')} is a symlink to a folder above it (a "
+                "loop); remove the link or list it in .kbatchignore"
             )
-        visited.add(real_dir)
         rules = rules.below(prefix, Path(real_dir))
         try:
             names = sorted(os.listdir(real_dir))
@@ -161,7 +160,7 @@ def walk(top: str | os.PathLike[str]) -> list[LocalFile]:
                 )
             check_relative_path(path)
             if is_dir:
-                stack.append((path + "/", source, rules))
+                stack.append((path + "/", source, rules, above | {real_dir}))
             else:
                 executable = bool(info.st_mode & 0o100)
                 found.append(LocalFile(path, Path(source), info.st_size, executable))
