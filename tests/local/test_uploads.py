@@ -64,7 +64,7 @@ def sha(data: bytes) -> str:
 
 def raw(server: KbatchServer, method: str, path: str, body: bytes, token: str | None = None):
     parts = urlsplit(server.url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=30)
     try:
         conn.request(method, path, body, {"Authorization": f"Bearer {token or server.token}"})
         response = conn.getresponse()
@@ -253,7 +253,7 @@ def test_an_upload_cut_off_leaves_nothing_and_a_retry_sends_only_the_rest(
     with server.client() as client:
         client._put_file(sha(first), proj / "a.bin", len(first), None)
         # b.bin: the connection drops halfway through its body.
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=30)
         conn.putrequest("PUT", f"/api/v1/blobs/{sha(second)}")
         conn.putheader("Authorization", f"Bearer {server.token}")
         conn.putheader("Content-Length", str(len(second)))
