@@ -69,7 +69,9 @@ def test_a_job_of_another_account_reads_its_copy_and_cannot_change_the_store(
         upload = client.upload(proj)
         job = client.submit(JobSpec(script=script, workdir=str(home), code=upload.id))
         out = home / f"kbatch-{job.id}.out"
-        code = wait_for(lambda: _code_dir(out), what="the job to print its folder")
+        said = wait_for(lambda: _code_dir(out), what="the job to print its folder")
+        assert said is not None
+        code = said
         # While it runs: its folder is its own, and nobody else's to list or read.
         info = Path(code).stat()
         assert info.st_uid == uid and oct(info.st_mode & 0o777) == "0o700"
