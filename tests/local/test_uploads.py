@@ -291,3 +291,30 @@ def test_a_hostile_job_gets_no_trap_into_its_results(server: KbatchServer, workd
         client.wait(plain.id, poll=0.1, timeout=30)
         with pytest.raises(Conflict, match="not submitted with --code"):
             client.fetch(plain.id, workdir / "none")
+
+
+def test_the_readme_sweep_runs_as_written(server: KbatchServer, workdir: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support.jupyterhub import docs_block
+
+    block = docs_block("upload-sweep", Path(__file__).resolve().parents[2] / "README.md")
+    (workdir / "sweep").mkdir()
+    (workdir / "sweep" / "train.py").write_text("import sys\nprint('alpha', sys.argv[1])\n")
+    job = "".join(
+        line.removeprefix("#   ") + "\n" for line in block.splitlines() if line.startswith("#   ")
+    )
+    assert job.startswith("#!/bin/sh\n#KBATCH --code sweep\n")
+    (workdir / "run.sh").write_text(job)
+    env = server.env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    done = subprocess.run(
+        ["bash", "-euc", block], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    ids = (workdir / "jobs.txt").read_text().split()
+    assert len(ids) == 3
+    for job_id, alpha in zip(ids, ["0.1", "0.2", "0.5"], strict=True):
+        found = sorted(p.name for p in (workdir / "results" / job_id).iterdir())
+        assert found == [f"result-{alpha}.txt"]
+        assert (workdir / "results" / job_id / found[0]).read_text() == f"alpha {alpha}\n"
