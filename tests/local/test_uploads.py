@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from kbatch.client import Client
+from kbatch.client import requests as rq
 from kbatch.errors import Conflict, InvalidRequest, NotFound
 from kbatch.models import JobSpec, JobState
 from kbatch.uploads.manifest import UploadAnswer
@@ -251,7 +252,7 @@ def test_an_upload_cut_off_leaves_nothing_and_a_retry_sends_only_the_rest(
     manifest = manifest_of(files)
     parts = urlsplit(server.url)
     with server.client() as client:
-        client._put_file(sha(first), proj / "a.bin", len(first), None)
+        client._put_file(rq.put_blob(sha(first), len(first)), proj / "a.bin", None)
         # b.bin: the connection drops halfway through its body.
         conn = http.client.HTTPConnection(str(parts.hostname), parts.port, timeout=30)
         conn.putrequest("PUT", f"/api/v1/blobs/{sha(second)}")

@@ -27,13 +27,17 @@ __all__ = [
     "get_job",
     "hold_job",
     "is_error_body",
+    "job_code",
+    "job_code_file",
     "job_logs",
     "job_result_file",
     "job_results",
     "list_jobs",
     "parse",
     "parse_event",
+    "post_results",
     "put_blob",
+    "put_result",
     "release_job",
     "submit_job",
     "upload_manifest",
@@ -147,6 +151,30 @@ def put_blob(digest: str, size: int) -> Request:
         _path("blobs", digest),
         None,
         {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+    )
+
+
+def job_code(job_id: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "code"))
+
+
+def job_code_file(job_id: str, digest: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "code", digest))
+
+
+def put_result(job_id: str, digest: str, size: int) -> Request:
+    """PUT one result file from a job's pod (streamed, like :func:`put_blob`)."""
+    return Request(
+        "PUT",
+        _path("jobs", job_id, "results", digest),
+        None,
+        {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+    )
+
+
+def post_results(job_id: str, body: bytes) -> Request:
+    return Request(
+        "POST", _path("jobs", job_id, "results"), body, {"Content-Type": "application/json"}
     )
 
 

@@ -26,7 +26,7 @@ from kbatch.models import Identity, Job, JobEvent, JobList, JobSpec
 
 if TYPE_CHECKING:
     from kbatch.client.transfer import Progress
-    from kbatch.uploads.manifest import Manifest, UploadAnswer
+    from kbatch.uploads.manifest import FileEntry, Manifest, UploadAnswer
     from kbatch.uploads.tree import LocalFile
 
 __all__ = ["Client"]
@@ -269,7 +269,8 @@ class Client:
         if on_plan is not None:
             on_plan(len(answer.missing), sum(sizes[d] for d in answer.missing))
         for digest in answer.missing:
-            self._put_file(digest, sources[digest].source, sizes[digest], progress)
+            request = rq.put_blob(digest, sizes[digest])
+            self._put_file(request, sources[digest].source, progress)
         answer = self._call(rq.upload_manifest(body), UploadAnswer)
         if not answer.complete:
             raise TransportError(
@@ -278,9 +279,8 @@ class Client:
             )
         return answer
 
-    def _put_file(self, digest: str, source: Path, size: int, progress: Progress | None) -> None:
+    def _put_file(self, request: rq.Request, source: Path, progress: Progress | None) -> None:
         """PUT one file, streamed from disk; retried (from the start) on a lost connection."""
-        request = rq.put_blob(digest, size)
         headers = {"User-Agent": "kbatch-client", "Accept": "application/json", **request.headers}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -344,12 +344,7 @@ class Client:
         the paths written (or already there).  A result path that would leave ``dest``
         is refused before anything is written.
         """
-        from kbatch.client.transfer import (
-            already_there,
-            choose_results,
-            result_target,
-            write_verified,
-        )
+        from kbatch.client.transfer import already_there, choose_results, result_target
 
         job_id = _job_id(job_id)
         target = Path(dest) if dest is not None else Path(f"kbatch-{job_id}")
@@ -361,21 +356,29 @@ class Client:
         if on_plan is not None:
             on_plan(len(todo), sum(e.size for e in todo))
         for entry in todo:
-            response, body = self._send(rq.job_result_file(job_id, entry.sha256))
-            if response.status >= 400:
-                raise rq.error_from(response.status, response.read() if body is None else body)
-            try:
-                write_verified(target, entry, _blocks(response), progress)
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                if isinstance(exc, OSError) and exc.filename is not None:
-                    raise SpecError(f"cannot write {exc.filename}: {exc.strerror}") from exc
-                raise TransportError(f"lost the connection to {self.url}: {exc}") from exc
-            finally:
-                response.close()
-            if response.will_close:
-                self.close()
+            self._download(rq.job_result_file(job_id, entry.sha256), target, entry, progress)
         return [result_target(target, e.path) for e in chosen]
+
+    def _download(
+        self, request: rq.Request, dest: Path, entry: FileEntry, progress: Progress | None
+    ) -> None:
+        """GET one file into ``dest`` at ``entry.path``, checked against its sha256."""
+        from kbatch.client.transfer import write_verified
+
+        response, body = self._send(request)
+        if response.status >= 400:
+            raise rq.error_from(response.status, response.read() if body is None else body)
+        try:
+            write_verified(dest, entry, _blocks(response), progress)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            if isinstance(exc, OSError) and exc.filename is not None:
+                raise SpecError(f"cannot write {exc.filename}: {exc.strerror}") from exc
+            raise TransportError(f"lost the connection to {self.url}: {exc}") from exc
+        finally:
+            response.close()
+        if response.will_close:
+            self.close()
 
     def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None) -> Job:
         """Poll until the job has ended; :class:`~kbatch.errors.WaitTimeout` after ``timeout`` s."""

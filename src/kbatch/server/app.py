@@ -35,6 +35,7 @@ from kbatch.backends.derive import pending_job
 from kbatch.dependencies import parse_dependency
 from kbatch.errors import (
     ApiError,
+    AuthenticationError,
     Conflict,
     InvalidRequest,
     KbatchError,
@@ -57,7 +58,7 @@ from kbatch.models import (
     SubmitRequest,
 )
 from kbatch.server.auth.base import Authenticator, Credentials
-from kbatch.server.blobs import BlobStore
+from kbatch.server.blobs import TOKEN_PREFIX, BlobStore
 from kbatch.server.logtext import escaped
 from kbatch.server.openapi import STATES_PATTERN, openapi_document
 from kbatch.server.policy import Policy, check
@@ -319,6 +320,9 @@ class Api:
     async def put_blob(self, request: Request) -> Response:
         """One file's bytes, streamed to disk and checked against their sha256 as they come."""
         identity = await self.identity(request)
+        return await self._receive(request, identity.name)
+
+    async def _receive(self, request: Request, owner: str) -> Response:
         store = self._store()
         digest: str = request.path_params["digest"]
         if not is_digest(digest):
@@ -337,7 +341,7 @@ class Api:
                 code="too_large",
             )
         try:
-            size = await store.receive(identity.name, digest, request.stream(), max_bytes=limit)
+            size = await store.receive(owner, digest, request.stream(), max_bytes=limit)
         except ClientDisconnect:
             return error_response(400, "disconnected", "the upload was cut off; send it again")
         return json_response({"sha256": digest, "size": size}, 201)
@@ -383,6 +387,85 @@ class Api:
                 code="not_found",
             )
         return FileResponse(store.path(digest), media_type="application/octet-stream")
+
+    # -- a job's pod: its files in, its results out (transfer tokens) -------------
+
+    def _transfer_job(self, request: Request) -> str | None:
+        """The job of a transfer token (for this very job), or None for any other token."""
+        token = Credentials.from_request(request).token
+        if token is None or not token.startswith(TOKEN_PREFIX) or self.uploads is None:
+            return None
+        job_id = self.uploads.transfer_job(token)
+        if job_id is None:
+            raise AuthenticationError(
+                "the job's transfer token is not valid (expired?)", status=401, code="bad_token"
+            )
+        if job_id != request.path_params["job_id"]:
+            raise _no_job(request.path_params["job_id"])
+        request.state.user = f"job:{job_id}"
+        return job_id
+
+    async def _transfer_or_owner(self, request: Request) -> str:
+        job_id = self._transfer_job(request)
+        if job_id is not None:
+            return job_id
+        return (await self.owned_job(request, await self.identity(request))).id
+
+    def _pod_only(self, request: Request) -> str:
+        job_id = self._transfer_job(request)
+        if job_id is None:
+            raise PermissionDenied(
+                "only the job's own pod (with its transfer token) hands back its results",
+                status=403,
+                code="not_the_job",
+            )
+        return job_id
+
+    def _code_of(self, job_id: str) -> Manifest:
+        manifest = self._store().job_manifest(job_id)
+        if manifest is None:
+            raise Conflict(
+                f"job {job_id} was not submitted with --code", status=409, code="no_code"
+            )
+        return manifest
+
+    async def code(self, request: Request) -> Response:
+        """The manifest of the files the job was submitted with."""
+        return json_response(self._code_of(await self._transfer_or_owner(request)))
+
+    async def code_file(self, request: Request) -> Response:
+        """One file the job was submitted with, by its sha256."""
+        job_id = await self._transfer_or_owner(request)
+        digest: str = request.path_params["digest"]
+        if not is_digest(digest) or digest not in self._code_of(job_id).digests():
+            raise NotFound(
+                f"job {job_id} has no file with sha256 {digest[:80]!r}",
+                status=404,
+                code="not_found",
+            )
+        return FileResponse(self._store().path(digest), media_type="application/octet-stream")
+
+    async def put_result(self, request: Request) -> Response:
+        """One file of the job's results, from its pod, checked as any upload is."""
+        job_id = self._pod_only(request)
+        return await self._receive(request, f"job:{job_id}")
+
+    async def post_results(self, request: Request) -> Response:
+        """The job's results, from its pod: kept once every file in them has been sent."""
+        job_id = self._pod_only(request)
+        store = self._store()
+        self._code_of(job_id)
+        body = await _read_body(request, limit=MAX_MANIFEST_BODY)
+        manifest = check_manifest(
+            msgspec.json.decode(body, type=Manifest),
+            max_bytes=self.policy.max_upload_bytes,
+            max_files=self.policy.max_upload_files,
+            what="job's results",
+        )
+        answer = store.commit(f"job:{job_id}", manifest)
+        if answer.complete:
+            store.store_results(job_id, manifest)
+        return json_response(answer, 201 if answer.complete else 200)
 
     async def get_job(self, request: Request) -> Response:
         identity = await self.identity(request)
@@ -614,8 +697,10 @@ ROUTES: dict[str, dict[str, str]] = {
     f"{API_PREFIX}/jobs/{_JOB}/hold": {"POST": "hold"},
     f"{API_PREFIX}/jobs/{_JOB}/release": {"POST": "release"},
     f"{API_PREFIX}/jobs/{_JOB}/logs": {"GET": "logs"},
-    f"{API_PREFIX}/jobs/{_JOB}/results": {"GET": "results"},
-    f"{API_PREFIX}/jobs/{_JOB}/results/{{digest}}": {"GET": "result_file"},
+    f"{API_PREFIX}/jobs/{_JOB}/results": {"GET": "results", "POST": "post_results"},
+    f"{API_PREFIX}/jobs/{_JOB}/results/{{digest}}": {"GET": "result_file", "PUT": "put_result"},
+    f"{API_PREFIX}/jobs/{_JOB}/code": {"GET": "code"},
+    f"{API_PREFIX}/jobs/{_JOB}/code/{{digest}}": {"GET": "code_file"},
     f"{API_PREFIX}/uploads": {"POST": "upload"},
     f"{API_PREFIX}/blobs/{{digest}}": {"PUT": "put_blob"},
 }

@@ -6,6 +6,8 @@ Layout, in ``<state dir>/uploads/`` (on Kubernetes a volume the chart gives the 
     blobs/ab/ab12...ef.x    the same content executable (made when a manifest needs it)
     tmp/                    blobs being received; never seen by a job
     uploads.sqlite          who has uploaded what, manifests, and each job's upload and results
+    transfer.key            signs transfer tokens: what a job's pod uses to fetch its files
+                            and hand back its results (Kubernetes), that job's alone
 
 Per user: a user "has" a blob only if they sent it themselves (:meth:`BlobStore.missing`
 answers per user), so nobody learns from this store what anyone else uploaded,
@@ -26,6 +28,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import hmac
 import logging
 import os
 import sqlite3
@@ -49,10 +52,11 @@ from kbatch.uploads.manifest import (
 )
 from kbatch.uploads.results import changed_files
 
-__all__ = ["BlobStore"]
+__all__ = ["TOKEN_PREFIX", "BlobStore"]
 
 log = logging.getLogger("kbatch.uploads")
 F = TypeVar("F", bound=Callable[..., Any])
+TOKEN_PREFIX = "kbj1."  # noqa: S105 (a prefix) transfer tokens: kbj1.<job id>.<expiry>.<hmac>
 GRACE = 24 * 3600.0  # seconds an upload not (yet) used by a job is kept
 FICLONE = 0x40049409  # ioctl: a copy-on-write clone (btrfs, XFS), else a real copy
 
@@ -118,6 +122,7 @@ class BlobStore:
         # One connection, used from the event loop and from the backend's threads (a
         # job's copy, its results): one statement or query at a time.
         self._lock = threading.RLock()
+        self._key_bytes: bytes | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -145,6 +150,48 @@ class BlobStore:
         if self._db is None:
             raise RuntimeError("the blob store is not open")
         return self._db
+
+    # -- transfer tokens (a job's pod: its files in, its results out) -------------
+
+    def _key(self) -> bytes:
+        if self._key_bytes is not None:
+            return self._key_bytes
+        path = self.root / "transfer.key"
+        with contextlib.suppress(FileNotFoundError):
+            self._key_bytes = path.read_bytes()
+            return self._key_bytes
+        key = os.urandom(32)
+        tmp = self.root / f".transfer.key.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, key)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)  # the first replica's key wins
+        os.unlink(tmp)
+        self._key_bytes = path.read_bytes()
+        return self._key_bytes
+
+    def transfer_token(self, job_id: str, expires: float) -> str:
+        """A token good only for job ``job_id``'s files and results, until ``expires``."""
+        body = f"{job_id}.{int(expires)}"
+        mac = hmac.new(self._key(), body.encode(), hashlib.sha256).hexdigest()
+        return f"{TOKEN_PREFIX}{body}.{mac}"
+
+    def transfer_job(self, token: str) -> str | None:
+        """The job a transfer token is for, if it is one of ours and has not expired."""
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 300:
+            return None
+        job_id, _, rest = token[len(TOKEN_PREFIX) :].partition(".")
+        expires, _, mac = rest.partition(".")
+        if not (expires.isdigit() and job_id):
+            return None
+        body = f"{job_id}.{expires}"
+        good = hmac.new(self._key(), body.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(good, mac) or int(expires) < time.time():
+            return None
+        return job_id
 
     def path(self, digest: str, *, executable: bool = False) -> Path:
         if not is_digest(digest):
@@ -314,6 +361,14 @@ class BlobStore:
             "ON CONFLICT (job_id) DO UPDATE SET results = excluded.results",
             (job_id, user, ident, msgspec.json.encode(results)),
         )
+
+    @_locked
+    def store_results(self, job_id: str, results: Manifest) -> bool:
+        """The results a job's pod handed back; False if the job has no upload recorded."""
+        cursor = self.db.execute(
+            "UPDATE jobs SET results = ? WHERE job_id = ?", (msgspec.json.encode(results), job_id)
+        )
+        return cursor.rowcount > 0
 
     @_locked
     def results(self, job_id: str) -> Manifest | None:

@@ -301,11 +301,60 @@ def openapi_document() -> dict[str, Any]:
                 "security": security,
                 "parameters": [job_id],
                 "responses": {"200": _json(_ref("Manifest")), **errors(404, 409)},
-            }
+            },
+            "post": {
+                "summary": "The job's pod hands back its results (transfer token only)",
+                "description": "Kept once every file in it was sent (PUT "
+                "/jobs/{job_id}/results/{digest}); else missing lists what to send.",
+                "security": security,
+                "parameters": [job_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Manifest")}},
+                },
+                "responses": {
+                    "201": _json(_ref("UploadAnswer"), "Kept"),
+                    "200": _json(_ref("UploadAnswer"), "Not kept: send the missing files"),
+                    **errors(400, 404, 409, 413, 422),
+                },
+            },
         },
         f"{API_PREFIX}/jobs/{{job_id}}/results/{{digest}}": {
             "get": {
                 "summary": "The bytes of one of the job's results, by sha256",
+                "security": security,
+                "parameters": [job_id, digest],
+                "responses": {
+                    "200": {
+                        "description": "the file's bytes",
+                        "content": {"application/octet-stream": {}},
+                    },
+                    **errors(404, 409),
+                },
+            },
+            "put": {
+                "summary": "The job's pod sends one result file (transfer token only)",
+                "security": security,
+                "parameters": [job_id, digest],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/octet-stream": {}},
+                },
+                "responses": {"201": _json(stored, "Stored"), **errors(400, 404, 413, 422)},
+            },
+        },
+        f"{API_PREFIX}/jobs/{{job_id}}/code": {
+            "get": {
+                "summary": "The manifest of the files the job was submitted with",
+                "description": "For the job's pod (its transfer token) or its owner.",
+                "security": security,
+                "parameters": [job_id],
+                "responses": {"200": _json(_ref("Manifest")), **errors(404, 409)},
+            }
+        },
+        f"{API_PREFIX}/jobs/{{job_id}}/code/{{digest}}": {
+            "get": {
+                "summary": "One of the files the job was submitted with, by sha256",
                 "security": security,
                 "parameters": [job_id, digest],
                 "responses": {
