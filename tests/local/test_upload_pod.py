@@ -23,7 +23,7 @@ from tests.support.servers import KbatchServer
 def pod(action: str, where: Path, server: KbatchServer, job_id: str, token: str, **kw: object):
     env = {
         "PATH": os.environ["PATH"],
-        "KBATCH_URL": server.url,
+        "KBATCH_TRANSFER_URL": server.url,
         "KBATCH_JOB_ID": job_id,
         "KBATCH_TRANSFER_TOKEN": token,
     }

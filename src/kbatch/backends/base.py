@@ -158,9 +158,6 @@ class Backend(abc.ABC):
 
     name: ClassVar[str] = "base"
     config_class: ClassVar[type[Any]]
-    # Whether jobs may name uploaded files (JobSpec.code): the backend then starts them in
-    # a copy of :attr:`uploads`' files and collects their results there when they end.
-    supports_code: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.hooks: JobHooks = JobHooks()
@@ -181,6 +178,12 @@ class Backend(abc.ABC):
 
     async def stop(self) -> None:
         """Release resources.  Running jobs keep running."""
+
+    @property
+    def supports_code(self) -> bool:
+        """Whether jobs may name uploaded files (``JobSpec.code``): the backend then starts
+        them in a copy of :attr:`uploads`' files and keeps their results when they end."""
+        return False
 
     def health(self) -> BackendHealth:
         """Whether the backend can answer with current data."""

@@ -8,7 +8,7 @@ containers of their own beside it, sharing the ``/code`` volume::
                                                   # ended), hands back what is new or changed
     python -m kbatch.uploads.pod results /code    # the same, at once
 
-From the environment: ``KBATCH_URL`` (the server as the pod reaches it),
+From the environment: ``KBATCH_TRANSFER_URL`` (the server as the pod reaches it),
 ``KBATCH_JOB_ID`` and ``KBATCH_TRANSFER_TOKEN`` (good for this job's files and
 results alone, until the job's time is up).  Every path the server names is
 checked before anything is written, as ``kbatch fetch`` does.
@@ -90,14 +90,16 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         print("usage: python -m kbatch.uploads.pod download|results|sidecar DIR", file=sys.stderr)
         return 2
     missing = [
-        k for k in ("KBATCH_URL", "KBATCH_JOB_ID", "KBATCH_TRANSFER_TOKEN") if not environ.get(k)
+        k
+        for k in ("KBATCH_TRANSFER_URL", "KBATCH_JOB_ID", "KBATCH_TRANSFER_TOKEN")
+        if not environ.get(k)
     ]
     if missing:
         print(f"kbatch-transfer: {', '.join(missing)} not set", file=sys.stderr)
         return 2
     action, where = args[0], Path(args[1])
     url, token, job_id = (
-        environ["KBATCH_URL"],
+        environ["KBATCH_TRANSFER_URL"],
         environ["KBATCH_TRANSFER_TOKEN"],
         environ["KBATCH_JOB_ID"],
     )

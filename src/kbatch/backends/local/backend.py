@@ -129,7 +129,6 @@ class LocalBackend(Backend):
 
     name = "local"
     config_class = LocalConfig
-    supports_code = True
 
     def __init__(self, config: LocalConfig) -> None:
         super().__init__()
@@ -159,6 +158,10 @@ class LocalBackend(Backend):
                 raise ConfigError(f"config: {exc}") from exc
         values.setdefault("state_dir", state_dir)
         return cls(decode_section(values, LocalConfig, "local"))
+
+    @property
+    def supports_code(self) -> bool:
+        return True
 
     @property
     def store(self) -> JobStore:
