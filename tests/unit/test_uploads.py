@@ -266,3 +266,30 @@ def test_changed_files_sees_new_and_changed_and_nothing_a_job_could_trap(tmp_pat
     assert found[0].sha256 == hash_of(b"new") and found[1].executable
     others = [f.entry.path for f in changed_files(str(code), uploaded, owners=frozenset({12345}))]
     assert others == []  # files of another account are not results
+
+
+# -- the client's cache of hashes ------------------------------------------------------
+
+
+def test_the_hash_cache_skips_unchanged_files_and_never_trusts_a_racy_one(tmp_path: Path) -> None:
+    from kbatch.uploads.tree import HashCache
+
+    root = tree(tmp_path / "p", {"old.txt": "old", "new.txt": "new"})
+    os.utime(root / "old.txt", ns=(1_000_000_000, 1_000_000_000))  # 1970, as mtime says
+    cache_dir = tmp_path / "cache"
+    first = manifest_of(walk(root), cache=HashCache.for_folder(root, cache_dir))
+    cache = HashCache.for_folder(root, cache_dir)
+    # ctime is now, so even old.txt is too fresh to trust: nothing was remembered
+    assert cache.entries == {}
+    cache.RACY_NS = -(10**18)  # a cache that trusts any stamp, to see it used
+    manifest_of(walk(root), cache=cache)
+    remembered = HashCache.for_folder(root, cache_dir)
+    assert set(remembered.entries) == {str(root / "old.txt"), str(root / "new.txt")}
+    # A remembered hash is used without reading the file: a planted one shows through.
+    stamp, _ = remembered.entries[str(root / "old.txt")]
+    remembered.entries[str(root / "old.txt")] = (stamp, D1)
+    assert manifest_of(walk(root), cache=remembered).by_path()["old.txt"].sha256 == D1
+    # A changed file has another stamp: it is hashed again.
+    (root / "new.txt").write_text("changed")
+    again = manifest_of(walk(root), cache=remembered).by_path()["new.txt"]
+    assert again.sha256 == hash_of(b"changed") != first.by_path()["new.txt"].sha256

@@ -110,13 +110,15 @@ def _with_code(client: Client, spec: JobSpec, path: str, *, quiet: bool, dry_run
     import msgspec
 
     from kbatch.cli.progress import ProgressBar
-    from kbatch.uploads.tree import manifest_of, walk
+    from kbatch.paths import state_dir
+    from kbatch.uploads.tree import HashCache, manifest_of, walk
 
     files = walk(path)
     hashing = ProgressBar("hashing  ", enabled=not quiet)
     hashing.plan(len(files), sum(f.size for f in files))
     try:
-        manifest = manifest_of(files, hashing)
+        cache = HashCache.for_folder(path, state_dir() / "hashes")
+        manifest = manifest_of(files, hashing, cache)
     finally:
         hashing.close()
     if dry_run:

@@ -37,6 +37,7 @@ __all__ = [
     "parse_event",
     "post_results",
     "put_blob",
+    "put_blobs",
     "put_result",
     "release_job",
     "submit_job",
@@ -149,6 +150,16 @@ def put_blob(digest: str, size: int) -> Request:
     return Request(
         "PUT",
         _path("blobs", digest),
+        None,
+        {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+    )
+
+
+def put_blobs(size: int) -> Request:
+    """POST many small files at once (a body of frames the client streams, ``size`` bytes)."""
+    return Request(
+        "POST",
+        _path("blobs"),
         None,
         {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
     )

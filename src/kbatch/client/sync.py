@@ -36,6 +36,9 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 PAGE_SIZE = 5000  # jobs per request when listing; list() follows the pages
 HUB_RETRY_FOR = 2.0  # seconds of retries for a service found through JupyterHub
 BLOCK = 1024 * 1024  # bytes per write of a streamed upload
+SMALL_FILE = 1024 * 1024  # files up to this size travel many to a request ...
+BATCH_BYTES = 16 * 1024 * 1024  # ... up to about this many bytes
+BATCH_FILES = 2000
 
 
 def _job_id(job_id: str) -> str:
@@ -240,10 +243,11 @@ class Client:
         lacks (of those you sent before) are sent; ``on_plan(files, bytes)`` is told how
         much that is before it starts, ``progress(bytes)`` as it goes (hashing first).
         """
-        from kbatch.uploads.tree import manifest_of, walk
+        from kbatch.paths import state_dir
+        from kbatch.uploads.tree import HashCache, manifest_of, walk
 
         files = walk(path)
-        manifest = manifest_of(files)
+        manifest = manifest_of(files, cache=HashCache.for_folder(path, state_dir() / "hashes"))
         return self.upload_files(files, manifest, progress=progress, on_plan=on_plan)
 
     def upload_files(
@@ -268,9 +272,19 @@ class Client:
         sizes = {entry.sha256: entry.size for entry in manifest.files}
         if on_plan is not None:
             on_plan(len(answer.missing), sum(sizes[d] for d in answer.missing))
+        small = [d for d in answer.missing if sizes[d] <= SMALL_FILE]
         for digest in answer.missing:
-            request = rq.put_blob(digest, sizes[digest])
-            self._put_file(request, sources[digest].source, progress)
+            if sizes[digest] > SMALL_FILE:
+                request = rq.put_blob(digest, sizes[digest])
+                self._put_file(request, sources[digest].source, progress)
+        batch: list[tuple[str, Path, int]] = []
+        for digest in small:
+            batch.append((digest, sources[digest].source, sizes[digest]))
+            if sum(size for _, _, size in batch) >= BATCH_BYTES or len(batch) >= BATCH_FILES:
+                self._put_batch(batch, progress)
+                batch = []
+        if batch:
+            self._put_batch(batch, progress)
         answer = self._call(rq.upload_manifest(body), UploadAnswer)
         if not answer.complete:
             raise TransportError(
@@ -279,8 +293,47 @@ class Client:
             )
         return answer
 
+    def _put_batch(self, files: Sequence[tuple[str, Path, int]], progress: Progress | None) -> None:
+        """Many small files in one request: a frame each (``<sha256> <size>\\n`` + bytes)."""
+
+        def frames() -> Iterator[bytes]:
+            for digest, source, size in files:
+                yield f"{digest} {size:016x}\n".encode()
+                with open(source, "rb") as handle:
+                    data = handle.read(size)
+                # A file that shrank since it was hashed: its frame keeps its size (the
+                # server then refuses it as changed); one that grew is cut at its size.
+                yield data + bytes(size - len(data))
+                if progress is not None:
+                    progress(size)
+
+        total = sum(82 + size for _, _, size in files)
+        self._stream(rq.put_blobs(total), frames, progress=None)
+
     def _put_file(self, request: rq.Request, source: Path, progress: Progress | None) -> None:
         """PUT one file, streamed from disk; retried (from the start) on a lost connection."""
+
+        def blocks() -> Iterator[bytes]:
+            with open(source, "rb", buffering=0) as handle:
+                while block := handle.read(BLOCK):
+                    yield block
+                    if progress is not None:
+                        progress(len(block))
+
+        try:
+            self._stream(request, blocks, progress=progress)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise TransportError(f"cannot read {source}: {exc.strerror}") from exc
+
+    def _stream(
+        self,
+        request: rq.Request,
+        body: Callable[[], Iterator[bytes]],
+        *,
+        progress: Progress | None,
+    ) -> None:
+        """Send ``request`` with the blocks ``body()`` yields; retried (from the start) on a
+        lost connection, telling ``progress`` to take back what the failed try sent."""
         headers = {"User-Agent": "kbatch-client", "Accept": "application/json", **request.headers}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -290,42 +343,54 @@ class Client:
             sent = 0
             try:
                 conn = self._connection()
-                conn.putrequest("PUT", self._base_path + request.path, skip_accept_encoding=True)
+                conn.putrequest(
+                    request.method, self._base_path + request.path, skip_accept_encoding=True
+                )
                 for name, value in headers.items():
                     conn.putheader(name, value)
                 conn.endheaders()
-                with open(source, "rb", buffering=0) as handle:
-                    while block := handle.read(BLOCK):
-                        conn.send(block)
-                        sent += len(block)
-                        if progress is not None:
-                            progress(len(block))
+                for block in body():
+                    conn.send(block)
+                    sent += len(block)
                 response = conn.getresponse()
-                body = response.read()
+                answer = response.read()
+            except (FileNotFoundError, PermissionError):
+                self.close()
+                raise
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if progress is not None and sent:
                     progress(-sent)
-                if isinstance(exc, FileNotFoundError | PermissionError):
-                    raise TransportError(f"cannot read {source}: {exc.strerror}") from exc
                 if time.monotonic() + delay < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
                 raise TransportError(
-                    f"cannot send {source} to the kbatch server at {self.url}: {_reason(exc)}"
+                    f"cannot send files to the kbatch server at {self.url}: {_reason(exc)}"
                 ) from exc
             if response.will_close:
                 self.close()
             if response.status >= 400:
-                raise rq.error_from(response.status, body)
+                raise rq.error_from(response.status, answer)
             return
 
-    def results(self, job_id: str) -> Manifest:
-        """What the ended job left in its code directory that is new or changed."""
+    def results(self, job_id: str, *, wait: float = 60.0) -> Manifest:
+        """What the ended job left in its code directory that is new or changed.
+
+        A job that has just ended may still have its results being kept: that is
+        waited for, up to ``wait`` seconds.
+        """
+        from kbatch.errors import Conflict
         from kbatch.uploads.manifest import Manifest
 
-        return self._call(rq.job_results(_job_id(job_id)), Manifest)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._call(rq.job_results(_job_id(job_id)), Manifest)
+            except Conflict as exc:
+                if exc.code != "collecting" or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def fetch(
         self,

@@ -346,6 +346,21 @@ class Api:
             return error_response(400, "disconnected", "the upload was cut off; send it again")
         return json_response({"sha256": digest, "size": size}, 201)
 
+    async def put_blobs(self, request: Request) -> Response:
+        """Many small files in one request: frames of ``<sha256> <size, 16 hex digits>\\n``
+        and that many bytes, each streamed, checked and stored as any single upload."""
+        identity = await self.identity(request)
+        store = self._store()
+        limit = self.policy.max_upload_bytes
+        stored: list[dict[str, object]] = []
+        try:
+            async for digest, size, body in _frames(request.stream(), limit):
+                await store.receive(identity.name, digest, body, max_bytes=size)
+                stored.append({"sha256": digest, "size": size})
+        except ClientDisconnect:
+            return error_response(400, "disconnected", "the upload was cut off; send it again")
+        return json_response({"stored": stored}, 201)
+
     async def _results_of(self, request: Request) -> tuple[Job, BlobStore, Manifest]:
         identity = await self.identity(request)
         job = await self.owned_job(request, identity)
@@ -557,6 +572,77 @@ async def _ndjson(backend: Backend, user: str | None) -> AsyncIterator[bytes]:
         await events.aclose()
 
 
+FRAME_HEADER = 64 + 1 + 16 + 1  # "<sha256 hex> <size: 16 hex digits>\n"
+
+
+async def _frames(
+    chunks: AsyncIterator[bytes], max_size: int
+) -> AsyncIterator[tuple[str, int, AsyncIterator[bytes]]]:
+    """The blobs of a batch body, one at a time: ``(digest, size, its bytes)``.
+
+    Each blob's bytes must be read to the end before the next is asked for.
+    """
+    source = chunks.__aiter__()
+    buffer = bytearray()
+
+    async def more() -> bool:
+        try:
+            buffer.extend(await anext(source))
+        except StopAsyncIteration:
+            return False
+        return True
+
+    while True:
+        while len(buffer) < FRAME_HEADER:
+            if not await more():
+                if buffer:
+                    raise InvalidRequest(
+                        "the batch ends inside a frame header", status=400, code="bad_batch"
+                    )
+                return
+        header = bytes(buffer[:FRAME_HEADER])
+        del buffer[:FRAME_HEADER]
+        digest, size_hex = header[:64].decode("ascii", "replace"), header[65:81]
+        if not (is_digest(digest) and header[64:65] == b" " and header[81:] == b"\n"):
+            raise InvalidRequest(
+                "a batch frame must start with '<sha256> <size as 16 hex digits>\\n'",
+                status=400,
+                code="bad_batch",
+            )
+        try:
+            size = int(size_hex, 16)
+        except ValueError:
+            raise InvalidRequest(
+                "a frame's size is not hex", status=400, code="bad_batch"
+            ) from None
+        if size > max_size:
+            raise InvalidRequest(
+                f"a file of {size} bytes is over the limit of {max_size} bytes (policy "
+                "max_upload_bytes); leave it out with .kbatchignore",
+                status=413,
+                code="too_large",
+            )
+        left = size
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal left
+            while left:
+                if not buffer and not await more():
+                    raise InvalidRequest(
+                        "the batch ends inside a file; send it again", status=400, code="bad_batch"
+                    )
+                take = min(left, len(buffer))
+                chunk = bytes(buffer[:take])
+                del buffer[:take]
+                left -= take
+                yield chunk
+
+        blob = body()
+        yield digest, size, blob
+        async for _ in blob:  # what the consumer left unread
+            pass
+
+
 async def _sweep_uploads(store: BlobStore, backend: Backend) -> None:
     """Collect unused uploads, and the files of jobs whose records are gone, every hour."""
 
@@ -702,6 +788,7 @@ ROUTES: dict[str, dict[str, str]] = {
     f"{API_PREFIX}/jobs/{_JOB}/code": {"GET": "code"},
     f"{API_PREFIX}/jobs/{_JOB}/code/{{digest}}": {"GET": "code_file"},
     f"{API_PREFIX}/uploads": {"POST": "upload"},
+    f"{API_PREFIX}/blobs": {"POST": "put_blobs"},
     f"{API_PREFIX}/blobs/{{digest}}": {"PUT": "put_blob"},
 }
 

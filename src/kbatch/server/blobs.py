@@ -123,6 +123,7 @@ class BlobStore:
         # job's copy, its results): one statement or query at a time.
         self._lock = threading.RLock()
         self._key_bytes: bytes | None = None
+        self._unsynced = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -259,11 +260,11 @@ class BlobStore:
                 )
             target = self.path(digest)
             os.fchmod(fd, 0o444)
-            os.fsync(fd)
             with self._lock:  # not while a sweep decides what is unused
                 if not target.exists():
                     target.parent.mkdir(mode=0o700, exist_ok=True)
                     os.replace(name, target)
+                    self._unsynced = True  # made durable before a manifest can name it
                 self._own(user, digest)
             return size
         finally:
@@ -311,6 +312,11 @@ class BlobStore:
             bytes=manifest.total_bytes,
         )
         if not missing:
+            if self._unsynced:
+                # Blobs are written without an fsync each (one per file would cost more
+                # than the upload); they are on disk before any job can start from them.
+                os.sync()
+                self._unsynced = False
             now = time.time()
             self.db.execute(
                 "INSERT OR REPLACE INTO manifests (user, id, body, at) VALUES (?, ?, ?, ?)",

@@ -143,6 +143,30 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
+        f"{API_PREFIX}/blobs": {
+            "post": {
+                "summary": "Send many small files in one request",
+                "description": "The body is frames, each '<sha256> <size as 16 hex "
+                "digits>\\n' and then that many bytes.  Each file is stored as PUT "
+                "/blobs/{digest} stores one (hashed as it streams; 422 on a mismatch, "
+                "413 over max_upload_bytes); files before a refused one stay stored.",
+                "security": security,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/octet-stream": {}},
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "properties": {"stored": {"type": "array", "items": stored}},
+                        },
+                        "Stored",
+                    ),
+                    **errors(400, 404, 413, 422),
+                },
+            }
+        },
         f"{API_PREFIX}/blobs/{{digest}}": {
             "put": {
                 "summary": "Send one file's bytes, named by their sha256",

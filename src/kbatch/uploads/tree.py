@@ -17,14 +17,26 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kbatch.errors import SpecError
+
+if TYPE_CHECKING:
+    from pathspec import GitIgnoreSpec
 from kbatch.uploads.manifest import FileEntry, Manifest, check_relative_path
 
-__all__ = ["IGNORE_FILES", "LocalFile", "hash_file", "manifest_of", "walk"]
+__all__ = [
+    "IGNORE_FILES",
+    "HashCache",
+    "LocalFile",
+    "hash_file",
+    "manifest_of",
+    "walk",
+]
 
 IGNORE_FILES = (".gitignore", ".kbatchignore")
 ALWAYS_SKIPPED = frozenset({".git"})
@@ -33,24 +45,89 @@ CHUNK = 1024 * 1024
 
 @dataclass(frozen=True)
 class LocalFile:
-    """A file to upload: its path in the upload, where to read it, and its mode."""
+    """A file to upload: its path in the upload, where to read it, and its mode.
+
+    ``stamp`` (size, mtime, ctime, inode, device) tells a file unchanged since it
+    was last hashed (see :class:`HashCache`).
+    """
 
     path: str
     source: Path
     size: int
     executable: bool
+    stamp: tuple[int, ...] = ()
+
+
+def _stamp(info: os.stat_result) -> tuple[int, ...]:
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
+
+
+class HashCache:
+    """The sha256 of files hashed before, by where they are and their stamp, as git's
+    index keeps them: a folder submitted again is not read again, only listed.
+
+    A file changed within two seconds of being hashed could keep its stamp (a clock
+    tick holds many writes), so such files are never remembered ("racy git").  Kept
+    in one JSON file per folder; a cache that cannot be read is an empty one.
+    """
+
+    RACY_NS = 2_000_000_000
+
+    def __init__(self, path: Path | None) -> None:
+        import msgspec
+
+        self.path = path
+        self.entries: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.changed = False
+        if path is not None:
+            try:
+                raw = msgspec.json.decode(path.read_bytes(), type=dict[str, tuple[list[int], str]])
+                self.entries = {k: (tuple(v[0]), v[1]) for k, v in raw.items()}
+            except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+                self.entries = {}
+
+    @classmethod
+    def for_folder(cls, folder: str | os.PathLike[str], base: Path) -> HashCache:
+        key = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:32]
+        return cls(base / f"{key}.json")
+
+    def get(self, file: LocalFile) -> str | None:
+        found = self.entries.get(str(file.source))
+        return found[1] if found is not None and file.stamp and found[0] == file.stamp else None
+
+    def put(self, file: LocalFile, sha256: str, size: int) -> None:
+        if not file.stamp or size != file.size:
+            return
+        newest = max(file.stamp[1], file.stamp[2])
+        if newest > time.time_ns() - self.RACY_NS:
+            return
+        self.entries[str(file.source)] = (file.stamp, sha256)
+        self.changed = True
+
+    def save(self, keep: set[str]) -> None:
+        """Write the cache, with entries of the files in ``keep`` only."""
+        import msgspec
+
+        if self.path is None or not (self.changed or set(self.entries) - keep):
+            return
+        entries = {k: v for k, v in self.entries.items() if k in keep}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(msgspec.json.encode(entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a cache: losing it costs a rehash, nothing else
 
 
 class _Rules:
     """The ignore files seen so far, outermost first: ``(folder prefix, spec)``."""
 
-    def __init__(self, layers: tuple[tuple[str, object], ...] = ()) -> None:
+    def __init__(self, layers: tuple[tuple[str, GitIgnoreSpec], ...] = ()) -> None:
         self.layers = layers
 
     def below(self, prefix: str, directory: Path) -> _Rules:
-        import pathspec
-
-        added: list[tuple[str, object]] = []
+        added: list[tuple[str, GitIgnoreSpec]] = []
         for name in IGNORE_FILES:
             try:
                 text = (directory / name).read_text(errors="replace")
@@ -58,15 +135,14 @@ class _Rules:
                 continue
             except OSError as exc:
                 raise SpecError(f"cannot read {directory / name}: {exc.strerror}") from exc
+            import pathspec  # only where there are rules: its import takes a while
+
             added.append((prefix, pathspec.GitIgnoreSpec.from_lines(text.splitlines())))
         return _Rules(self.layers + tuple(added)) if added else self
 
     def ignored(self, path: str, is_dir: bool) -> bool:
-        import pathspec
-
         result = False
         for prefix, spec in self.layers:
-            assert isinstance(spec, pathspec.GitIgnoreSpec)
             relative = path[len(prefix) :] + ("/" if is_dir else "")
             include = spec.check_file(relative).include
             if include is not None:
@@ -103,7 +179,9 @@ def walk(top: str | os.PathLike[str]) -> list[LocalFile]:
     if stat.S_ISREG(info.st_mode):
         name = given.resolve().name
         check_relative_path(name, what="file name")
-        return [LocalFile(name, given.resolve(), info.st_size, bool(info.st_mode & 0o111))]
+        return [
+            LocalFile(name, given.resolve(), info.st_size, bool(info.st_mode & 0o111), _stamp(info))
+        ]
     if not stat.S_ISDIR(info.st_mode):
         raise SpecError(f"--code {given}: is {_kind(info.st_mode)}; give a folder or a file")
     root = os.path.realpath(given)
@@ -163,7 +241,7 @@ def walk(top: str | os.PathLike[str]) -> list[LocalFile]:
                 stack.append((path + "/", source, rules, above | {real_dir}))
             else:
                 executable = bool(info.st_mode & 0o100)
-                found.append(LocalFile(path, Path(source), info.st_size, executable))
+                found.append(LocalFile(path, Path(source), info.st_size, executable, _stamp(info)))
     found.sort(key=lambda f: f.path)
     return found
 
@@ -185,15 +263,28 @@ def hash_file(path: Path) -> tuple[str, int]:
 
 
 def manifest_of(
-    files: Iterable[LocalFile], progress: Callable[[int], None] | None = None
+    files: Iterable[LocalFile],
+    progress: Callable[[int], None] | None = None,
+    cache: HashCache | None = None,
 ) -> Manifest:
-    """The manifest of ``files`` (hashing each); ``progress`` is told of every file's size."""
+    """The manifest of ``files`` (hashing each, unless ``cache`` knows it unchanged);
+    ``progress`` is told of every file's size."""
     entries: list[FileEntry] = []
+    seen: set[str] = set()
     for file in files:
-        sha256, size = hash_file(file.source)
+        known = cache.get(file) if cache is not None else None
+        if known is not None:
+            sha256, size = known, file.size
+        else:
+            sha256, size = hash_file(file.source)
+            if cache is not None:
+                cache.put(file, sha256, size)
+        seen.add(str(file.source))
         entries.append(
             FileEntry(path=file.path, sha256=sha256, size=size, executable=file.executable)
         )
         if progress is not None:
             progress(size)
+    if cache is not None:
+        cache.save(seen)
     return Manifest(files=entries)
