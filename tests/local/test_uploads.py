@@ -319,3 +319,29 @@ def test_the_readme_sweep_runs_as_written(server: KbatchServer, workdir: Path) -
         found = sorted(p.name for p in (workdir / "results" / job_id).iterdir())
         assert found == [f"result-{alpha}.txt"]
         assert (workdir / "results" / job_id / found[0]).read_text() == f"alpha {alpha}\n"
+
+
+def test_a_batch_of_small_files_is_checked_file_by_file(server: KbatchServer) -> None:
+    good, bad = os.urandom(1000), b"not what its frame says"
+
+    def frame(digest: str, data: bytes, size: int | None = None) -> bytes:
+        return f"{digest} {len(data) if size is None else size:016x}\n".encode() + data
+
+    status, body = raw(server, "POST", "/api/v1/blobs", frame(sha(good), good))
+    assert (status, body["stored"]) == (201, [{"sha256": sha(good), "size": 1000}])
+    assert blob_exists(server, sha(good))
+    other = os.urandom(10)
+    status, body = raw(
+        server, "POST", "/api/v1/blobs", frame(sha(other), other) + frame(sha(b"x"), bad)
+    )
+    assert (status, body["error"]["code"]) == (422, "digest_mismatch")
+    assert blob_exists(server, sha(other))  # a file before the refused one stays stored
+    status, body = raw(server, "POST", "/api/v1/blobs", b"garbage\n" * 20)
+    assert (status, body["error"]["code"]) == (400, "bad_batch")
+    status, body = raw(server, "POST", "/api/v1/blobs", frame(sha(good), good, size=5000))
+    assert (status, body["error"]["code"]) == (400, "bad_batch")  # ends inside the file
+    huge = f"{sha(b'')} {MAX_BYTES + 1:016x}\n".encode()
+    status, body = raw(server, "POST", "/api/v1/blobs", huge)
+    assert status == 413 and "max_upload_bytes" in body["error"]["message"]
+    tmp, _ = store_dirs(server)
+    assert list(tmp.iterdir()) == []

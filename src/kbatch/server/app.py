@@ -359,6 +359,8 @@ class Api:
                 stored.append({"sha256": digest, "size": size})
         except ClientDisconnect:
             return error_response(400, "disconnected", "the upload was cut off; send it again")
+        if not stored:
+            raise InvalidRequest("the batch holds no files", status=400, code="bad_batch")
         return json_response({"stored": stored}, 201)
 
     async def _results_of(self, request: Request) -> tuple[Job, BlobStore, Manifest]:
@@ -426,9 +428,10 @@ class Api:
             return job_id
         return (await self.owned_job(request, await self.identity(request))).id
 
-    def _pod_only(self, request: Request) -> str:
+    async def _pod_only(self, request: Request) -> str:
         job_id = self._transfer_job(request)
         if job_id is None:
+            await self.identity(request)  # no token, or a bad one: 401 first
             raise PermissionDenied(
                 "only the job's own pod (with its transfer token) hands back its results",
                 status=403,
@@ -462,12 +465,12 @@ class Api:
 
     async def put_result(self, request: Request) -> Response:
         """One file of the job's results, from its pod, checked as any upload is."""
-        job_id = self._pod_only(request)
+        job_id = await self._pod_only(request)
         return await self._receive(request, f"job:{job_id}")
 
     async def post_results(self, request: Request) -> Response:
         """The job's results, from its pod: kept once every file in them has been sent."""
-        job_id = self._pod_only(request)
+        job_id = await self._pod_only(request)
         store = self._store()
         self._code_of(job_id)
         body = await _read_body(request, limit=MAX_MANIFEST_BODY)

@@ -217,7 +217,8 @@ class BlobStore:
                 [user, *part],
             )
             have.update(row[0] for row in rows)
-        return [d for d in wanted if d not in have or not self.exists(d)]
+        # An owner's row goes with the blob (sweep), so a row means the blob is there.
+        return [d for d in wanted if d not in have]
 
     @_locked
     def _own(self, user: str, digest: str) -> None:
@@ -318,15 +319,25 @@ class BlobStore:
                 os.sync()
                 self._unsynced = False
             now = time.time()
-            self.db.execute(
-                "INSERT OR REPLACE INTO manifests (user, id, body, at) VALUES (?, ?, ?, ?)",
-                (user, ident, msgspec.json.encode(manifest), now),
-            )
-            # What the manifest uses stays this user's as long as the manifest is kept.
-            self.db.executemany(
-                "UPDATE owners SET at = ? WHERE user = ? AND digest = ?",
-                [(now, user, d) for d in manifest.digests()],
-            )
+            known = self.db.execute(
+                "UPDATE manifests SET at = ? WHERE user = ? AND id = ?", (now, user, ident)
+            ).rowcount
+            if not known:  # (the same upload again only says it is still wanted)
+                self.db.execute("BEGIN")
+                try:
+                    self.db.execute(
+                        "INSERT INTO manifests (user, id, body, at) VALUES (?, ?, ?, ?)",
+                        (user, ident, msgspec.json.encode(manifest), now),
+                    )
+                    # What the manifest uses stays this user's while the manifest is kept.
+                    self.db.executemany(
+                        "UPDATE owners SET at = ? WHERE user = ? AND digest = ?",
+                        [(now, user, d) for d in manifest.digests()],
+                    )
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+                self.db.execute("COMMIT")
         return answer
 
     @_locked

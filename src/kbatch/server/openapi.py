@@ -176,7 +176,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": security,
                 "parameters": [digest],
                 "requestBody": {
-                    "required": True,
+                    "required": False,  # an empty file's body is empty
                     "content": {"application/octet-stream": {}},
                 },
                 "responses": {"201": _json(stored, "Stored"), **errors(400, 404, 413, 422)},
