@@ -120,11 +120,34 @@ def test_submit_code_runs_in_a_fresh_copy_and_fetch_gets_what_is_new_or_changed(
     assert (dest / "data.txt").read_text() == "input\nchanged\n"
     assert (dest / "out" / "answer.csv").read_text() == "42\n"
 
+    quiet = server.cli("fetch", "--parsable", job_id, "again", cwd=workdir)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+    assert (workdir / "again" / "note.txt").read_text() == "note\n"
     only = server.cli("fetch", job_id, "csvs", "--results", "*.csv", cwd=workdir)
     assert only.returncode == 0, only.stderr
     assert only.stdout.split() == ["csvs/out/answer.csv"]
     rest = server.cli("fetch", job_id, "rest", "--ignore", "out/", "--ignore", "data.txt")
     assert rest.returncode == 0 and rest.stdout.split() == [str(Path("rest/note.txt"))]
+
+
+def test_test_only_hashes_but_sends_and_submits_nothing(
+    server: KbatchServer, workdir: Path
+) -> None:
+    proj = project(workdir / "dry")
+    token = server.add_token("dry-runner")
+    result = server.cli(
+        "submit", "--test-only", "--code", "dry", "--wrap", "true", cwd=workdir,
+        env={"KBATCH_TOKEN": token, "KBATCH_URL": server.url},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (
+        "--code" in result.stderr and "5 files" in result.stderr and "not uploaded" in result.stderr
+    )
+    with Client(server.url, token) as client:
+        plans: list[tuple[int, int]] = []
+        client.upload(proj, on_plan=lambda n, size: plans.append((n, size)))
+        assert plans and plans[0][0] == 5  # nothing of it had been sent
+        assert client.list(include_finished=True) == []
 
 
 def test_a_sweep_shares_one_upload_and_a_resubmit_sends_only_what_changed(
