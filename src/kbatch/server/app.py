@@ -466,7 +466,7 @@ class Api:
     async def put_result(self, request: Request) -> Response:
         """One file of the job's results, from its pod, checked as any upload is."""
         job_id = await self._pod_only(request)
-        return await self._receive(request, f"job:{job_id}")
+        return await self._receive(request, _pod_owner(job_id))
 
     async def post_results(self, request: Request) -> Response:
         """The job's results, from its pod: kept once every file in them has been sent."""
@@ -480,7 +480,7 @@ class Api:
             max_files=self.policy.max_upload_files,
             what="job's results",
         )
-        answer = store.commit(f"job:{job_id}", manifest)
+        answer = store.commit(_pod_owner(job_id), manifest)
         if answer.complete:
             store.store_results(job_id, manifest)
         return json_response(answer, 201 if answer.complete else 200)
@@ -644,6 +644,12 @@ async def _frames(
         yield digest, size, blob
         async for _ in blob:  # what the consumer left unread
             pass
+
+
+def _pod_owner(job_id: str) -> str:
+    """Whom a job's pod counts as in the blob store: no user can have this name (NUL), so
+    no user learns from "missing" what a job's pod has sent, nor the other way round."""
+    return f"\x00job:{job_id}"
 
 
 async def _sweep_uploads(store: BlobStore, backend: Backend) -> None:
