@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from kbatch.errors import InvalidRequest
+from kbatch.models import JobSpec
+from kbatch.server.app import _sweep_uploads
 from kbatch.server.blobs import BlobStore
 from kbatch.uploads.manifest import FileEntry, Manifest
+from tests.support.memory_backend import MemoryBackend
 
 
 def sha(data: bytes) -> str:
@@ -169,3 +172,31 @@ def test_sweep_collects_what_nothing_uses(tmp_path: Path) -> None:
         assert [p for shard in store.blobs.iterdir() for p in shard.iterdir()] == []
     finally:
         store.close()
+
+
+def test_the_servers_sweep_asks_the_backend_which_jobs_are_left(tmp_path: Path) -> None:
+    async def scenario() -> tuple[bool, bool]:
+        store = BlobStore(tmp_path / "uploads", grace=0)
+        store.open()
+        backend = MemoryBackend()
+        await backend.start()
+        try:
+            await store.receive("alice", sha(b"kept"), chunks(b"kept"), max_bytes=100)
+            await store.receive("alice", sha(b"gone"), chunks(b"gone"), max_bytes=100)
+            kept = store.commit("alice", manifest_of(k=b"kept")).id
+            gone = store.commit("alice", manifest_of(g=b"gone")).id
+            job = await backend.submit("alice", JobSpec(script="#!/bin/sh\n"), idempotency_key=None)
+            store.attach(job.id, "alice", kept)
+            store.attach("no-such-job", "alice", gone)
+            sweeper = asyncio.create_task(_sweep_uploads(store, backend, every=0.01))
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if not store.exists(sha(b"gone")):
+                    break
+            sweeper.cancel()
+            return store.exists(sha(b"kept")), store.exists(sha(b"gone"))
+        finally:
+            await backend.stop()
+            store.close()
+
+    assert asyncio.run(scenario()) == (True, False)

@@ -652,7 +652,7 @@ def _pod_owner(job_id: str) -> str:
     return f"\x00job:{job_id}"
 
 
-async def _sweep_uploads(store: BlobStore, backend: Backend) -> None:
+async def _sweep_uploads(store: BlobStore, backend: Backend, every: float = SWEEP_EVERY) -> None:
     """Collect unused uploads, and the files of jobs whose records are gone, every hour."""
 
     async def alive(job_ids: list[str]) -> set[str]:
@@ -666,7 +666,7 @@ async def _sweep_uploads(store: BlobStore, backend: Backend) -> None:
         return living
 
     while True:
-        await asyncio.sleep(SWEEP_EVERY)
+        await asyncio.sleep(every)
         try:
             removed = await store.sweep(alive)
             if removed:
