@@ -120,13 +120,26 @@ def test_materialize_copies_or_links_and_keeps_the_executable_bit(
     assert store.path(sha(b"data")).read_bytes() == b"data"
     linked = tmp_path / "linked"
     linked.mkdir()
-    store.materialize(manifest, linked, link=True)
-    assert (linked / "data.txt").stat().st_ino == store.path(sha(b"data")).stat().st_ino
-    assert stat.S_IMODE((linked / "data.txt").stat().st_mode) == 0o444
+    store.materialize(manifest, linked, link=True, user="alice")
+    twin = linked / "data.txt"
+    assert stat.S_IMODE(twin.stat().st_mode) == 0o444
+    assert twin.stat().st_ino != store.path(sha(b"data")).stat().st_ino  # never the blob itself
     run = linked / "bin/run.sh"
     assert os.access(run, os.X_OK) and stat.S_IMODE(run.stat().st_mode) == 0o555
     # the plain blob stays not executable: the twin is a file of its own
     assert stat.S_IMODE(store.path(sha(b"#!/bin/sh\n")).stat().st_mode) == 0o444
+    # Alice's second job shares her twin; Bob's job links his own: a link count that one
+    # user's job sees counts that user's jobs, never anyone else's.
+    again = tmp_path / "again"
+    again.mkdir()
+    store.materialize(manifest, again, link=True, user="alice")
+    assert (again / "data.txt").stat().st_ino == twin.stat().st_ino
+    assert twin.stat().st_nlink == 3  # the twin, and alice's two jobs
+    bobs = tmp_path / "bobs"
+    bobs.mkdir()
+    store.materialize(manifest, bobs, link=True, user="bob")
+    assert (bobs / "data.txt").stat().st_ino != twin.stat().st_ino
+    assert twin.stat().st_nlink == 3 and (bobs / "data.txt").stat().st_nlink == 2
 
 
 def test_collect_keeps_new_and_changed_files_as_the_jobs_results(
@@ -137,7 +150,7 @@ def test_collect_keeps_new_and_changed_files_as_the_jobs_results(
     ident = store.commit("alice", manifest).id
     code = tmp_path / "code"
     code.mkdir()
-    store.materialize(manifest, code, link=True)
+    store.materialize(manifest, code, link=True, user="alice")
     (code / "out.txt").write_bytes(b"output")
     results = store.collect("7", "alice", ident, code, owners=None)
     assert [e.path for e in results.files] == ["out.txt"]

@@ -3,7 +3,8 @@
 Layout, in ``<state dir>/uploads/`` (on Kubernetes a volume the chart gives the server)::
 
     blobs/ab/ab12...ef      one file per distinct content, named by its sha256, read-only
-    blobs/ab/ab12...ef.x    the same content executable (made when a manifest needs it)
+    blobs/ab/ab12...ef.K    one user's read-only twin of it, for hard links into their
+                            jobs' folders (run_as_user); .K.x executable
     tmp/                    blobs being received; never seen by a job
     uploads.sqlite          who has uploaded what, manifests, and each job's upload and results
     transfer.key            signs transfer tokens: what a job's pod uses to fetch its files
@@ -194,10 +195,14 @@ class BlobStore:
             return None
         return job_id
 
-    def path(self, digest: str, *, executable: bool = False) -> Path:
+    def path(self, digest: str) -> Path:
         if not is_digest(digest):
             raise ValueError(f"not a sha256 digest: {digest!r}")
-        return self.blobs / digest[:2] / (digest + (".x" if executable else ""))
+        return self.blobs / digest[:2] / digest
+
+    def _twin_path(self, digest: str, user: str, *, executable: bool) -> Path:
+        key = hashlib.sha256(user.encode()).hexdigest()[:16]
+        return self.path(digest).with_name(f"{digest}.{key}{'.x' if executable else ''}")
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
@@ -402,14 +407,22 @@ class BlobStore:
     # -- a job's copy, and what it left ------------------------------------------
 
     def materialize(
-        self, manifest: Manifest, dest: Path, *, link: bool, owner: tuple[int, int] | None = None
+        self,
+        manifest: Manifest,
+        dest: Path,
+        *,
+        link: bool,
+        owner: tuple[int, int] | None = None,
+        user: str = "",
     ) -> None:
         """The manifest's files in the new, empty folder ``dest``.
 
-        ``link``: hard links to the store's read-only, root-owned blobs (only when the
+        ``link``: hard links to read-only, root-owned files of the store (only when the
         job runs as another account, which can then neither write nor chmod them; a
-        job that writes a file replaces it).  Else each file is a copy (a clone where
-        the filesystem can), owned by ``owner``.
+        job that writes a file replaces it).  They link to ``user``'s own twin of each
+        blob, never to the blob itself: a link count seen by one user's job counts
+        that user's jobs only, and says nothing of anyone else's uploads.  Else each
+        file is a copy (a clone where the filesystem can), owned by ``owner``.
         """
         made: list[Path] = []
         for entry in manifest.files:
@@ -426,10 +439,9 @@ class BlobStore:
             source = self.path(entry.sha256)
             mode = 0o755 if entry.executable else 0o644
             if link:
-                if entry.executable:
-                    source = self._executable_twin(entry.sha256)
+                twin = self._twin(entry.sha256, user, executable=entry.executable)
                 try:
-                    os.link(source, target)
+                    os.link(twin, target)
                     continue
                 except OSError as exc:
                     if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
@@ -441,14 +453,16 @@ class BlobStore:
             for path in made:
                 os.lchown(path, *owner)
 
-    def _executable_twin(self, digest: str) -> Path:
-        twin = self.path(digest, executable=True)
+    def _twin(self, digest: str, user: str, *, executable: bool) -> Path:
+        """``user``'s read-only (0444, or 0555) copy of a blob, for hard links, made once."""
+        twin = self._twin_path(digest, user, executable=executable)
         if not twin.exists():
+            mode = 0o555 if executable else 0o444
             fd, name = _temp(self.tmp)
             os.close(fd)
             os.unlink(name)
-            _copy(self.path(digest), Path(name), 0o555)
-            os.chmod(name, 0o555)  # noqa: S103 (read and run, by the job's account)
+            _copy(self.path(digest), Path(name), mode)
+            os.chmod(name, mode)
             os.replace(name, twin)
         return twin
 
@@ -472,7 +486,7 @@ class BlobStore:
         for entry in uploaded.files:
             for executable in (False, True):
                 with contextlib.suppress(OSError):
-                    info = self.path(entry.sha256, executable=executable).stat()
+                    info = self._twin_path(entry.sha256, user, executable=executable).stat()
                     blob_inodes.add((info.st_dev, info.st_ino))
         found: list[FileEntry] = []
         total = 0
@@ -540,7 +554,7 @@ class BlobStore:
         removed = 0
         for shard in self.blobs.iterdir():
             for blob in shard.iterdir():
-                if blob.name.removesuffix(".x") not in used:
+                if blob.name.partition(".")[0] not in used:  # its twins go with it
                     with contextlib.suppress(FileNotFoundError):
                         blob.unlink()
                         removed += 1

@@ -833,7 +833,9 @@ class LocalBackend(Backend):
             shutil.rmtree(code)  # left by an interrupted launch
         code.mkdir(mode=0o700)
         owner = None if account is None else (account.uid, account.gid)
-        self.uploads.materialize(manifest, code, link=account is not None, owner=owner)
+        self.uploads.materialize(
+            manifest, code, link=account is not None, owner=owner, user=record.user
+        )
         if owner is not None:
             os.chown(code, *owner)  # last: until now the job's account could not look in
         return code
