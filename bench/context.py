@@ -27,6 +27,7 @@ class Counts:
     list_sizes: tuple[int, ...]  # jobs in the queue for the listing figures
     slurm_list_sizes: tuple[int, ...]  # the same for Slurm (filled with sbatch: slower)
     list_runs: int  # fresh `kqueue` / `squeue` processes per queue size
+    dependency_pairs: int  # (job, job waiting on it with afterok) pairs for the dependency latency
 
 
 FULL = Counts(
@@ -39,6 +40,7 @@ FULL = Counts(
     list_sizes=(1000, 10000),
     slurm_list_sizes=(1000, 10000),
     list_runs=15,
+    dependency_pairs=15,
 )
 QUICK = Counts(
     cli_runs=10,
@@ -50,6 +52,7 @@ QUICK = Counts(
     list_sizes=(1000, 10000),
     slurm_list_sizes=(1000,),
     list_runs=5,
+    dependency_pairs=5,
 )
 
 
@@ -66,6 +69,8 @@ class Context:
     scratch: Path  # removed at the end of the run
     cache: Path  # kept between runs (the PyPI kbatch virtual environment)
     tools: dict[str, str] = field(default_factory=dict)  # name -> version, for the report
+    # Only the steps that measure one of these figures (``--metrics``); None: every step.
+    metrics: frozenset[str] | None = None
     log: Callable[[str], None] = log
 
 

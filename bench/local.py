@@ -7,11 +7,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import arrays
 from bench.context import Context, wait_until
 from bench.kbatch_server import KbatchServer, QueuedServer, cli_path
 from bench.measure import (
     add_rate,
     concurrent_rate,
+    dependency_latencies,
     dispatch_latencies,
     end_to_end,
     run_step,
@@ -114,6 +116,33 @@ def run(ctx: Context, result: SectionResult) -> None:
                 )
             )
 
+        def dependency() -> None:
+            def first(stamp: Path) -> str:
+                return client.submit(job_spec("ends.sh", workdir=work, args=[str(stamp)])).id
+
+            def after(first_id: str, stamp: Path) -> str:
+                options = ["--dependency", f"afterok:{first_id}"]
+                spec = job_spec("stamp.sh", workdir=work, args=[str(stamp)], options=options)
+                return client.submit(spec).id
+
+            samples = dependency_latencies(
+                counts.dependency_pairs,
+                first,
+                after,
+                lambda j: _wait_done(client, j),
+                work / "stamps-dependency",
+            )
+            result.add(
+                Metric.from_samples(
+                    "dependency",
+                    "end of a job → start of the job waiting on it (`afterok`)",
+                    "s",
+                    samples,
+                    note="`date +%s.%N` as the first job's last command → the same as the "
+                    "second's first; HTTP API; one pair at a time",
+                )
+            )
+
         def rate_api() -> None:
             rate = sequential_rate(counts.rate_jobs, submit_api)
             drain(rate.last_id)
@@ -181,6 +210,7 @@ def run(ctx: Context, result: SectionResult) -> None:
         run_step(
             result, ctx, "submit-to-start latency (kbatch submit)", ("dispatch_cli",), latency_cli
         )
+        run_step(result, ctx, "end of a job to start of its dependent", ("dependency",), dependency)
         run_step(result, ctx, "submit rate (HTTP API)", ("submit_rate_api",), rate_api)
         run_step(
             result,
@@ -191,6 +221,15 @@ def run(ctx: Context, result: SectionResult) -> None:
         )
         run_step(result, ctx, "submit rate (kbatch submit)", ("submit_rate_cli",), rate_cli)
         run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+        run_step(
+            result,
+            ctx,
+            "arrays",
+            ("array_submit_api", "array_submit_cli", "kqueue_array_10000", "array_e2e_1000"),
+            lambda: arrays.measure_local(
+                ctx, result, client, server.env(), work, scripts, kbatch, cli_path("kqueue")
+            ),
+        )
         peak = server.peak_rss_mib()
         if peak is not None:
             result.add(

@@ -69,6 +69,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"run only these sections ({', '.join(SECTIONS)}; default all)",
     )
     parser.add_argument(
+        "--metrics",
+        type=lambda text: frozenset(n.strip() for n in text.split(",") if n.strip()),
+        default=None,
+        metavar="FIGURE[,FIGURE]",
+        help="in the sections run, only the steps that measure these figures "
+        "(e.g. --only local,slurm,kubernetes --metrics dependency); default all",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smaller counts: a smoke run, not figures to quote"
     )
     parser.add_argument(
@@ -184,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer=CommandTimer(hyperfine),
         scratch=scratch,
         cache=cache_dir(),
+        metrics=args.metrics,
     )
     ctx.tools["timing"] = hyperfine_note if hyperfine else f"time.perf_counter ({hyperfine_note})"
     log(
@@ -203,7 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         started=started,
         mode="quick" if args.quick else "full",
         machine=machine,
-        options={"sections": args.only, "counts": ctx.counts.__dict__, "install": args.install},
+        options={
+            "sections": args.only,
+            "metrics": sorted(args.metrics) if args.metrics is not None else None,
+            "counts": ctx.counts.__dict__,
+            "install": args.install,
+        },
     )
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     json_path, md_path = write_results(run, args.output_dir, stamp)

@@ -9,11 +9,13 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import arrays
 from bench.context import Context, wait_until
 from bench.machine import peak_rss_mib
 from bench.measure import (
     add_rate,
     concurrent_rate,
+    dependency_latencies,
     dispatch_latencies,
     end_to_end,
     run_step,
@@ -66,6 +68,16 @@ class Slurm:
             timeout=60,
         )
         return out.stdout.strip()
+
+    def cancel(self, job_id: str) -> None:
+        scancel = shutil.which("scancel") or "/usr/bin/scancel"
+        subprocess.run([scancel, job_id], env=self.env, check=True, timeout=60)
+        wait_until(
+            lambda: not self.state(job_id).strip(),
+            timeout=120,
+            interval=0.05,
+            what=f"Slurm job {job_id} to go from the queue",
+        )
 
     def queued(self) -> int:
         out = subprocess.run(
@@ -163,6 +175,27 @@ def _measure(ctx: Context, result: SectionResult, cluster: SlurmCluster) -> None
             )
         )
 
+    def dependency() -> None:
+        samples = dependency_latencies(
+            counts.dependency_pairs,
+            lambda stamp: slurm.submit(str(scripts["ends.sh"]), str(stamp)),
+            lambda first, stamp: slurm.submit(
+                f"--dependency=afterok:{first}", str(scripts["stamp.sh"]), str(stamp)
+            ),
+            slurm.wait_done,
+            work / "stamps-dependency",
+        )
+        result.add(
+            Metric.from_samples(
+                "dependency",
+                "end of a job → start of the job waiting on it (`sbatch -d afterok:`)",
+                "s",
+                samples,
+                note="`date +%s.%N` as the first job's last command → the same as the "
+                "second's first; one pair at a time",
+            )
+        )
+
     def rate() -> None:
         measured = sequential_rate(counts.rate_jobs, submit_trivial)
         slurm.drain(measured.last_id)
@@ -205,9 +238,27 @@ def _measure(ctx: Context, result: SectionResult, cluster: SlurmCluster) -> None
         )
 
     run_step(result, ctx, "submit-to-start latency", ("dispatch",), latency)
+    run_step(result, ctx, "end of a job to start of its dependent", ("dependency",), dependency)
     run_step(result, ctx, "submit rate", ("submit_rate",), rate)
     run_step(result, ctx, "concurrent submit rate", ("submit_rate_concurrent",), rate_concurrent)
     run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+    run_step(
+        result,
+        ctx,
+        "arrays",
+        ("array_submit", "squeue_array_10000", "array_e2e_1000"),
+        lambda: arrays.measure_slurm(
+            ctx,
+            result,
+            slurm.submit,
+            slurm.drain,
+            slurm.cancel,
+            slurm.env,
+            work,
+            scripts,
+            slurm.squeue,
+        ),
+    )
     run_step(
         result,
         ctx,

@@ -147,6 +147,7 @@ def slurm_conf(
         "JobCompType=jobcomp/filetxt",
         f"JobCompLoc={layout.jobcomp}",
         "MaxJobCount=100000",
+        "MaxArraySize=100001",
         "ReturnToService=2",
         "MpiDefault=none",
         "SwitchType=switch/none",

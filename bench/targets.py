@@ -1,4 +1,4 @@
-"""What is compared with what, and the targets of issue 5.  Pure data.
+"""What is compared with what, and the targets of issues 5 and 13.  Pure data.
 
 Metric references are ``section.metric[:stat]`` (see :mod:`bench.report`).
 """
@@ -57,6 +57,11 @@ COMPARISONS: list[Comparison] = [
         "peak memory at 10,000 jobs: kbatch server vs slurmctld",
         "local.server_peak_rss_10000",
         "slurm.slurmctld_peak_rss_10000",
+    ),
+    Comparison(
+        "end of a job → start of its dependent (`afterok`), median: kbatch vs Slurm",
+        "local.dependency",
+        "slurm.dependency",
     ),
     # 4. Kubernetes backend against kubectl on the same control plane
     Comparison(
@@ -143,6 +148,15 @@ TARGETS: list[Target] = [
         figure="Slurm ÷ kbatch",
     ),
     Target(
+        "local: end of a job → start of its dependent faster than Slurm's (median)",
+        kind="ratio",
+        a="local.dependency",
+        b="slurm.dependency",
+        op="<",
+        threshold=1,
+        figure="kbatch ÷ Slurm",
+    ),
+    Target(
         "`kqueue` with 10,000 jobs under 0.3 s end to end",
         kind="value",
         a="local.kqueue_10000",
@@ -184,5 +198,39 @@ TARGETS: list[Target] = [
         op=">=",
         threshold=0.5,
         figure="upload ÷ floor",
+    ),
+    Target(
+        "submitting a 10,000-task array no slower than Slurm (`kbatch submit` vs `sbatch`)",
+        kind="ratio",
+        a="slurm.array_submit",
+        b="local.array_submit_cli",
+        op=">=",
+        threshold=1,
+        figure="Slurm ÷ kbatch",
+    ),
+    Target(
+        "`kqueue` with a 10,000-task array pending no slower than `squeue`",
+        kind="ratio",
+        a="slurm.squeue_array_10000",
+        b="local.kqueue_array_10000",
+        op=">=",
+        threshold=1,
+        figure="Slurm ÷ kbatch",
+    ),
+    Target(
+        "a 1,000-task array of `true` at 100 tasks/s or more (submit → last end under 10 s)",
+        kind="value",
+        a="local.array_e2e_1000",
+        op="<=",
+        threshold=10,
+        figure="seconds",
+    ),
+    Target(
+        "Kubernetes: end of a job → start of its dependent within 1 s (median, kwok nodes)",
+        kind="value",
+        a="kubernetes.dependency",
+        op="<=",
+        threshold=1,
+        figure="dependency",
     ),
 ]

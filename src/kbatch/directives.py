@@ -89,7 +89,7 @@ OPTIONS: tuple[OptionDef, ...] = (
         "output",
         "o",
         "PATTERN",
-        "stdout file; %j job id, %x job name, %u user (default kbatch-%j.out)",
+        "stdout file; %j job id, %x name, %u user, %A array, %a task (default kbatch-%j.out)",
     ),
     _h("error", "e", "PATTERN", "stderr file (default: joined with the output)"),
     _h("open-mode", None, "append|truncate", "how to open the output files (default truncate)"),
@@ -162,7 +162,12 @@ OPTIONS: tuple[OptionDef, ...] = (
     _ignored("acctg-freq", None, "FREQ", _CLUSTER),
     _ignored("verbose", "v", None, "kbatch has no verbose mode"),
     _ignored("quiet", "Q", None, "kbatch is quiet already"),
-    _deferred("array", "a", "INDEXES"),
+    _h(
+        "array",
+        "a",
+        "INDEXES",
+        "a job array: 0-31, 1,3,5, 1-7:2, with %N to run at most N tasks at once (0-99%10)",
+    ),
     _h(
         "dependency",
         "d",
@@ -183,6 +188,14 @@ OPTIONS: tuple[OptionDef, ...] = (
     OptionDef(
         "wrap", None, "COMMAND", Support.CLI, "run COMMAND in a /bin/sh script instead of SCRIPT"
     ),
+    OptionDef(
+        "params",
+        None,
+        "FILE.csv",
+        Support.CLI,
+        "a sweep: one task per data row, each column a variable; {column} in --wrap",
+    ),
+    OptionDef("seq", None, "N", Support.CLI, "an array of N tasks, 0 to N-1 (--array=0-(N-1))"),
     OptionDef("parsable", None, None, Support.CLI, "print the job id alone"),
     OptionDef("json", None, None, Support.CLI, "print the submitted job as JSON"),
     OptionDef(

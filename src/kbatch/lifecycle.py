@@ -19,7 +19,8 @@ from __future__ import annotations
 import enum
 import re
 
-from kbatch.errors import NotFound
+from kbatch.arrays import IndexSet, parse_array
+from kbatch.errors import NotFound, SpecError
 from kbatch.models import TERMINAL_STATES, JobState
 
 __all__ = [
@@ -62,20 +63,33 @@ def check_transition(old: JobState, new: JobState, reason: str | None = None) ->
         raise IllegalTransition(f"RUNNING to PENDING needs a requeue reason, not {reason!r}")
 
 
-_REF = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]{0,62})(?:_([0-9]{1,9}))?")
+_REF = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]{0,62})(?:_(?:([0-9]{1,9})|\[([0-9,:-]{1,4096})\]))?")
 
 
 class JobRef:
-    """A job id as users write it: ``ID`` (a job, or a whole array) or ``ID_INDEX`` (a task)."""
+    """A job id as users write it: ``ID`` (a job, or a whole array), ``ID_INDEX`` (a task)
+    or ``ID_[1-5,9]`` (some tasks of an array, in ``--array``'s grammar)."""
 
-    __slots__ = ("index", "job_id")
+    __slots__ = ("index", "indexes", "job_id")
 
-    def __init__(self, job_id: str, index: int | None = None) -> None:
+    def __init__(
+        self, job_id: str, index: int | None = None, indexes: IndexSet | None = None
+    ) -> None:
         self.job_id = job_id
         self.index = index
+        self.indexes = indexes
 
     def __str__(self) -> str:
+        if self.indexes is not None:
+            return f"{self.job_id}_[{self.indexes}]"
         return self.job_id if self.index is None else f"{self.job_id}_{self.index}"
+
+    @property
+    def tasks(self) -> IndexSet | None:
+        """The task indexes named (one for ``ID_INDEX``), or None for a whole job or array."""
+        if self.indexes is not None:
+            return self.indexes
+        return None if self.index is None else IndexSet.of([self.index])
 
     def __repr__(self) -> str:
         return f"JobRef({str(self)!r})"
@@ -91,5 +105,11 @@ def parse_job_ref(text: str) -> JobRef:
     match = _REF.fullmatch(text)  # fullmatch: "$" would let a trailing newline in
     if match is None:
         raise NotFound(f"no job {text!r}", status=404, code="not_found")
-    index = match.group(2)
+    index, bracket = match.group(2), match.group(3)
+    if bracket is not None:
+        try:
+            indexes = parse_array(bracket).indexes
+        except SpecError:
+            raise NotFound(f"no job {text!r}", status=404, code="not_found") from None
+        return JobRef(match.group(1), indexes=indexes)
     return JobRef(match.group(1), None if index is None else int(index))

@@ -28,6 +28,8 @@ __all__ = [
     "JobSpec",
     "JobState",
     "SubmitRequest",
+    "SweepParams",
+    "UpdateRequest",
 ]
 
 API_PREFIX = "/api/v1"
@@ -74,6 +76,14 @@ PathStr = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=_SH
 ValueStr = Annotated[str, msgspec.Meta(pattern=_NO_NUL)]
 
 
+class SweepParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A sweep's table (``--params FILE.csv``): task ``i`` gets ``rows[i]``, each column
+    an environment variable of the task (see :mod:`kbatch.arrays`)."""
+
+    columns: list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]]
+    rows: list[list[ValueStr]]
+
+
 class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """What a user asks for: everything needed to run one batch job.
 
@@ -110,10 +120,23 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
     # (POST /api/v1/uploads).  The job starts in a fresh copy of them ($KBATCH_CODE_DIR);
     # any number of jobs may name the same upload.
     code: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")] | None = None
+    # An array (sbatch --array): Slurm's index grammar with an optional %N throttle,
+    # e.g. "0-9999%50"; one task per index.  The server stores it normalised.
+    array: Annotated[str, msgspec.Meta(min_length=1, max_length=65536, pattern=_SHOWN)] | None = (
+        None
+    )
+    # A sweep: one row per task index (kbatch submit --params FILE.csv).
+    params: SweepParams | None = None
 
 
 class SubmitRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     spec: JobSpec
+
+
+class UpdateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What ``POST /jobs/{id}/update`` changes: an array's throttle (0: no throttle)."""
+
+    throttle: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)]
 
 
 class Job(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -143,6 +166,13 @@ class Job(msgspec.Struct, kw_only=True, omit_defaults=False):
     # ``array_task_id``; their ``id`` is ``<array_job_id>_<array_task_id>``.
     array_job_id: str | None = None
     array_task_id: int | None = None
+    # A row that stands for several tasks of an array (those not started yet, as
+    # squeue shows ``123_[8-9999%50]``; or, from ``GET /jobs/123``, the whole array):
+    # their indexes in Slurm's form, the array's throttle, and (whole array) the
+    # number of tasks in each state.  ``id`` is then the array's id.
+    array_tasks: str | None = None
+    array_throttle: int | None = None
+    array_counts: dict[str, int] | None = None
     dependency: str | None = None
     begin: datetime | None = None
 

@@ -42,6 +42,7 @@ __all__ = [
     "expand_output",
     "main",
     "merge_parameters",
+    "parse_value",
 ]
 
 PARAMETERS_ENV = "KBATCH_NOTEBOOK_PARAMETERS"
@@ -102,9 +103,31 @@ def expand_output(pattern: str, environ: Mapping[str, str]) -> str:
     return _TOKEN.sub(substitute, pattern)
 
 
+def parse_value(text: str) -> Any:
+    """A ``-p`` value typed as papermill types it: True/False, None, int, float, else str."""
+    if text == "True":
+        return True
+    if text == "False":
+        return False
+    if text == "None":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def merge_parameters(payload: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """The payload's parameters, overridden by those in ``KBATCH_NOTEBOOK_PARAMETERS``."""
+    """The payload's parameters, then a sweep task's row (its columns are variables of the
+    task, typed as ``-p`` values are), then those in ``KBATCH_NOTEBOOK_PARAMETERS``."""
     parameters: dict[str, Any] = dict(payload.get("parameters") or {})
+    for column in payload.get("sweep") or ():
+        if column in environ:
+            parameters[column] = parse_value(environ[column])
     extra = environ.get(PARAMETERS_ENV)
     if extra:
         try:

@@ -32,6 +32,7 @@ from typing import Any
 from kbatch.directives import ParsedOptions
 from kbatch.errors import SpecError
 from kbatch.models import MAX_SCRIPT_BYTES
+from kbatch.notebook_runner import parse_value
 from kbatch.patterns import check_pattern
 
 __all__ = [
@@ -80,24 +81,6 @@ class Notebook:
     language: str | None
     parameters_cell: int | None  # index of the first cell tagged ``parameters``
     known: tuple[str, ...] | None  # names the parameters cell assigns
-
-
-def parse_value(text: str) -> Any:
-    """A ``-p`` value typed as papermill types it: True/False, None, int, float, else str."""
-    if text == "True":
-        return True
-    if text == "False":
-        return False
-    if text == "None":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 _AFTER_HELP = (
@@ -323,7 +306,12 @@ def _job_notebook(notebook: Notebook, parameters: dict[str, Any]) -> dict[str, A
 
 
 def build_notebook_script(
-    notebook: Notebook, parameters: dict[str, Any], *, output: str, runner_source: str
+    notebook: Notebook,
+    parameters: dict[str, Any],
+    *,
+    output: str,
+    runner_source: str,
+    sweep_columns: tuple[str, ...] = (),
 ) -> str:
     """The batch script of a notebook job: the runner, then the payload."""
     from kbatch.notebook_runner import PAYLOAD_VERSION, encode_payload
@@ -336,6 +324,8 @@ def build_notebook_script(
         "output": output,
         "parameters": parameters,
         "known": list(notebook.known) if notebook.known is not None else None,
+        # A sweep: each task reads these parameters from its row's variables.
+        "sweep": list(sweep_columns),
         "notebook": _job_notebook(notebook, parameters),
     }
     header = (
@@ -379,8 +369,19 @@ def refuse_notebook_options(cli: ParsedOptions) -> None:
             raise SpecError(f"{found.describe()} is for notebooks; submit a NOTEBOOK.ipynb")
 
 
-def notebook_job_script(path: str, words: list[str], cli: ParsedOptions, *, cwd: str) -> str:
-    """``kbatch submit NOTEBOOK.ipynb WORDS...``: the job's script, or :class:`SpecError`."""
+def notebook_job_script(
+    path: str,
+    words: list[str],
+    cli: ParsedOptions,
+    *,
+    cwd: str,
+    sweep_columns: tuple[str, ...] | None = None,
+) -> str:
+    """``kbatch submit NOTEBOOK.ipynb WORDS...``: the job's script, or :class:`SpecError`.
+
+    ``sweep_columns`` (an array, with the columns of its ``--params`` CSV): each task
+    runs the notebook with its row's values as parameters and its own output notebook.
+    """
     args = parse_notebook_words(words)
 
     def option(dest: str, after: str | None) -> str | None:
@@ -393,12 +394,34 @@ def notebook_job_script(path: str, words: list[str], cli: ParsedOptions, *, cwd:
     notebook = parse_notebook(_read(path), path, kernel=kernel)
     yaml_values = load_params_yaml(params_yaml) if params_yaml else {}
     parameters = resolve_parameters(notebook, yaml_values, args.parameters)
+    columns = sweep_columns or ()
+    if columns:
+        _check_sweep_columns(notebook, columns)
     if output is None:
         where = posixpath.dirname(posixpath.normpath(posixpath.join(cwd, path)))
         stem = notebook.name[: -len(".ipynb")].replace("%", "%%")
-        output = posixpath.join(where, f"{stem}-%j.ipynb")
+        suffix = "%A_%a" if sweep_columns is not None else "%j"
+        output = posixpath.join(where, f"{stem}-{suffix}.ipynb")
     if not output.endswith(".ipynb"):
         raise SpecError(f"--nb-output {output}: the executed notebook's name must end in .ipynb")
     check_pattern(output)
     runner = files("kbatch").joinpath("notebook_runner.py").read_text(encoding="utf-8")
-    return build_notebook_script(notebook, parameters, output=output, runner_source=runner)
+    return build_notebook_script(
+        notebook, parameters, output=output, runner_source=runner, sweep_columns=columns
+    )
+
+
+def _check_sweep_columns(notebook: Notebook, columns: tuple[str, ...]) -> None:
+    """A sweep's columns are the notebook's parameters: each must be one it assigns."""
+    if notebook.known is None:
+        raise SpecError(
+            f"{notebook.name} has no cell tagged 'parameters', so a --params sweep cannot set "
+            "its columns; tag the cell that sets their defaults with 'parameters'"
+        )
+    unknown = [name for name in columns if name not in notebook.known]
+    if unknown:
+        raise SpecError(
+            f"--params: column {', '.join(repr(n) for n in unknown)} is not a parameter of "
+            f"{notebook.name} (its parameters cell assigns {', '.join(notebook.known) or 'nothing'}); "
+            "rename the column or add the parameter to that cell"
+        )

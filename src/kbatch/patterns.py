@@ -7,15 +7,29 @@ import re
 
 from kbatch.errors import SpecError
 
-__all__ = ["DEFAULT_OUTPUT", "check_pattern", "expand_pattern", "resolve_output"]
+__all__ = [
+    "DEFAULT_ARRAY_OUTPUT",
+    "DEFAULT_OUTPUT",
+    "check_pattern",
+    "expand_pattern",
+    "resolve_output",
+]
 
 DEFAULT_OUTPUT = "kbatch-%j.out"
+DEFAULT_ARRAY_OUTPUT = "kbatch-%A_%a.out"
 _TOKEN = re.compile(r"%(\d*)([a-zA-Z%])")
 _KNOWN = "jJxuAaN%"
 
 
 def expand_pattern(
-    pattern: str, *, job_id: str, name: str, user: str, node: str = "localhost"
+    pattern: str,
+    *,
+    job_id: str,
+    name: str,
+    user: str,
+    node: str = "localhost",
+    array_id: str | None = None,
+    task: int | None = None,
 ) -> str:
     """Replace ``%j %J`` (job id), ``%x`` (name), ``%u`` (user), ``%A``/``%a`` (array), ``%N``, ``%%``.
 
@@ -33,8 +47,8 @@ def expand_pattern(
         value = {
             "j": job_id,
             "J": job_id,
-            "A": job_id,
-            "a": "0",
+            "A": array_id or job_id,
+            "a": "0" if task is None else str(task),
             "x": name,
             "u": user,
             "N": node,
@@ -45,9 +59,29 @@ def expand_pattern(
     return _TOKEN.sub(substitute, pattern)
 
 
-def resolve_output(pattern: str | None, *, workdir: str, job_id: str, name: str, user: str) -> str:
-    """The absolute path of an output file, relative patterns under the working directory."""
-    expanded = expand_pattern(pattern or DEFAULT_OUTPUT, job_id=job_id, name=name, user=user)
+def resolve_output(
+    pattern: str | None,
+    *,
+    workdir: str,
+    job_id: str,
+    name: str,
+    user: str,
+    array_id: str | None = None,
+    task: int | None = None,
+) -> str:
+    """The absolute path of an output file, relative patterns under the working directory.
+
+    The default is ``kbatch-%j.out``, and ``kbatch-%A_%a.out`` for a task of an array.
+    """
+    default = DEFAULT_OUTPUT if task is None else DEFAULT_ARRAY_OUTPUT
+    expanded = expand_pattern(
+        pattern or default,
+        job_id=job_id,
+        name=name,
+        user=user,
+        array_id=array_id,
+        task=task,
+    )
     return posixpath.normpath(posixpath.join(workdir, expanded))
 
 

@@ -13,10 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from kbatch.arrays import check_params, parse_array
 from kbatch.dependencies import parse_dependency
 from kbatch.directives import OptionValue, ParsedOptions, Support, parse_directives
 from kbatch.errors import SpecError
-from kbatch.models import MAX_SCRIPT_BYTES, JobSpec
+from kbatch.models import MAX_SCRIPT_BYTES, JobSpec, SweepParams
 from kbatch.units import parse_begin, parse_memory, parse_time_limit
 
 __all__ = [
@@ -113,6 +114,7 @@ def build_spec(
     environ: Mapping[str, str],
     default_name: str,
     ignore_unknown: bool = False,
+    params: SweepParams | None = None,
 ) -> Submission:
     """Resolve a script's directives and the command line into a :class:`JobSpec`."""
     if not script.strip():
@@ -211,6 +213,7 @@ def build_spec(
     begin = None
     if (found := options.get("begin")) is not None:
         begin = parse_begin(found.value or "", datetime.now().astimezone())
+    array = _array(options, params)
 
     spec = JobSpec(
         script=script,
@@ -231,8 +234,37 @@ def build_spec(
         dependency=dependency,
         kill_on_invalid_dep=kill_on_invalid_dep,
         begin=begin,
+        array=array,
+        params=params,
     )
     return Submission(spec=spec, warnings=warnings)
+
+
+def _array(options: ParsedOptions, params: SweepParams | None) -> str | None:
+    """``--array`` (or ``--seq N``), normalised; with a sweep, one task per row by default."""
+    found = options.get("array")
+    seq = options.get("seq")
+    if found is not None and seq is not None:
+        raise SpecError(
+            f"give either {found.describe()} or {seq.describe()}, not both", field="array"
+        )
+    text: str | None = None
+    if seq is not None:
+        text = f"0-{_int_option(seq, minimum=1) - 1}"
+    elif found is not None:
+        text = found.value or ""
+    elif params is not None:
+        text = f"0-{len(params.rows) - 1}"
+    if text is None:
+        return None
+    try:
+        request = parse_array(text)
+    except SpecError as exc:
+        where = found.origin if found is not None and seq is None else "command line"
+        raise SpecError(f"{exc} ({where})", field="array") from None
+    if params is not None:
+        check_params(params, request.indexes)
+    return str(request)
 
 
 def default_job_name(script_path: str | None) -> str:

@@ -33,7 +33,11 @@ def assert_nothing_created(server: KbatchServer) -> None:
         (["-c", "many", "--wrap", "true"], ["whole number"]),
         (["missing.sh"], ["no such script: missing.sh"]),
         ([], ["no script given"]),
-        (["--array=1-3", "--wrap", "true"], ["--array=1-3", "not supported by kbatch yet"]),
+        (["--input=x", "--wrap", "true"], ["--input=x", "not supported by kbatch yet"]),
+        # Arrays (issue 12).
+        (["--array=3-1", "--wrap", "true"], ["--array=3-1", "goes backwards"]),
+        (["--array=0-9%0", "--wrap", "true"], ["throttle", "at least 1"]),
+        (["--array=0-200000", "--wrap", "true"], ["more than 100000 tasks", "max_array_tasks"]),
         (["-c", "64", "--wrap", "true"], ["asks for 64 CPUs but this server has 2"]),
         (["--mem=100T", "--wrap", "true"], ["of memory but this server has"]),
         (["--gpus=1", "--wrap", "true"], ["GPUs but this server has 0"]),

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import pytest
 
 from kbatch.backends.local.backend import LocalBackend, LocalConfig
@@ -181,6 +182,11 @@ async def test_submissions_beyond_the_limit_are_refused_and_nothing_is_made(
         assert (await backend.submit("ann", jobs.holding("s"), idempotency_key="k1")).id == one.id
         await backend.submit("bob", jobs.quick(), idempotency_key=None)
         assert len((await backend.list(user="ann")).jobs) == 2
+        # each task of an array counts: bob has one job, and may not add an array of two
+        with pytest.raises(PermissionDenied, match="this submission adds 2"):
+            await backend.submit(
+                "bob", msgspec.structs.replace(jobs.quick(), array="0-1"), idempotency_key=None
+            )
         jobs.release("s")
         await state_of(backend, one.id, JobState.COMPLETED)
         await until(lambda: _active(backend, "ann", 0))

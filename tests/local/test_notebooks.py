@@ -359,3 +359,36 @@ def test_memory_limit_counts_the_kernel(server: KbatchServer, workdir: Path) -> 
         # job's process group that the polling limiter sums: only a cgroup counts it.
         pytest.xfail("known gap: without cgroups a notebook's kernel escapes --mem")
     assert job.state is JobState.OUT_OF_MEMORY, log
+
+
+def test_a_sweep_over_a_csv_runs_one_notebook_per_row(server: KbatchServer, workdir: Path) -> None:
+    write_notebook(workdir / "sweep.ipynb", PARAMETERS, SHOW)
+    (workdir / "grid.csv").write_text("count,label\n1,first\n2,second row\n3,None\n")
+    result = submit(server, workdir, "--params", "grid.csv", "sweep.ipynb", "-p", "ratio", "2.5")
+    assert result.returncode == 0, result.stderr
+    array_id = result.stdout.strip()
+    job = server.wait_state(array_id, timeout=180)
+    assert job.state is JobState.COMPLETED, [
+        (workdir / f"kbatch-{array_id}_{i}.out").read_text() for i in range(3)
+    ]
+    assert job.array_counts == {"COMPLETED": 3}
+    shown = []
+    for index in range(3):
+        executed = json.loads((workdir / f"sweep-{array_id}_{index}.ipynb").read_text())
+        shown.append(stream_text(executed))
+    assert shown == [
+        "1 2.5 False 'first' 'set'\n",
+        "2 2.5 False 'second row' 'set'\n",
+        "3 2.5 False None 'set'\n",  # typed as -p types values
+    ]
+
+
+def test_a_sweep_column_the_notebook_does_not_take_is_refused(
+    server: KbatchServer, workdir: Path
+) -> None:
+    write_notebook(workdir / "sweep.ipynb", PARAMETERS, SHOW)
+    (workdir / "grid.csv").write_text("count,colour\n1,red\n")
+    result = submit(server, workdir, "--params", "grid.csv", "sweep.ipynb")
+    assert result.returncode != 0
+    assert "column 'colour' is not a parameter of sweep.ipynb" in result.stderr
+    assert json.loads(server.cli("queue", "--all", "--json").stdout) == []

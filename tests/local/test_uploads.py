@@ -368,3 +368,30 @@ def test_a_batch_of_small_files_is_checked_file_by_file(server: KbatchServer) ->
     assert status == 413 and "max_upload_bytes" in body["error"]["message"]
     tmp, _ = store_dirs(server)
     assert list(tmp.iterdir()) == []
+
+
+def test_an_array_shares_one_upload_and_fetches_into_a_folder_per_task(
+    server: KbatchServer, workdir: Path
+) -> None:
+    proj = project(workdir / "arr")
+    with server.client() as client:
+        upload = client.upload(proj)
+        array = client.submit(
+            JobSpec(
+                script='#!/bin/sh\necho "task $SLURM_ARRAY_TASK_ID" > "out-$SLURM_ARRAY_TASK_ID.txt"\n'
+                "cat data.txt >> out-$SLURM_ARRAY_TASK_ID.txt\n",
+                workdir=str(workdir),
+                code=upload.id,
+                array="0-2",
+            )
+        )
+        assert client.wait(array.id, poll=0.1, timeout=60).state is JobState.COMPLETED
+        written = client.fetch(array.id, workdir / "sweep-results")
+        assert sorted(str(p.relative_to(workdir / "sweep-results")) for p in written) == [
+            "0/out-0.txt",
+            "1/out-1.txt",
+            "2/out-2.txt",
+        ]
+        assert (workdir / "sweep-results" / "2" / "out-2.txt").read_text() == "task 2\ninput\n"
+        one = client.fetch(f"{array.id}_1", workdir / "one")  # a task alone, by its own id
+        assert [p.name for p in one] == ["out-1.txt"]

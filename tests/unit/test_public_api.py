@@ -34,7 +34,9 @@ def test_exports() -> None:
         "JobSpec",
         "JobState",
         "SubmitRequest",
+        "SweepParams",
         "TERMINAL_STATES",
+        "UpdateRequest",
     ]
 
 

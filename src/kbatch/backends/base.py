@@ -246,6 +246,17 @@ class Backend(abc.ABC):
     def logs(self, job_id: str, *, follow: bool, stream: str = "output") -> AsyncIterator[bytes]:
         """The job's output; with ``follow``, until the job has ended."""
 
+    async def set_throttle(self, job_id: str, throttle: int | None) -> Job:
+        """Change how many tasks of array ``job_id`` may run at once (None: no limit).
+
+        Tasks already running beyond a lowered throttle run to their end.  A job
+        that is not an array is a :class:`Conflict` (409)."""
+        raise Conflict(
+            f"the {self.name} backend cannot change the throttle of {job_id}",
+            status=409,
+            code="not_supported",
+        )
+
     async def spec(self, job_id: str) -> JobSpec | None:
         """The spec the job was submitted with (the dashboard's script and resubmit),
         or None when this backend does not keep it.  The caller checks ownership."""

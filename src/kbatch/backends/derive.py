@@ -55,15 +55,31 @@ class OutputPaths:
         self.error = error
 
 
-def output_paths(spec: JobSpec, *, job_id: str, user: str) -> OutputPaths:
-    """``%j``, ``%x`` and ``%u`` resolved; relative patterns are under the working directory."""
+def output_paths(
+    spec: JobSpec,
+    *,
+    job_id: str,
+    user: str,
+    array_id: str | None = None,
+    task: int | None = None,
+) -> OutputPaths:
+    """``%j``, ``%x``, ``%u`` (and for task ``task`` of array ``array_id``, ``%A`` and
+    ``%a``) resolved; relative patterns are under the working directory."""
     workdir = spec.workdir or "/"
     name = job_name(spec)
-    output = resolve_output(spec.output, workdir=workdir, job_id=job_id, name=name, user=user)
-    error = None
-    if spec.error is not None:
-        error = resolve_output(spec.error, workdir=workdir, job_id=job_id, name=name, user=user)
-    return OutputPaths(output, error)
+
+    def resolve(pattern: str | None) -> str:
+        return resolve_output(
+            pattern,
+            workdir=workdir,
+            job_id=job_id,
+            name=name,
+            user=user,
+            array_id=array_id,
+            task=task,
+        )
+
+    return OutputPaths(resolve(spec.output), None if spec.error is None else resolve(spec.error))
 
 
 def job_environment(spec: JobSpec, *, job_id: str, name: str) -> dict[str, str]:

@@ -13,9 +13,12 @@ if TYPE_CHECKING:
     import argparse
 
     from kbatch.client import Client
-    from kbatch.models import Job, JobSpec
+    from kbatch.models import Job, JobSpec, SweepParams
 
 __all__ = ["submit", "submit_words"]
+
+# The most of a sweep's CSV the client reads; the server's policy (max_params_bytes) decides.
+MAX_PARAMS_READ = 4 * 1024 * 1024
 
 USAGE = (
     "usage: kbatch submit [OPTIONS] SCRIPT [ARGS...]\n"
@@ -44,7 +47,11 @@ def _help() -> str:
         "  --params-yaml FILE, --kernel NAME, --nb-output PATTERN.\n"
     )
     lines.append(f"accepted and ignored (they only mean something on a cluster): {ignored}")
-    lines.append("Arrays and dependencies are not supported yet; they are refused, not dropped.")
+    lines.append(
+        "A sweep: --params FILE.csv runs one task per data row (task i: row i); each column\n"
+        "is an environment variable of its task, and {column} (or {index}) in --wrap is\n"
+        "the row's value, quoted for the shell."
+    )
     return "\n".join(lines)
 
 
@@ -136,11 +143,29 @@ def _with_code(client: Client, spec: JobSpec, path: str, *, quiet: bool, dry_run
     return msgspec.structs.replace(spec, code=answer.id)
 
 
+def _read_params(path: str) -> SweepParams:
+    """A sweep's CSV file, checked as the server will (the server also applies its limit)."""
+    from kbatch.arrays import parse_params
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PARAMS_READ + 1)
+    except FileNotFoundError:
+        raise SpecError(f"--params: no such file: {path}") from None
+    except IsADirectoryError:
+        raise SpecError(f"--params: {path} is a directory; give a CSV file") from None
+    except PermissionError:
+        raise SpecError(f"--params: cannot read {path}: permission denied") from None
+    return parse_params(data, origin=f"--params {path}", max_bytes=MAX_PARAMS_READ)
+
+
 def submit_parsed(cli: ParsedOptions) -> int:
     from kbatch import notebooks
     from kbatch.client import Client
     from kbatch.spec import build_spec, default_job_name, wrap_script
 
+    params_option = cli.get("params")
+    params = _read_params(params_option.value or "") if params_option is not None else None
     wrap = cli.get("wrap")
     if wrap is not None:
         if cli.positionals:
@@ -148,14 +173,26 @@ def submit_parsed(cli: ParsedOptions) -> int:
                 f"give either a script or --wrap, not both (got script {cli.positionals[0]!r})"
             )
         script_path = None
-        script = wrap_script(wrap.value or "")
+        command = wrap.value or ""
+        if params is not None or cli.get("array", "seq") is not None:
+            from kbatch.arrays import substitute_columns
+
+            command = substitute_columns(command, params.columns if params else ())
+        script = wrap_script(command)
         script_args: list[str] = []
     else:
         if not cli.positionals:
             raise SpecError("no script given; use kbatch submit SCRIPT or kbatch submit --wrap CMD")
         script_path, *script_args = cli.positionals
         if notebooks.is_notebook(script_path):
-            script = notebooks.notebook_job_script(script_path, script_args, cli, cwd=os.getcwd())
+            array = params is not None or cli.get("array", "seq") is not None
+            script = notebooks.notebook_job_script(
+                script_path,
+                script_args,
+                cli,
+                cwd=os.getcwd(),
+                sweep_columns=(tuple(params.columns) if params else ()) if array else None,
+            )
             script_args = []
         else:
             script = _read_script(script_path)
@@ -169,6 +206,7 @@ def submit_parsed(cli: ParsedOptions) -> int:
         environ=os.environ,
         default_name=default_job_name(script_path),
         ignore_unknown=cli.flag("ignore_unknown"),
+        params=params,
     )
     for warning in submission.warnings:
         print(f"kbatch: warning: {warning}", file=sys.stderr)

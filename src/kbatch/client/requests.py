@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 import msgspec
 
 from kbatch.errors import ApiError, api_error_for_status
-from kbatch.models import API_PREFIX, ErrorBody, JobEvent, JobSpec, SubmitRequest
+from kbatch.models import API_PREFIX, ErrorBody, JobEvent, JobSpec, SubmitRequest, UpdateRequest
 
 __all__ = [
     "LoginCode",
@@ -125,6 +125,20 @@ def hold_job(job_id: str) -> Request:
 
 def release_job(job_id: str) -> Request:
     return _post("jobs", job_id, "release")
+
+
+def job_spec(job_id: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "spec"))
+
+
+def update_job(job_id: str, *, throttle: int) -> Request:
+    body = msgspec.json.encode(UpdateRequest(throttle=throttle))
+    return Request(
+        "POST",
+        _path("jobs", job_id, "update"),
+        body,
+        {"Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
 
 
 def events(*, all_users: bool = False) -> Request:

@@ -175,6 +175,14 @@ class Client:
         """Let a held job start; a job not held is returned unchanged."""
         return self._call(rq.release_job(_job_id(job_id)), Job)
 
+    def spec(self, job_id: str) -> JobSpec:
+        """The spec a job (or array) was submitted with."""
+        return self._call(rq.job_spec(_job_id(job_id)), JobSpec)
+
+    def update(self, job_id: str, *, throttle: int) -> Job:
+        """Change an array's throttle (0: none)."""
+        return self._call(rq.update_job(_job_id(job_id), throttle=throttle), Job)
+
     def dashboard_link(self) -> str:
         """A single-use link that logs a browser in to the dashboard (valid two minutes)."""
         code = self._call(rq.dashboard_login_code(), rq.LoginCode)
@@ -402,7 +410,8 @@ class Client:
         progress: Progress | None = None,
         on_plan: Callable[[int, int], None] | None = None,
     ) -> builtins.list[Path]:
-        """Download the job's results into ``dest`` (default ``./kbatch-ID/``).
+        """Download the job's results into ``dest`` (default ``./kbatch-ID/``); an
+        array's, each ended task's into ``dest/<task index>/``.
 
         ``results``/``ignore``: gitignore-style patterns of the files to fetch or leave
         out.  A file already there with the same content is not fetched again.  Returns
@@ -413,6 +422,9 @@ class Client:
 
         job_id = _job_id(job_id)
         target = Path(dest) if dest is not None else Path(f"kbatch-{job_id}")
+        job = self.get(job_id)
+        if job.array_job_id == job.id and job.array_task_id is None:
+            return self._fetch_array(job, target, results, ignore, progress, on_plan)
         chosen = choose_results(self.results(job_id), results=results, ignore=ignore)
         for entry in chosen:
             result_target(target, entry.path)  # every path is checked before any is written
@@ -423,6 +435,35 @@ class Client:
         for entry in todo:
             self._download(rq.job_result_file(job_id, entry.sha256), target, entry, progress)
         return [result_target(target, e.path) for e in chosen]
+
+    def _fetch_array(
+        self,
+        array: Job,
+        target: Path,
+        results: Sequence[str],
+        ignore: Sequence[str],
+        progress: Progress | None,
+        on_plan: Callable[[int, int], None] | None,
+    ) -> builtins.list[Path]:
+        """Each ended task's results into its own subfolder, ``target/<index>/``."""
+        tasks = [
+            job
+            for job in self.list(include_finished=True)
+            if job.array_job_id == array.id and job.array_task_id is not None
+        ]
+        written: builtins.list[Path] = []
+        for task in sorted(tasks, key=lambda t: t.array_task_id or 0):
+            if not task.state.is_terminal:
+                continue  # not ended: fetch the array again later for it
+            written += self.fetch(
+                task.id,
+                target / str(task.array_task_id),
+                results=results,
+                ignore=ignore,
+                progress=progress,
+                on_plan=on_plan,
+            )
+        return written
 
     def _download(
         self, request: rq.Request, dest: Path, entry: FileEntry, progress: Progress | None

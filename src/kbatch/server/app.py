@@ -56,6 +56,7 @@ from kbatch.models import (
     JobSpec,
     JobState,
     SubmitRequest,
+    UpdateRequest,
 )
 from kbatch.server.auth.base import Authenticator, Credentials
 from kbatch.server.blobs import TOKEN_PREFIX, BlobStore
@@ -176,6 +177,10 @@ class Api:
         return identity
 
     async def owned_job(self, request: Request, identity: Identity) -> Job:
+        """The job (an array, a task, some tasks) the path names, if the caller may see it.
+
+        The returned job's ``id`` is the reference as the backend reads it: the one
+        to hand back to the backend for an action on it."""
         job_id: str = request.path_params["job_id"]
         try:
             ref = parse_job_ref(job_id)
@@ -184,6 +189,8 @@ class Api:
             raise _no_job(job_id) from None
         if job.user != identity.name and not identity.admin:
             raise _no_job(job_id)
+        if ref.indexes is not None:  # some tasks: the action is on those tasks
+            job = msgspec.structs.replace(job, id=str(ref))
         return job
 
     def all_users(self, request: Request, identity: Identity) -> bool:
@@ -509,6 +516,30 @@ class Api:
         log.info("user %s released job %s", escaped(identity.name), job.id)
         return json_response(await self.backend.release(job.id))
 
+    async def spec(self, request: Request) -> Response:
+        identity = await self.identity(request)
+        job = await self.owned_job(request, identity)
+        spec = await self.backend.spec(job.array_job_id or job.id)
+        if spec is None:
+            raise Conflict(
+                f"the {self.backend.name} backend does not keep the spec of job {job.id}",
+                status=409,
+                code="no_spec",
+            )
+        return json_response(spec)
+
+    async def update(self, request: Request) -> Response:
+        identity = await self.identity(request)
+        job = await self.owned_job(request, identity)
+        update = msgspec.json.decode(await _read_body(request), type=UpdateRequest)
+        log.info(
+            "user %s set the throttle of array %s to %d",
+            escaped(identity.name),
+            job.id,
+            update.throttle,
+        )
+        return json_response(await self.backend.set_throttle(job.id, update.throttle or None))
+
     async def events(self, request: Request) -> Response:
         """Changes of the caller's jobs (everyone's for an admin with all_users) as NDJSON."""
         identity = await self.identity(request)
@@ -799,6 +830,8 @@ ROUTES: dict[str, dict[str, str]] = {
     f"{API_PREFIX}/uploads": {"POST": "upload"},
     f"{API_PREFIX}/blobs": {"POST": "put_blobs"},
     f"{API_PREFIX}/blobs/{{digest}}": {"PUT": "put_blob"},
+    f"{API_PREFIX}/jobs/{_JOB}/spec": {"GET": "spec"},
+    f"{API_PREFIX}/jobs/{_JOB}/update": {"POST": "update"},
 }
 
 

@@ -88,6 +88,9 @@ class JupyterHubConfig:
     job_token_scopes: tuple[str, ...] = ()  # empty: jobs get no hub token
     job_token_expiry: int = 86400  # seconds, for jobs without a time limit
     job_token_margin: int = 300  # seconds added to a job's time limit
+    # Who a user without access should ask (a name, a team, an address), shown as text
+    # on the dashboard's "no access" page; empty: the hub's administrators.
+    contact: str = ""
 
 
 @dataclass
@@ -162,9 +165,15 @@ def _jupyterhub(section: dict[str, Any], env: Mapping[str, str]) -> JupyterHubCo
     for key in ("cache_seconds", "timeout"):
         if key in values and not isinstance(values[key], int | float):
             raise ConfigError(f"config [jupyterhub]: {key} must be a number of seconds")
-    for key in ("api_url", "api_token", "service_name"):
-        if not isinstance(values[key], str):
+    for key in ("api_url", "api_token", "service_name", "contact"):
+        if not isinstance(values.get(key, ""), str):
             raise ConfigError(f"config [jupyterhub]: {key} must be a string")
+    contact = values.get("contact", "")
+    if len(contact) > 500 or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in contact):
+        raise ConfigError(
+            "config [jupyterhub]: contact must be one line of at most 500 characters "
+            "(who users without access should ask, e.g. a team and its address)"
+        )
     return JupyterHubConfig(**values)
 
 

@@ -132,6 +132,7 @@ def _with_dashboard(
             service_name=config.jupyterhub.service_name,
             prefix=config.prefix,
             admin_groups=config.jupyterhub.admin_groups,
+            contact=config.jupyterhub.contact,
         )
     dashboard = Dashboard(backend, dashboard_auth, prefix=config.prefix, oauth=oauth, hub=hub)
     app = create_app(

@@ -18,8 +18,10 @@ from kbatch.models import (
     Job,
     JobEvent,
     JobList,
+    JobSpec,
     JobState,
     SubmitRequest,
+    UpdateRequest,
 )
 from kbatch.uploads.manifest import DIGEST_PATTERN, Manifest, UploadAnswer
 
@@ -49,8 +51,19 @@ STATES_PATTERN = _states_pattern()
 
 
 def openapi_document() -> dict[str, Any]:
-    (_, _, _, _, _, _, _, _), components = msgspec.json.schema_components(
-        [SubmitRequest, Job, JobList, JobEvent, Identity, ErrorBody, Manifest, UploadAnswer],
+    _, components = msgspec.json.schema_components(
+        [
+            SubmitRequest,
+            Job,
+            JobList,
+            JobEvent,
+            Identity,
+            ErrorBody,
+            JobSpec,
+            UpdateRequest,
+            Manifest,
+            UploadAnswer,
+        ],
         ref_template="#/components/schemas/{name}",
     )
     texts = {
@@ -79,8 +92,12 @@ def openapi_document() -> dict[str, Any]:
         "name": "job_id",
         "in": "path",
         "required": True,
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9-]{0,62}(_[0-9]{1,9})?$"},
-        "description": "any other id is answered 404",
+        "schema": {
+            "type": "string",
+            "pattern": r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}(_([0-9]{1,9}|\[[0-9,:-]{1,4096}\]))?$",
+        },
+        "description": "a job, an array (ID), a task (ID_INDEX) or tasks (ID_[1-5,9]); "
+        "any other id is answered 404",
     }
     all_users = flag("all_users", "every user's jobs (admins only, else 403)")
     security: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -294,6 +311,26 @@ def openapi_document() -> dict[str, Any]:
         f"{API_PREFIX}/jobs/{{job_id}}/release": job_action(
             "Let a held job start (a job not held is returned unchanged)", 409
         ),
+        f"{API_PREFIX}/jobs/{{job_id}}/spec": {
+            "get": {
+                "summary": "The spec the job (or array) was submitted with: what resubmit sends",
+                "security": security,
+                "parameters": [job_id],
+                "responses": {"200": _json(_ref("JobSpec")), **errors(404, 409)},
+            }
+        },
+        f"{API_PREFIX}/jobs/{{job_id}}/update": {
+            "post": {
+                "summary": "Change a pending or running array's throttle (scontrol update)",
+                "security": security,
+                "parameters": [job_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("UpdateRequest")}},
+                },
+                "responses": {"200": _json(_ref("Job")), **errors(404, 409, 422)},
+            }
+        },
         f"{API_PREFIX}/jobs/{{job_id}}/logs": {
             "get": {
                 "summary": "The job's output (streamed while following)",

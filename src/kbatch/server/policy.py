@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
+from kbatch.arrays import check_params, parse_array
 from kbatch.backends.userlimits import UserLimits
 from kbatch.dependencies import parse_dependency
 from kbatch.errors import SpecError
@@ -50,6 +51,11 @@ class Policy:
     # and of what one job leaves behind as its results.
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_upload_files: int = DEFAULT_MAX_UPLOAD_FILES
+    # Arrays (issue 12): tasks in one array, its highest index, and a sweep's table size
+    # (bytes of its values; the Kubernetes backend keeps it in a ConfigMap, under 1 MiB).
+    max_array_tasks: int = 100_000
+    max_array_index: int | None = None  # default: kbatch.arrays.MAX_INDEX
+    max_params_bytes: int = 512 * 1024
 
     def user_limits(self) -> UserLimits:
         """The per-user limits, as the backend enforces them."""
@@ -133,14 +139,42 @@ def check(spec: JobSpec, policy: Policy) -> JobSpec:
                 "to start as soon as possible",
                 field="begin",
             )
+    array = _check_array(spec, policy)
     return msgspec.structs.replace(
         spec,
+        array=array,
         time_limit=time_limit,
         environment=environment,
         memory=memory,
         dependency=dependency,
         kill_on_invalid_dep=kill if dependency is not None else None,
     )
+
+
+def _check_array(spec: JobSpec, policy: Policy) -> str | None:
+    """The array's indexes within the admin's limits, normalised; a sweep's table checked
+    and its size limited.  A sweep without ``array`` is one task per row."""
+    params = spec.params
+    text = spec.array
+    if params is not None:
+        size = sum(len(v.encode()) + 1 for row in params.rows for v in row)
+        size += sum(len(c) + 1 for c in params.columns)
+        if size > policy.max_params_bytes:
+            raise SpecError(
+                f"the sweep's table is {size} bytes, over the {policy.max_params_bytes}-byte "
+                "limit (policy max_params_bytes); split the sweep into several arrays",
+                field="params",
+            )
+        if not params.rows:
+            raise SpecError("the sweep's table has no rows; give one row per task", field="params")
+        if text is None:
+            text = f"0-{len(params.rows) - 1}"
+    if text is None:
+        return None
+    request = parse_array(text, max_tasks=policy.max_array_tasks, max_index=policy.max_array_index)
+    if params is not None:
+        check_params(params, request.indexes, origin="the sweep's table (--params)")
+    return str(request)
 
 
 def _check_per_user(spec: JobSpec, policy: Policy) -> None:

@@ -77,6 +77,7 @@ from kbatch.backends.kubernetes.status import (
     job_from_objects,
     parse_time,
     pod_started,
+    succeeded_unrecorded,
 )
 from kbatch.backends.userlimits import Usage, held_by
 from kbatch.backends.workqueue import WorkQueue, stop_workers
@@ -266,6 +267,11 @@ def _job_id_of(obj: dict[str, Any] | None) -> str | None:
     labels = obj["metadata"].get("labels") or {}
     job_id = labels.get(names.LABEL_JOB_ID)
     return str(job_id) if job_id else None
+
+
+def _phase(pod: dict[str, Any] | None) -> str | None:
+    phase = ((pod or {}).get("status") or {}).get("phase")
+    return str(phase) if phase else None
 
 
 def _spec_of(obj: dict[str, Any]) -> JobSpec | None:
@@ -461,6 +467,11 @@ class KubernetesBackend(Backend):
         if job_id in self._job_keys:
             self._refresh(job_id)
             self._queue.put(job_id)
+            succeeded = _phase(new) == "Succeeded" and _phase(old) != "Succeeded"
+            if succeeded and self._waiting:
+                for waiting in self._waiting:  # they may wait on it: see _state_for_dependents
+                    if waiting != job_id:
+                        self._queue.put(waiting)
 
     def _object(self, job_id: str) -> dict[str, Any] | None:
         key = self._job_keys.get(job_id)
@@ -706,7 +717,11 @@ class KubernetesBackend(Backend):
         singleton term (if any) is clear: all from the watch cache."""
         assert job.dependency is not None
         dependency = parse_dependency(job.dependency)
-        states = {i: m.state for i in dependency.job_ids if (m := self._models.get(i))}
+        states = {
+            i: self._state_for_dependents(i, m)
+            for i in dependency.job_ids
+            if (m := self._models.get(i))
+        }
         singleton = any(t.kind == "singleton" for t in dependency.terms)
         earlier_active = singleton and any(
             m.user == job.user
@@ -716,6 +731,16 @@ class KubernetesBackend(Backend):
             for m in self._models.values()
         )
         return dependency, states, not earlier_active
+
+    def _state_for_dependents(self, job_id: str, model: Job) -> JobState:
+        """The job's state as the jobs waiting on it see it: COMPLETED as soon as its pod
+        has succeeded, without the Job controller's second before it says so."""
+        if model.state is JobState.RUNNING:
+            obj = self._object(job_id)
+            pods = list(self._pods_by_job.get(job_id, {}).values())
+            if obj is not None and succeeded_unrecorded(obj, pods):
+                return JobState.COMPLETED
+        return model.state
 
     def _with_dependency_detail(self, job: Job) -> Job:
         """A pending job's dependency as scontrol shows it: each term (un)fulfilled."""
@@ -1211,6 +1236,37 @@ class KubernetesBackend(Backend):
         except (ApiError, httpx.HTTPError) as exc:
             raise api_error(exc, "read the job") from exc
         return job_from_objects(found.to_dict(), list(self._pods_by_job.get(job_id, {}).values()))
+
+    async def spec(self, job_id: str) -> JobSpec | None:
+        """The spec the job was submitted with: what its Job records (everything but the
+        script and the environment) and the script from its ConfigMap.
+
+        The environment is left out: it lives only in the job's Secret, which the server
+        never reads back (its RBAC cannot), and which also holds the job's token.
+        None when the Job's record is unreadable or its ConfigMap is gone."""
+        obj = self._object(job_id)
+        if obj is None:
+            namespace, name = await self._lookup(job_id)
+            try:
+                obj = (await self.client.get(K8sJob, name, namespace=namespace)).to_dict()
+            except _HTTP_ERRORS as exc:
+                raise api_error(exc, "read the job") from exc
+        recorded = _spec_of(obj)
+        if recorded is None:
+            return None
+        meta = obj["metadata"]
+        try:
+            config_map = await self.client.get(ConfigMap, meta["name"], namespace=meta["namespace"])
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise api_error(exc, "read the job's script") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "read the job's script") from exc
+        script = (config_map.data or {}).get("script")
+        if not script:
+            return None
+        return msgspec.structs.replace(recorded, script=script, environment={})
 
     async def list(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import fcntl
 import logging
@@ -15,24 +16,34 @@ import stat
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from kbatch.arrays import (
+    IndexSet,
+    aggregate_state,
+    params_environment,
+    parse_array,
+    task_environment,
+)
 from kbatch.backends.base import Backend, decode_section, not_pending
 from kbatch.backends.derive import check_spec, job_environment, output_paths
 from kbatch.backends.local.accounts import AccountPolicy, check_paths, lookup
 from kbatch.backends.local.jobdir import Account, JobDir, LaunchSpec, Result
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
-from kbatch.backends.local.store import JobRecord, JobStore
+from kbatch.backends.local.store import JobRecord, JobStore, PendingRow
 from kbatch.backends.workqueue import WorkQueue, stop_workers
 from kbatch.dependencies import DependencyStatus, describe, evaluate, parse_dependency
 from kbatch.errors import (
     ConfigError,
+    Conflict,
     InvalidRequest,
     KbatchError,
     NotFound,
@@ -42,7 +53,7 @@ from kbatch.errors import (
     TransportError,
 )
 from kbatch.hardening import supervisor_environment
-from kbatch.lifecycle import Desired, check_transition, parse_job_ref
+from kbatch.lifecycle import Desired, JobRef, check_transition, parse_job_ref
 from kbatch.models import Job, JobList, JobSpec, JobState
 from kbatch.units import format_memory, parse_memory
 
@@ -147,6 +158,8 @@ class LocalBackend(Backend):
         self._schedule_lock = asyncio.Lock()
         self._begin_timer: asyncio.TimerHandle | None = None
         self._begin_at = 0.0
+        # Arrays' specs (their tasks run them), with their index sets: read once per array.
+        self._array_specs: dict[int, tuple[JobSpec, IndexSet]] = {}
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], *, state_dir: Path) -> LocalBackend:
@@ -311,13 +324,22 @@ class LocalBackend(Backend):
         workdir = spec.workdir
         if not workdir:
             raise SpecError("the job needs a working directory", field="workdir")
-        paths = output_paths(spec, job_id="1", user=user)
+        array = spec.array is not None
+        paths = output_paths(
+            spec, job_id="1", user=user, array_id="1" if array else None, task=0 if array else None
+        )
         if self.config.runs_as_users:
             # Everything as the user's account would see it: the server (root) could
             # write anywhere, so its own view of the paths says nothing.
             account = lookup(user, self.config.account_policy())
             # A name with the job's id (%j) is a new file: only its directory counts.
-            other = output_paths(spec, job_id="2", user=user)
+            other = output_paths(
+                spec,
+                job_id="2",
+                user=user,
+                array_id="2" if array else None,
+                task=1 if array else None,
+            )
             files = {"output": (paths.output, paths.output == other.output)}
             if paths.error is not None:
                 files["error"] = (paths.error, paths.error == other.error)
@@ -367,7 +389,7 @@ class LocalBackend(Backend):
             max_active=self.limits.max_submitted_jobs_per_user,
         )
         if not new:
-            return record.to_job()
+            return await self.get(str(record.id))
         self.events.publish(record.to_job())
         if record.desired is Desired.RUN:
             gated = spec.dependency is not None or spec.begin is not None
@@ -379,22 +401,171 @@ class LocalBackend(Backend):
                 await self._schedule()
                 if record.id in self._granted:  # submit-to-start latency matters: start it now
                     await self._await_reconcile(record.id)
-        return self._record(record.id).to_job()
+        return await self.get(str(record.id))
 
     async def get(self, job_id: str) -> Job:
-        job = self._record(self._parse_id(job_id)).to_job()
+        ref = parse_job_ref(job_id)
+        record = self._record(self._parse_id(ref.job_id))
+        if ref.tasks is not None or record.is_head:
+            return self._array_job(record, ref)
+        job = record.to_job()
         if job.dependency is not None and job.state is JobState.PENDING:
-            # what it still waits on and what is met, as scontrol shows it
-            dependency = parse_dependency(job.dependency)
-            ids = [int(i) for i in dependency.job_ids if i.isascii() and i.isdigit()]
-            singleton = any(t.kind == "singleton" for t in dependency.terms)
-            earlier = singleton and self.store.active_earlier(job.user, job.name, int(job.id))
-            shown = describe(dependency, self.store.states(ids), singleton_clear=not earlier)
-            job = msgspec.structs.replace(job, dependency=shown)
+            job = msgspec.structs.replace(job, dependency=self._describe_dependency(record))
         return job
 
+    def _describe_dependency(self, record: JobRecord) -> str:
+        """What a pending job still waits on and what is met, as scontrol shows it."""
+        assert record.dependency is not None
+        dependency = parse_dependency(record.dependency)
+        ids = [int(i) for i in dependency.job_ids if i.isascii() and i.isdigit()]
+        singleton = any(t.kind == "singleton" for t in dependency.terms)
+        earlier = singleton and self.store.active_earlier(record.user, record.name, record.id)
+        return describe(dependency, self._states(ids), singleton_clear=not earlier)
+
+    def _states(self, job_ids: list[int]) -> dict[str, JobState]:
+        """Jobs' states for dependencies: an array's is that of all its tasks together."""
+        states = self.store.states(job_ids)
+        for job_id in job_ids:
+            record = self.store.get(job_id) if str(job_id) in states else None
+            if record is not None and record.is_head:
+                states[str(job_id)] = self._array_job(record, JobRef(str(job_id))).state
+        return states
+
     async def spec(self, job_id: str) -> JobSpec | None:
-        return self._record(self._parse_id(job_id)).spec
+        record = self._record(self._parse_id(parse_job_ref(job_id).job_id))
+        return self._spec_of(record)
+
+    # -- arrays --------------------------------------------------------------
+
+    def _head(self, record: JobRecord) -> JobRecord:
+        """The array a task belongs to (a job's head is itself)."""
+        if record.array_job_id is None or record.array_job_id == record.id:
+            return record
+        return self._record(record.array_job_id)
+
+    def _array_spec(self, head: JobRecord) -> tuple[JobSpec, IndexSet]:
+        cached = self._array_specs.get(head.id)
+        if cached is None:
+            spec = head.spec
+            cached = (spec, parse_array(spec.array or "0").indexes)
+            if len(self._array_specs) > 256:
+                self._array_specs.clear()
+            self._array_specs[head.id] = cached
+        return cached
+
+    def _spec_of(self, record: JobRecord) -> JobSpec:
+        if record.is_task:
+            return self._array_spec(self._head(record))[0]
+        return record.spec
+
+    def _array_job(self, record: JobRecord, ref: JobRef) -> Job:
+        """An array, or the tasks ``ref`` names of it, as one job (see docs/core.md)."""
+        head = self._head(record)
+        if not head.is_head:
+            raise NotFound(
+                f"no job {ref}: job {head.id} is not an array", status=404, code="not_found"
+            )
+        if record.is_task and ref.tasks is None:  # a task by its own row id
+            return record.to_job()
+        _, every = self._array_spec(head)
+        wanted = ref.tasks
+        waiting = IndexSet.parse(head.array_pending or "")
+        rows = self.store.task_summary(head.id)
+        if wanted is not None:
+            chosen = set(wanted)
+            rows = [row for row in rows if row.index in chosen]
+            waiting = waiting.intersection(wanted)
+        if ref.index is not None and len(rows) == 1:  # one task with its row
+            task = self.store.task(head.id, ref.index)
+            assert task is not None
+            return task.to_job()
+        if not rows and not waiting:
+            raise NotFound(f"no job {ref}", status=404, code="not_found")
+        counts: dict[JobState, int] = {}
+        for row in rows:
+            counts[row.state] = counts.get(row.state, 0) + 1
+        group_state = JobState.CANCELLED if head.state is JobState.CANCELLED else JobState.PENDING
+        if waiting:
+            counts[group_state] = counts.get(group_state, 0) + len(waiting)
+        state = aggregate_state(counts)
+        base = head.to_job()
+        if ref.index is not None:  # one task that has not started
+            return msgspec.structs.replace(
+                base,
+                id=str(ref),
+                state=group_state,
+                array_task_id=ref.index,
+                array_tasks=None,
+                array_throttle=None,
+            )
+        codes = [row.exit_code for row in rows if row.exit_code is not None]
+        starts = [row.started for row in rows if row.started is not None]
+        ends = [row.finished for row in rows if row.finished is not None]
+        if head.state is JobState.CANCELLED and head.finished is not None:
+            ends.append(head.finished)
+        shown = every if wanted is None else IndexSet.of([*waiting, *(r.index for r in rows)])
+        return msgspec.structs.replace(
+            base,
+            id=str(head.id) if wanted is None else str(ref),
+            state=state,
+            reason=head.reason if waiting and state is JobState.PENDING else None,
+            exit_code=max(codes) if codes and state.is_terminal else None,
+            started=datetime.fromtimestamp(min(starts), UTC) if starts else None,
+            finished=datetime.fromtimestamp(max(ends), UTC) if ends and state.is_terminal else None,
+            array_tasks=str(shown),
+            array_counts={str(k): v for k, v in sorted(counts.items())},
+        )
+
+    def _task_paths(self, head: JobRecord) -> Callable[[int, int], tuple[str, str | None]]:
+        spec, _ = self._array_spec(head)
+
+        def paths(task_id: int, index: int) -> tuple[str, str | None]:
+            resolved = output_paths(
+                spec, job_id=str(task_id), user=head.user, array_id=str(head.id), task=index
+            )
+            return resolved.output, resolved.error
+
+        return paths
+
+    def _split(
+        self,
+        head: JobRecord,
+        *,
+        count: int | None = None,
+        indexes: IndexSet | None = None,
+        desired: Desired = Desired.RUN,
+        by: str | None = None,
+    ) -> builtins.list[int]:
+        """Rows of their own for some of an array's waiting tasks (see JobStore.split)."""
+        ids = self.store.split(
+            head,
+            count=count,
+            indexes=() if indexes is None else list(indexes),
+            paths=self._task_paths(head),
+            now=time.time(),
+            desired=desired,
+            cancelled_by=by,
+        )
+        if ids:
+            # The head's row shrinks (or, with no task left waiting, goes: array_tasks "").
+            self.events.publish(self._record(head.id).to_job())
+            for task_id in ids:
+                self.events.publish(self._record(task_id).to_job())
+        return ids
+
+    async def set_throttle(self, job_id: str, throttle: int | None) -> Job:
+        ref = parse_job_ref(job_id)
+        record = self._record(self._parse_id(ref.job_id))
+        head = self._head(record)
+        if not head.is_head or ref.tasks is not None:
+            raise Conflict(
+                f"job {ref} is not an array; only an array has a throttle",
+                status=409,
+                code="not_an_array",
+            )
+        self.store.update(head.id, array_throttle=throttle)
+        await self._schedule()
+        return self._array_job(self._record(head.id), JobRef(str(head.id)))
 
     async def list(
         self,
@@ -422,16 +593,66 @@ class LocalBackend(Backend):
         return JobList(jobs=jobs)
 
     async def cancel(self, job_id: str, *, by: str) -> Job:
-        record = self._record(self._parse_id(job_id))
+        ref = parse_job_ref(job_id)
+        record = self._record(self._parse_id(ref.job_id))
+        if ref.tasks is None and not record.is_head:  # a job, or a task by its own id
+            await self._cancel_one(record, by)
+            return self._record(record.id).to_job()
+        head = self._array_of(record, ref)
+        targets = self._task_rows(head, ref, desired=Desired.CANCEL, by=by)
+        if ref.tasks is None and head.state is JobState.PENDING and head.array_pending:
+            targets.append(head)  # the tasks that have not started: never start them
+        await asyncio.gather(*(self._cancel_one(t, by) for t in targets))
+        return await self.get(str(ref))
+
+    async def _cancel_one(self, record: JobRecord, by: str) -> None:
         if record.state.is_terminal:
-            return record.to_job()
+            return
         if record.desired is not Desired.CANCEL:
             self.store.update(record.id, desired=Desired.CANCEL, cancelled_by=by)
         await self._await_reconcile(record.id)
-        return self._record(record.id).to_job()
+
+    def _array_of(self, record: JobRecord, ref: JobRef) -> JobRecord:
+        head = self._head(record)
+        if not head.is_head:
+            raise NotFound(f"no job {ref}", status=404, code="not_found")
+        return head
+
+    def _task_rows(
+        self, head: JobRecord, ref: JobRef, *, desired: Desired, by: str | None = None
+    ) -> builtins.list[JobRecord]:
+        """The active rows of the tasks ``ref`` names (all the array's for a bare id);
+        the named tasks that have not started are first given rows, ``desired`` already."""
+        wanted = ref.tasks
+        if wanted is not None:
+            self._split(head, indexes=wanted, desired=desired, by=by)
+        rows = self.store.tasks(head.id, active=True)
+        if wanted is None:
+            return rows
+        chosen = set(wanted)
+        return [row for row in rows if row.array_task_id in chosen]
 
     async def hold(self, job_id: str) -> Job:
-        record = self._record(self._parse_id(job_id))
+        ref = parse_job_ref(job_id)
+        record = self._record(self._parse_id(ref.job_id))
+        if ref.tasks is None and not record.is_head:
+            return await self._hold_one(record)
+        head = self._array_of(record, ref)
+        held = 0
+        if ref.tasks is None and head.state is JobState.PENDING and head.array_pending:
+            held += self._set_desired(head.id, Desired.HOLD, from_=(Desired.RUN,))
+            await self._await_reconcile(head.id)
+        for task in self._task_rows(head, ref, desired=Desired.HOLD):
+            if task.state is JobState.PENDING:
+                with contextlib.suppress(Conflict):
+                    await self._hold_one(task)
+                    held += 1
+        job = await self.get(str(ref))
+        if not held and not (job.array_counts or {}).get(str(JobState.PENDING)):
+            raise not_pending(job, "held")
+        return job
+
+    async def _hold_one(self, record: JobRecord) -> Job:
         self._set_desired(record.id, Desired.HOLD, from_=(Desired.RUN,))
         await self._await_reconcile(record.id)
         current = self._record(record.id)
@@ -442,18 +663,46 @@ class LocalBackend(Backend):
         return current.to_job()
 
     async def release(self, job_id: str) -> Job:
-        record = self._record(self._parse_id(job_id))
+        ref = parse_job_ref(job_id)
+        record = self._record(self._parse_id(ref.job_id))
+        if ref.tasks is None and not record.is_head:
+            await self._release_one(record)
+            return self._record(record.id).to_job()
+        head = self._array_of(record, ref)
+        if ref.tasks is None:
+            await self._release_one(head)
+        rows = self.store.tasks(head.id, active=True)
+        wanted = None if ref.tasks is None else set(ref.tasks)
+        for task in rows:
+            if wanted is None or task.array_task_id in wanted:
+                await self._release_one(task)
+        return await self.get(str(ref))
+
+    async def _release_one(self, record: JobRecord) -> None:
         if self._set_desired(record.id, Desired.RUN, from_=(Desired.HOLD,)):
             self._set(record.id, reason="None")
             await self._schedule()
             if record.id in self._granted:
                 await self._await_reconcile(record.id)
-        return self._record(record.id).to_job()
 
     async def logs(
         self, job_id: str, *, follow: bool, stream: str = "output"
     ) -> AsyncIterator[bytes]:
-        record = self._record(self._parse_id(job_id))
+        ref = parse_job_ref(job_id)
+        record = self._record(self._parse_id(ref.job_id))
+        if ref.indexes is not None or (record.is_head and ref.index is None):
+            raise InvalidRequest(
+                f"job {ref} is an array: give one task, such as {record.id}_"
+                f"{IndexSet.parse(record.array_pending or '0').first if record.array_pending else 0}",
+                status=422,
+                code="array_logs",
+            )
+        if ref.index is not None:
+            task = self.store.task(self._head(record).id, ref.index)
+            if task is None:
+                self._array_job(record, ref)  # NotFound unless the task is still waiting
+                return
+            record = task
         path = record.output if stream == "output" else (record.error or record.output)
         owner: int | None = None
         if self.config.runs_as_users:
@@ -481,6 +730,9 @@ class LocalBackend(Backend):
     async def _schedule(self) -> None:
         """Grant pending jobs the right to start, in order, while they fit, and queue them.
 
+        An array waiting to start is one demand for as many starts as its throttle
+        allows; each start it is granted turns its lowest waiting index into a task
+        row of its own, granted and queued like a job.
         No await between reading the store and writing grants: one pass sees one state.
         """
         async with self._schedule_lock:
@@ -489,26 +741,67 @@ class LocalBackend(Backend):
             running = store.running_demands()
             pending = store.pending_demands()
             gates = self._gates()
-            waiting_ids = {demand.job_id for demand, _ in pending}
+            waiting_ids = {row.demand.job_id for row in pending}
             for job_id in [j for j in self._granted if j not in waiting_ids]:
                 del self._granted[job_id]  # started, ended, held or cancelled since
+            throttled = self._array_demands(pending, gates)
             decision = schedule(
                 self.capacity,
                 [*running, *self._granted.values()],
-                [d for d, _ in pending if d.job_id not in self._granted and d.job_id not in gates],
+                [
+                    row.demand
+                    for row in pending
+                    if row.demand.job_id not in self._granted and row.demand.job_id not in gates
+                ],
                 limits=self.limits,
                 last_started=self._last_started,
             )
-            demands = {demand.job_id: demand for demand, _ in pending}
-            reasons = {demand.job_id: reason for demand, reason in pending}
+            demands = {row.demand.job_id: row.demand for row in pending}
+            heads = {row.demand.job_id for row in pending if row.array_pending}
+            reasons = {row.demand.job_id: row.reason for row in pending}
             now = time.time()
-            for job_id in decision.start:
-                self._granted[job_id] = demands[job_id]
-                self._last_started[demands[job_id].user] = now
-                self._queue.put(job_id)
-            for job_id, reason in [*decision.waiting.items(), *gates.items()]:
+            grants = Counter(decision.start)
+            waiting = dict(decision.waiting)
+            for job_id, count in grants.items():
+                demand = demands[job_id]
+                self._last_started[demand.user] = now
+                if job_id not in heads:
+                    self._granted[job_id] = demand
+                    self._queue.put(job_id)
+                    continue
+                head = self._record(job_id)  # an array: its next tasks get rows and start
+                for task_id in self._split(head, count=count):
+                    self._granted[task_id] = replace(demand, job_id=task_id, count=1)
+                    self._queue.put(task_id)
+                if job_id not in waiting and job_id in throttled:
+                    waiting[job_id] = "JobArrayTaskLimit"  # what is left waits for the throttle
+            for job_id, reason in [*waiting.items(), *gates.items()]:
                 if reasons.get(job_id) != reason:
                     self._set(job_id, reason=reason)
+
+    def _array_demands(self, pending: builtins.list[PendingRow], gates: dict[int, str]) -> set[int]:
+        """Turn each waiting array's demand into one for as many starts as it may have now
+        (in place), and gate those its throttle holds entirely (``JobArrayTaskLimit``).
+        Returns the arrays whose throttle limits their starts this pass."""
+        heads = [row for row in pending if row.array_pending]
+        if not heads:
+            return set()
+        active = self.store.active_tasks() if any(r.array_throttle for r in heads) else {}
+        throttled: set[int] = set()
+        for n, row in enumerate(pending):
+            if not row.array_pending:
+                continue
+            count = len(IndexSet.parse(row.array_pending))
+            if row.array_throttle:
+                room = row.array_throttle - active.get(row.demand.job_id, 0)
+                if room < count:
+                    throttled.add(row.demand.job_id)
+                    count = room
+            if count <= 0:
+                gates.setdefault(row.demand.job_id, "JobArrayTaskLimit")
+                continue
+            pending[n] = replace(row, demand=replace(row.demand, count=count))
+        return throttled
 
     def _gates(self) -> dict[int, str]:
         """Why each pending job that may run waits for something besides resources:
@@ -531,7 +824,7 @@ class LocalBackend(Backend):
             singleton = any(t.kind == "singleton" for t in dependency.terms)
             status, _, _ = evaluate(
                 dependency,
-                store.states(ids),
+                self._states(ids),
                 singleton_clear=not (singleton and store.active_earlier(user, name, job_id)),
             )
             if status is DependencyStatus.MET:
@@ -649,7 +942,7 @@ class LocalBackend(Backend):
         )
 
     async def _finalize(self, record: JobRecord) -> None:
-        if record.spec.code is not None:
+        if not record.is_head and self._spec_of(record).code is not None:
             await asyncio.to_thread(self._collect_results, record)
         await self.run_finished_hook(record.to_job())
         self.store.update(record.id, finalized=1)
@@ -714,7 +1007,7 @@ class LocalBackend(Backend):
         is seen afterwards, before anything runs, and the hook's work is undone
         by the end hook that every terminal path runs.
         """
-        spec = record.spec
+        spec = self._spec_of(record)
         job = record.to_job()
         try:
             extra_env = await self.hooks.environment(job)
@@ -815,12 +1108,13 @@ class LocalBackend(Backend):
         Run as another account, the files are hard links to the store's read-only blobs,
         owned by root (the job can replace them, never change them); else copies.
         """
-        code_id = record.spec.code
+        code_id = self._spec_of(record).code
         assert code_id is not None
         manifest = None if self.uploads is None else self.uploads.manifest(record.user, code_id)
         if self.uploads is None or manifest is None:
             raise SpecError(f"its uploaded files ({code_id}) are gone; submit it again")
-        self.uploads.attach(str(record.id), record.user, code_id)
+        # By the id users see (a task's is <array>_<index>): what fetch asks for.
+        self.uploads.attach(record.to_job().id, record.user, code_id)
         root = self.config.code_root()
         root.mkdir(mode=0o711 if account else 0o700, parents=True, exist_ok=True)
         if account is not None:
@@ -843,7 +1137,8 @@ class LocalBackend(Backend):
     def _collect_results(self, record: JobRecord) -> None:
         """Keep what the job left in its folder that is new or changed, then remove the folder."""
         code = self._code_dir(record.id)
-        if self.uploads is None or record.spec.code is None:
+        code_id = self._spec_of(record).code
+        if self.uploads is None or code_id is None:
             return
         owners = None
         if self.config.runs_as_users:
@@ -853,7 +1148,7 @@ class LocalBackend(Backend):
                 owners = frozenset()
         try:
             results = self.uploads.collect(
-                str(record.id), record.user, record.spec.code, code, owners=owners
+                record.to_job().id, record.user, code_id, code, owners=owners
             )
             log.info("job %s: kept %d result files", record.id, len(results.files))
         except (OSError, sqlite3.Error) as exc:
@@ -882,6 +1177,10 @@ class LocalBackend(Backend):
     def _job_environment(self, record: JobRecord, spec: JobSpec) -> dict[str, str]:
         env = dict(spec.environment)
         env.setdefault("PATH", DEFAULT_PATH)
+        if record.array_job_id is not None and record.array_task_id is not None:
+            _, indexes = self._array_spec(self._head(record))
+            env.update(params_environment(spec.params, record.array_task_id))
+            env.update(task_environment(str(record.array_job_id), record.array_task_id, indexes))
         env.update(job_environment(spec, job_id=str(record.id), name=record.name))
         env.setdefault("KBATCH_SUBMIT_DIR", spec.workdir or "/")
         env.setdefault("SLURM_SUBMIT_DIR", spec.workdir or "/")

@@ -7,7 +7,8 @@ Pure, no I/O.  The rule (also in the README):
   user who has not started a job yet comes first), then the one with the
   oldest waiting job.  So one user's long queue cannot keep another user's
   single job waiting beyond the next free slot.
-* Within a user, jobs start in submission order.
+* Within a user, jobs start in submission order; an array's tasks in index
+  order, at the array's place.
 * A job held back by a per-user limit (:mod:`kbatch.backends.userlimits`)
   waits with that limit's reason, and so do that user's later jobs; it
   keeps no one else waiting.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kbatch.backends.userlimits import Usage, UserLimits, held_by
 
@@ -43,6 +44,9 @@ class Demand:
     memory: int  # bytes; 0 when the job set no limit
     gpus: int = 0
     user: str = ""
+    # An array's tasks that have not started: up to this many starts of the same size,
+    # each granted on its own turn (so fair share holds between them and others).
+    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ def schedule(
 
     ``running`` are the jobs holding resources (started, or granted a start);
     ``last_started`` is when each user's latest job started (for the tie-break).
+    A demand with ``count`` n may be granted up to n times: its id is then in
+    ``start`` once per grant.
     """
     limits = limits or UserLimits()
     free = Capacity(
@@ -110,7 +116,10 @@ def schedule(
                 waiting[demand.job_id] = behind
             del queues[user]
             continue
-        queue.popleft()
+        if head.count > 1:  # an array: its next task waits for its own turn
+            queue[0] = replace(head, count=head.count - 1)
+        else:
+            queue.popleft()
         if not queue:
             del queues[user]
         start.append(head.job_id)

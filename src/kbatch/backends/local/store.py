@@ -21,12 +21,13 @@ from typing import Any
 
 import msgspec
 
+from kbatch.arrays import IndexSet, parse_array
 from kbatch.backends.local.scheduler import Demand
 from kbatch.errors import ApiError, Conflict, PermissionDenied
 from kbatch.lifecycle import Desired
 from kbatch.models import Job, JobSpec, JobState
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "JobRecord", "JobStore"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "JobRecord", "JobStore", "PendingRow", "TaskSummary"]
 
 # The schema as the first release made it (version 1); later versions are migrations.
 _SCHEMA_V1 = """
@@ -76,13 +77,29 @@ ALTER TABLE jobs ADD COLUMN begin REAL;
 CREATE INDEX jobs_gated ON jobs (id)
     WHERE state = 'PENDING' AND (dependency IS NOT NULL OR begin IS NOT NULL);
 """,
+    # 4: arrays (issue 12).  An array is one row (its "head", array_pending not NULL)
+    # until its tasks start: array_pending holds the indexes not started yet, in Slurm's
+    # form ('' once all have).  Each task that starts becomes a row of its own, with
+    # array_job_id (the head's id) and array_task_id (its index), and an empty spec: it
+    # runs its head's.
+    4: """
+ALTER TABLE jobs ADD COLUMN array_job_id INTEGER;
+ALTER TABLE jobs ADD COLUMN array_task_id INTEGER;
+ALTER TABLE jobs ADD COLUMN array_pending TEXT;
+ALTER TABLE jobs ADD COLUMN array_throttle INTEGER;
+CREATE INDEX jobs_array ON jobs (array_job_id, array_task_id) WHERE array_task_id IS NOT NULL;
+""",
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 # What a listing shows: everything but the spec, which only a job's start needs.
 _JOB_COLUMNS = (
     "id, user, name, state, reason, exit_code, submitted, started, finished, output, error, "
-    "cpus, memory, gpus, time_limit, workdir, comment, cancelled_by, dependency, begin"
+    "cpus, memory, gpus, time_limit, workdir, comment, cancelled_by, dependency, begin, "
+    "array_job_id, array_task_id, array_pending, array_throttle"
 )
+# Rows a listing shows: every job and task, and an array's head while some of its tasks
+# have not started (it stands for them).
+_SHOWN_ROWS = "(array_pending IS NULL OR array_pending != '')"
 _COLUMNS = f"{_JOB_COLUMNS}, spec, desired, finalized"
 _STATES = {state.value: state for state in JobState}
 
@@ -99,6 +116,8 @@ _UPDATABLE = frozenset(
         "desired",
         "finalized",
         "cancelled_by",
+        "array_pending",
+        "array_throttle",
     }
 )
 
@@ -129,6 +148,25 @@ def _storage_errors() -> Iterator[None]:
         raise
 
 
+@dataclass(frozen=True)
+class TaskSummary:
+    index: int
+    state: JobState
+    exit_code: int | None
+    started: float | None
+    finished: float | None
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """A pending job the scheduler may start; for an array's head, the tasks waiting."""
+
+    demand: Demand
+    reason: str | None
+    array_pending: str | None = None
+    array_throttle: int | None = None
+
+
 def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
@@ -157,13 +195,29 @@ class JobRecord:
     cancelled_by: str | None
     dependency: str | None
     begin: float | None
+    array_job_id: int | None
+    array_task_id: int | None
+    array_pending: str | None
+    array_throttle: int | None
     spec_json: bytes
     desired: Desired
     finalized: int
 
     @property
     def spec(self) -> JobSpec:
+        """The spec (a task's is its array's: ask the backend, which reads the head)."""
+        if self.is_task:
+            raise ValueError(f"row {self.id} is a task; its spec is its array's")
         return msgspec.json.decode(self.spec_json, type=JobSpec)
+
+    @property
+    def is_head(self) -> bool:
+        """Whether this row is an array (the tasks not started yet stand in it)."""
+        return self.array_pending is not None
+
+    @property
+    def is_task(self) -> bool:
+        return self.array_task_id is not None
 
     def to_job(self) -> Job:
         return _job(
@@ -188,6 +242,10 @@ class JobRecord:
                 self.cancelled_by,
                 self.dependency,
                 self.begin,
+                self.array_job_id,
+                self.array_task_id,
+                self.array_pending,
+                self.array_throttle,
             )
         )
 
@@ -195,14 +253,16 @@ class JobRecord:
 def _record(row: tuple[object, ...]) -> JobRecord:
     values = list(row)
     values[3] = _STATES[str(values[3])]
-    values[21] = Desired(str(values[21]))
+    values[25] = Desired(str(values[25]))
     return JobRecord(*values)  # type: ignore[arg-type]
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    """A row of ``_JOB_COLUMNS`` as the wire model."""
+    """A row of ``_JOB_COLUMNS`` as the wire model: a job, a task (``ID_INDEX``), or an
+    array's tasks that have not started (the head: ``array_tasks`` says which)."""
+    array_job_id, task, pending, throttle = row[20], row[21], row[22], row[23]
     return Job(
-        id=str(row[0]),
+        id=str(row[0]) if task is None else f"{array_job_id}_{task}",
         user=row[1],
         name=row[2],
         state=_STATES[row[3]],
@@ -223,13 +283,17 @@ def _job(row: tuple[Any, ...]) -> Job:
         dependency=row[18],
         begin=_ts(row[19]),
         backend="local",
+        array_job_id=None if array_job_id is None else str(array_job_id),
+        array_task_id=task,
+        array_tasks=pending,
+        array_throttle=throttle,
     )
 
 
 def _where(
     user: str | None, states: Collection[JobState] | None, after: int | None = None
 ) -> tuple[str, list[object]]:
-    clauses: list[str] = []
+    clauses: list[str] = [_SHOWN_ROWS]
     params: list[object] = []
     if after is not None:
         clauses.append("id > ?")
@@ -328,13 +392,18 @@ class JobStore:
                         )
                     return existing, False
             if max_active is not None:
-                (active,) = db.execute(
-                    "SELECT COUNT(*) FROM jobs WHERE user = ? AND state IN ('PENDING', 'RUNNING')",
+                # Each task of an array counts, as in Slurm: those waiting in a head too.
+                rows = db.execute(
+                    "SELECT array_pending FROM jobs WHERE user = ? "
+                    "AND state IN ('PENDING', 'RUNNING')",
                     (user,),
-                ).fetchone()
-                if active >= max_active:
+                ).fetchall()
+                active = sum(len(IndexSet.parse(p)) if p else 1 for (p,) in rows)
+                adding = len(parse_array(spec.array).indexes) if spec.array else 1
+                if active + adding > max_active:
+                    asked = f"; this submission adds {adding}" if adding > 1 else ""
                     raise PermissionDenied(
-                        f"you have {active} jobs pending or running; the limit (policy "
+                        f"you have {active} jobs pending or running{asked}; the limit (policy "
                         f"max_submitted_jobs_per_user) is {max_active}: wait for some to end "
                         "or cancel some",
                         status=403,
@@ -367,27 +436,144 @@ class JobStore:
             )
             job_id = cursor.lastrowid
             assert job_id is not None
-            output, error = paths(job_id)
-            db.execute(
-                "UPDATE jobs SET output = ?, error = ? WHERE id = ?", (output, error, job_id)
-            )
+            if spec.array is not None:  # the head: its tasks' files are named as they start
+                request = parse_array(spec.array)
+                db.execute(
+                    "UPDATE jobs SET array_job_id = id, array_pending = ?, array_throttle = ? "
+                    "WHERE id = ?",
+                    (str(request.indexes), request.throttle, job_id),
+                )
+            else:
+                output, error = paths(job_id)
+                db.execute(
+                    "UPDATE jobs SET output = ?, error = ? WHERE id = ?", (output, error, job_id)
+                )
             row = db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return _record(row), True
+
+    def split(
+        self,
+        head: JobRecord,
+        *,
+        count: int | None = None,
+        indexes: Collection[int] = (),
+        paths: Callable[[int, int], tuple[str, str | None]],
+        now: float,
+        desired: Desired = Desired.RUN,
+        cancelled_by: str | None = None,
+    ) -> list[int]:
+        """Turn tasks of the array ``head`` that have not started into rows of their own:
+        its ``count`` lowest waiting indexes, or those of ``indexes`` still waiting.
+
+        In one transaction: the head's waiting set shrinks by exactly the rows made
+        (and the head is marked done once none wait).  ``paths(row_id, index)`` names
+        a task's files.  Returns the new rows' ids, in index order.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT array_pending, state FROM jobs WHERE id = ?", (head.id,)
+            ).fetchone()
+            if row is None or not row[0] or row[1] != "PENDING":
+                return []
+            waiting = IndexSet.parse(row[0])
+            if count is not None:
+                taken, rest = waiting.take(count)
+            else:
+                chosen = set(indexes)
+                taken = [i for i in waiting if i in chosen] if chosen else []
+                rest = waiting.without(taken)
+            ids: list[int] = []
+            for index in taken:
+                cursor = db.execute(
+                    "INSERT INTO jobs (user, name, state, reason, submitted, output, error, "
+                    "cpus, memory, gpus, time_limit, workdir, comment, spec, desired, "
+                    "cancelled_by, array_job_id, array_task_id) "
+                    "VALUES (?, ?, 'PENDING', ?, ?, '', NULL, ?, ?, ?, ?, ?, ?, X'', ?, ?, ?, ?)",
+                    (
+                        head.user,
+                        head.name,
+                        "None",
+                        head.submitted,
+                        head.cpus,
+                        head.memory,
+                        head.gpus,
+                        head.time_limit,
+                        head.workdir,
+                        head.comment,
+                        str(desired),
+                        cancelled_by,
+                        head.id,
+                        index,
+                    ),
+                )
+                task_id = cursor.lastrowid
+                assert task_id is not None
+                output, error = paths(task_id, index)
+                db.execute(
+                    "UPDATE jobs SET output = ?, error = ? WHERE id = ?", (output, error, task_id)
+                )
+                ids.append(task_id)
+            if rest:
+                db.execute("UPDATE jobs SET array_pending = ? WHERE id = ?", (str(rest), head.id))
+            else:  # every task has a row: the head stands for none, and is not listed
+                db.execute(
+                    "UPDATE jobs SET array_pending = '', state = 'COMPLETED', reason = NULL, "
+                    "finished = ?, finalized = 1 WHERE id = ?",
+                    (now, head.id),
+                )
+            return ids
+
+    def task(self, array_id: int, index: int) -> JobRecord | None:
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE array_job_id = ? AND array_task_id = ?",
+            (array_id, index),
+        ).fetchone()
+        return None if row is None else _record(row)
+
+    def tasks(self, array_id: int, *, active: bool = False) -> list[JobRecord]:
+        """The array's tasks that have rows (started, or split off), by index."""
+        extra = " AND state IN ('PENDING', 'RUNNING')" if active else ""
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM jobs WHERE array_job_id = ? AND array_task_id IS NOT NULL"
+            f"{extra} ORDER BY array_task_id",
+            (array_id,),
+        )
+        return [_record(row) for row in rows]
+
+    def task_summary(self, array_id: int) -> list[TaskSummary]:
+        """Every task row of the array, by index: what the array's own view needs."""
+        rows = self._db.execute(
+            "SELECT array_task_id, state, exit_code, started, finished FROM jobs "
+            "WHERE array_job_id = ? AND array_task_id IS NOT NULL ORDER BY array_task_id",
+            (array_id,),
+        )
+        return [TaskSummary(i, _STATES[state], code, s, f) for i, state, code, s, f in rows]
+
+    def active_tasks(self) -> dict[int, int]:
+        """How many tasks of each array are pending with a row, or running (the throttle)."""
+        rows = self._db.execute(
+            "SELECT array_job_id, COUNT(*) FROM jobs WHERE state IN ('PENDING', 'RUNNING') "
+            "AND array_task_id IS NOT NULL GROUP BY array_job_id"
+        )
+        return dict(rows.fetchall())
 
     def get(self, job_id: int) -> JobRecord | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
-    def pending_demands(self) -> list[tuple[Demand, str | None]]:
-        """The PENDING jobs that may start, in submission order: what each asks for, its reason."""
+    def pending_demands(self) -> list[PendingRow]:
+        """The PENDING jobs that may start, in submission order (an array's tasks at the
+        array's place, by index): what each asks for, its reason, and for an array's head
+        its waiting indexes and throttle."""
         rows = self._db.execute(
-            "SELECT id, cpus, COALESCE(memory, 0), gpus, user, reason FROM jobs "
+            "SELECT id, cpus, COALESCE(memory, 0), gpus, user, reason, array_pending, "
+            "array_throttle FROM jobs "
             "WHERE state IN ('PENDING', 'RUNNING') AND state = 'PENDING' AND desired = 'run' "
-            "ORDER BY id"
+            "ORDER BY COALESCE(array_job_id, id), array_task_id IS NULL, array_task_id"
         )
         return [
-            (Demand(job_id, cpus, memory, gpus, user), reason)
-            for job_id, cpus, memory, gpus, user, reason in rows
+            PendingRow(Demand(job_id, cpus, memory, gpus, user), reason, pending, throttle)
+            for job_id, cpus, memory, gpus, user, reason, pending, throttle in rows
         ]
 
     def gated(self) -> list[tuple[int, str, str, str | None, bool, float | None, str | None]]:
