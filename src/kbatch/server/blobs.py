@@ -59,6 +59,7 @@ log = logging.getLogger("kbatch.uploads")
 F = TypeVar("F", bound=Callable[..., Any])
 TOKEN_PREFIX = "kbj1."  # noqa: S105 (a prefix) transfer tokens: kbj1.<job id>.<expiry>.<hmac>
 GRACE = 24 * 3600.0  # seconds an upload not (yet) used by a job is kept
+TMP_STALE = 3600.0  # a temp file untouched this long belongs to no upload in progress
 FICLONE = 0x40049409  # ioctl: a copy-on-write clone (btrfs, XFS), else a real copy
 
 _SCHEMA = """
@@ -131,9 +132,11 @@ class BlobStore:
     def open(self) -> None:
         for path in (self.root, self.blobs, self.tmp):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for leftover in self.tmp.iterdir():  # uploads cut by a restart
+        stale = time.time() - TMP_STALE
+        for leftover in self.tmp.iterdir():  # uploads cut by a crash, long ago
             with contextlib.suppress(OSError):
-                leftover.unlink()
+                if leftover.stat().st_mtime < stale:
+                    leftover.unlink()
         db = sqlite3.connect(
             self.root / "uploads.sqlite", isolation_level=None, check_same_thread=False
         )
