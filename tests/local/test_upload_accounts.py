@@ -105,3 +105,34 @@ def _code_dir(out: Path) -> str | None:
     except FileNotFoundError:
         return None
     return next((line[4:] for line in lines if line.startswith("dir ")), None)
+
+
+def test_a_code_dir_other_accounts_cannot_reach_fails_the_job_saying_what_to_set(
+    tmp_path: Path,
+) -> None:
+    with ExitStack() as stack:
+        world = stack.enter_context(reachable_dir("kbup2-"))
+        user = stack.enter_context(unix_account("kbu"))
+        closed = world / "closed"
+        closed.mkdir(mode=0o700)
+        config = world / "kbatch.toml"
+        config.write_text(
+            '[local]\nkill_grace = 1\ntick = 0.5\nrun_as_user = true\nuser_template = "{username}"\n'
+            f'code_dir = "{closed / "code"}"\n'
+        )
+        server = KbatchServer(world / "s", args=["--cpus", "1", "--config", str(config)])
+        server.start()
+        stack.callback(server.stop)
+        proj = tmp_path / "p"
+        proj.mkdir()
+        (proj / "a.txt").write_text("a\n")
+        home = Path(pwd.getpwnam(user).pw_dir)
+        with Client(server.url, server.add_token(user)) as client:
+            upload = client.upload(proj)
+            job = client.submit(
+                JobSpec(script="#!/bin/sh\ntrue\n", workdir=str(home), code=upload.id)
+            )
+            done = client.wait(job.id, poll=0.1, timeout=30)
+        assert done.state is JobState.FAILED
+        assert done.reason is not None and "closed to other accounts" in done.reason
+        assert "[local] code_dir" in done.reason

@@ -92,7 +92,7 @@ class LocalConfig:
     # Where jobs with uploaded files (--code) get their copy, one folder per job.  Default:
     # <state_dir>/code, or with run_as_user <state_dir>-code beside it (the state directory
     # is root's alone; this one every account may pass through, but not list).
-    code_dir: Path | None = None
+    code_dir: str | None = None
 
     def code_root(self) -> Path:
         if self.code_dir is not None:
@@ -1122,6 +1122,13 @@ class LocalBackend(Backend):
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
                 raise ConfigError(f"run_as_user: {root} must be a directory owned by root")
             root.chmod(0o711)
+            for above in root.resolve().parents:
+                if not above.stat().st_mode & stat.S_IXOTH:
+                    raise ConfigError(
+                        f"run_as_user: jobs cannot reach their files in {root}: {above} is "
+                        "closed to other accounts; set [local] code_dir to a folder they "
+                        "can pass through (e.g. /var/lib/kbatch-code)"
+                    )
         code = self._code_dir(record.id)
         if code.exists() or code.is_symlink():
             shutil.rmtree(code)  # left by an interrupted launch
