@@ -312,11 +312,9 @@ class Client:
                 # A file that shrank since it was hashed: its frame keeps its size (the
                 # server then refuses it as changed); one that grew is cut at its size.
                 yield data + bytes(size - len(data))
-                if progress is not None:
-                    progress(size)
 
         total = sum(82 + size for _, _, size in files)
-        self._stream(rq.put_blobs(total), frames, progress=None)
+        self._stream(rq.put_blobs(total), frames, progress=progress)
 
     def _put_file(self, request: rq.Request, source: Path, progress: Progress | None) -> None:
         """PUT one file, streamed from disk; retried (from the start) on a lost connection."""
@@ -325,8 +323,6 @@ class Client:
             with open(source, "rb", buffering=0) as handle:
                 while block := handle.read(BLOCK):
                     yield block
-                    if progress is not None:
-                        progress(len(block))
 
         try:
             self._stream(request, blocks, progress=progress)
@@ -360,6 +356,8 @@ class Client:
                 for block in body():
                     conn.send(block)
                     sent += len(block)
+                    if progress is not None:
+                        progress(len(block))
                 response = conn.getresponse()
                 answer = response.read()
             except (FileNotFoundError, PermissionError):
