@@ -395,3 +395,23 @@ def test_an_array_shares_one_upload_and_fetches_into_a_folder_per_task(
         assert (workdir / "sweep-results" / "2" / "out-2.txt").read_text() == "task 2\ninput\n"
         one = client.fetch(f"{array.id}_1", workdir / "one")  # a task alone, by its own id
         assert [p.name for p in one] == ["out-1.txt"]
+
+
+def test_an_upload_whose_answers_are_cut_off_is_retried_and_completes(
+    server: KbatchServer, workdir: Path
+) -> None:
+    from tests.support.cutproxy import CutProxy
+
+    proj = project(workdir / "flaky")
+    (proj / "big.bin").write_bytes(os.urandom(200_000))
+    proxy = CutProxy(server.url)
+    try:
+        with Client(proxy.url, server.add_token("flaky-net")) as client:
+            proxy.cut_next = 3  # three answers never arrive: manifest, batch, manifest again
+            answer = client.upload(proj)
+            assert answer.complete and proxy.cuts == 3
+            plans: list[tuple[int, int]] = []
+            again = client.upload(proj, on_plan=lambda n, size: plans.append((n, size)))
+            assert again.id == answer.id and plans == []  # everything arrived once
+    finally:
+        proxy.close()
