@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from kbatch.client import Client
     from kbatch.models import Job, JobSpec, SweepParams
 
-__all__ = ["submit", "submit_words"]
+__all__ = ["exit_status", "submit", "submit_spec", "submit_words"]
 
 # The most of a sweep's CSV the client reads; the server's policy (max_params_bytes) decides.
 MAX_PARAMS_READ = 4 * 1024 * 1024
@@ -85,6 +85,19 @@ def submit_words(words: list[str]) -> int:
             return 0
     cli = parse_tokens([w for w in words if w not in ("-h",)])
     return submit_parsed(cli)
+
+
+def submit_spec(client: Client, spec: JobSpec) -> Job:
+    """Submit ``spec`` once, however often this is rerun before the server answers."""
+    return _submit(client, spec, dry_run=False)
+
+
+def exit_status(job: Job) -> int:
+    """What ``--wait`` exits with: 0 if it completed, else its exit code (an array's
+    highest), or 1 when that says nothing (cancelled before it started)."""
+    if job.state.value == "COMPLETED":
+        return 0
+    return job.exit_code or 1
 
 
 def _submit(client: Client, spec: JobSpec, *, dry_run: bool) -> Job:
@@ -233,8 +246,5 @@ def submit_parsed(cli: ParsedOptions) -> int:
             print(f"Submitted batch job {job.id}")
         sys.stdout.flush()
         if cli.flag("wait"):
-            final = client.wait(job.id)
-            if final.exit_code is None:
-                return 1 if final.state.value != "COMPLETED" else 0
-            return final.exit_code if final.state.value != "COMPLETED" else 0
+            return exit_status(client.wait(job.id))
     return 0

@@ -32,6 +32,7 @@ __all__ = [
     "job_logs",
     "job_result_file",
     "job_results",
+    "job_spec",
     "list_jobs",
     "parse",
     "parse_event",
@@ -41,6 +42,7 @@ __all__ = [
     "put_result",
     "release_job",
     "submit_job",
+    "update_job",
     "upload_manifest",
     "whoami",
 ]
@@ -111,6 +113,19 @@ def list_jobs(
     return Request("GET", _path("jobs", query=query))
 
 
+def job_spec(job_id: str) -> Request:
+    """The spec a job (an array: its whole spec) was submitted with."""
+    return Request("GET", _path("jobs", job_id, "spec"))
+
+
+def update_job(job_id: str, *, throttle: int | None) -> Request:
+    """Change an array's throttle (None: no throttle, sent as 0)."""
+    body = _encoder.encode(UpdateRequest(throttle=throttle or 0))
+    return Request(
+        "POST", _path("jobs", job_id, "update"), body, {"Content-Type": "application/json"}
+    )
+
+
 def _post(*parts: str) -> Request:
     return Request("POST", _path(*parts), b"", {"Content-Length": "0"})
 
@@ -125,20 +140,6 @@ def hold_job(job_id: str) -> Request:
 
 def release_job(job_id: str) -> Request:
     return _post("jobs", job_id, "release")
-
-
-def job_spec(job_id: str) -> Request:
-    return Request("GET", _path("jobs", job_id, "spec"))
-
-
-def update_job(job_id: str, *, throttle: int) -> Request:
-    body = msgspec.json.encode(UpdateRequest(throttle=throttle))
-    return Request(
-        "POST",
-        _path("jobs", job_id, "update"),
-        body,
-        {"Content-Type": "application/json", "Content-Length": str(len(body))},
-    )
 
 
 def events(*, all_users: bool = False) -> Request:

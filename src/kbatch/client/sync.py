@@ -165,7 +165,20 @@ class Client:
             after = page.next
 
     def cancel(self, job_id: str) -> Job:
+        """Cancel a job, an array (``123``), a task (``123_7``) or tasks (``123_[1-5,9]``)."""
         return self._call(rq.cancel_job(_job_id(job_id)), Job)
+
+    def spec(self, job_id: str) -> JobSpec:
+        """The spec the job was submitted with; a task's is its array's (resubmit uses it)."""
+        return self._call(rq.job_spec(_job_id(job_id)), JobSpec)
+
+    def update(self, job_id: str, *, throttle: int | None) -> Job:
+        """Change how many tasks of array ``job_id`` may run at once (0 or None: no limit)."""
+        if throttle is not None and throttle < 0:
+            raise ValueError(
+                f"throttle must be a number of tasks (0 or None: no limit), not {throttle}"
+            )
+        return self._call(rq.update_job(_job_id(job_id), throttle=throttle), Job)
 
     def hold(self, job_id: str) -> Job:
         """Keep a pending job from starting (Conflict if it has started)."""
@@ -174,14 +187,6 @@ class Client:
     def release(self, job_id: str) -> Job:
         """Let a held job start; a job not held is returned unchanged."""
         return self._call(rq.release_job(_job_id(job_id)), Job)
-
-    def spec(self, job_id: str) -> JobSpec:
-        """The spec a job (or array) was submitted with."""
-        return self._call(rq.job_spec(_job_id(job_id)), JobSpec)
-
-    def update(self, job_id: str, *, throttle: int) -> Job:
-        """Change an array's throttle (0: none)."""
-        return self._call(rq.update_job(_job_id(job_id), throttle=throttle), Job)
 
     def dashboard_link(self) -> str:
         """A single-use link that logs a browser in to the dashboard (valid two minutes)."""
@@ -485,7 +490,10 @@ class Client:
             self.close()
 
     def wait(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None) -> Job:
-        """Poll until the job has ended; :class:`~kbatch.errors.WaitTimeout` after ``timeout`` s."""
+        """Poll until the job has ended; :class:`~kbatch.errors.WaitTimeout` after ``timeout`` s.
+
+        An array (``123``, or some of its tasks ``123_[1-5]``) has ended when all its
+        tasks have: the job returned is the aggregate, ``exit_code`` the highest."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get(job_id)

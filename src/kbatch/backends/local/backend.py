@@ -671,6 +671,9 @@ class LocalBackend(Backend):
         head = self._array_of(record, ref)
         if ref.tasks is None:
             await self._release_one(head)
+        elif head.desired is Desired.HOLD:  # some tasks of a held array: they alone may run
+            self._split(head, indexes=ref.tasks, desired=Desired.RUN)
+            await self._schedule()
         rows = self.store.tasks(head.id, active=True)
         wanted = None if ref.tasks is None else set(ref.tasks)
         for task in rows:
