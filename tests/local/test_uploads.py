@@ -395,6 +395,11 @@ def test_an_array_shares_one_upload_and_fetches_into_a_folder_per_task(
         assert (workdir / "sweep-results" / "2" / "out-2.txt").read_text() == "task 2\ninput\n"
         one = client.fetch(f"{array.id}_1", workdir / "one")  # a task alone, by its own id
         assert [p.name for p in one] == ["out-1.txt"]
+        some = client.fetch(f"{array.id}_[0-1]", workdir / "some")  # some tasks
+        assert sorted(str(p.relative_to(workdir / "some")) for p in some) == [
+            "0/out-0.txt",
+            "1/out-1.txt",
+        ]
 
 
 def test_an_upload_whose_answers_are_cut_off_is_retried_and_completes(

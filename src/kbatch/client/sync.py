@@ -426,7 +426,7 @@ class Client:
         job_id = _job_id(job_id)
         target = Path(dest) if dest is not None else Path(f"kbatch-{job_id}")
         job = self.get(job_id)
-        if job.array_job_id == job.id and job.array_task_id is None:
+        if job.array_counts is not None:  # an array, or some of its tasks (ID_[1-5])
             return self._fetch_array(job, target, results, ignore, progress, on_plan)
         chosen = choose_results(self.results(job_id), results=results, ignore=ignore)
         for entry in chosen:
@@ -452,8 +452,13 @@ class Client:
         tasks = [
             job
             for job in self.list(include_finished=True)
-            if job.array_job_id == array.id and job.array_task_id is not None
+            if job.array_job_id == array.array_job_id and job.array_task_id is not None
         ]
+        if array.id != array.array_job_id:  # some tasks only: ID_[1-5]
+            from kbatch.arrays import IndexSet
+
+            chosen = set(IndexSet.parse(array.array_tasks or ""))
+            tasks = [t for t in tasks if t.array_task_id in chosen]
         written: builtins.list[Path] = []
         for task in sorted(tasks, key=lambda t: t.array_task_id or 0):
             if not task.state.is_terminal:
