@@ -132,7 +132,7 @@ def _uploads(server: KbatchServer, tree: Path, size: int, result: SectionResult)
         result.add(
             Metric.from_samples(
                 "reupload_unchanged",
-                "the same tree again, unchanged (hash and one request)",
+                "the same tree again, unchanged (listed, hashes remembered, one request)",
                 "s",
                 again,
             )
