@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, ModuleType
 
-from bench import cli, kubernetes, local, slurm
+from bench import cli, kubernetes, local, slurm, upload
 from bench.context import FULL, QUICK, Context, log
 from bench.machine import REPO, load, machine_details
 from bench.pypi import cache_dir
@@ -41,6 +41,7 @@ SECTIONS: dict[str, ModuleType] = {
     "local": local,
     "slurm": slurm,
     "kubernetes": kubernetes,
+    "upload": upload,
 }
 RESULTS = REPO / "bench" / "results"
 

@@ -69,6 +69,27 @@ COMPARISONS: list[Comparison] = [
         "kubernetes.submit",
         "kubernetes.kubectl_create",
     ),
+    # 5. code upload and fetch against tar | curl to the same server
+    Comparison(
+        "first upload of the tree vs `tar c | curl -T` (throughput)",
+        "upload.first_upload_throughput",
+        "upload.floor_throughput",
+    ),
+    Comparison(
+        "re-upload, unchanged vs the first upload",
+        "upload.reupload_unchanged",
+        "upload.first_upload",
+    ),
+    Comparison(
+        "re-upload, one file changed vs the first upload",
+        "upload.reupload_one_changed",
+        "upload.first_upload",
+    ),
+    Comparison(
+        "fetch of a result vs `curl` of it (throughput)",
+        "upload.fetch_throughput",
+        "upload.fetch_floor_throughput",
+    ),
 ]
 
 TARGETS: list[Target] = [
@@ -159,6 +180,24 @@ TARGETS: list[Target] = [
         op="<",
         threshold=0.5,
         figure="list",
+    ),
+    Target(
+        "code upload: an unchanged tree again in under 5% of the first upload's time",
+        kind="ratio",
+        a="upload.reupload_unchanged",
+        b="upload.first_upload",
+        op="<",
+        threshold=0.05,
+        figure="again ÷ first",
+    ),
+    Target(
+        "code upload: first upload at least half the throughput of `tar c | curl -T`",
+        kind="ratio",
+        a="upload.first_upload_throughput",
+        b="upload.floor_throughput",
+        op=">=",
+        threshold=0.5,
+        figure="upload ÷ floor",
     ),
     Target(
         "submitting a 10,000-task array no slower than Slurm (`kbatch submit` vs `sbatch`)",

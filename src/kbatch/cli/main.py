@@ -26,6 +26,7 @@ your session, on Kubernetes or on this machine.
   kqueue                          your pending and running jobs (kbatch queue)
   kbatch logs -f ID               follow a job's output
   kbatch cancel ID                stop a job
+  kbatch submit --code DIR S.sh   run S.sh in a copy of DIR; kbatch fetch ID gets its results
   kbatch hold ID / release ID     keep a pending job from starting / let it start
 
 Arrays: kbatch submit --array=0-99%10 (or --params FILE.csv) runs one task per index;
@@ -96,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     logs.add_argument("-e", "--error", action="store_true", help="the error file (with submit -e)")
     logs.set_defaults(handler=_lazy("kbatch.cli.jobs", "logs"))
+
+    fetch = commands.add_parser(
+        "fetch", help="download what a job (submitted with --code) left: new or changed files"
+    )
+    fetch.add_argument("job_id", metavar="ID")
+    fetch.add_argument("dest", metavar="DEST", nargs="?", help="where to (default ./kbatch-ID/)")
+    fetch.add_argument(
+        "--results",
+        metavar="PATTERN",
+        action="append",
+        help="only files matching PATTERN (gitignore style, e.g. '*.csv'; repeatable)",
+    )
+    fetch.add_argument(
+        "--ignore", metavar="PATTERN", action="append", help="leave out files matching PATTERN"
+    )
+    fetch.add_argument(
+        "-q", "--quiet", "--parsable", action="store_true", help="print nothing, draw no bar"
+    )
+    fetch.set_defaults(handler=_lazy("kbatch.cli.fetch", "fetch"))
 
     cancel = commands.add_parser("cancel", help="cancel jobs, like scancel")
     cancel.add_argument("job_ids", metavar="ID", nargs="+")

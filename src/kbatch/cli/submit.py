@@ -111,6 +111,51 @@ def _submit(client: Client, spec: JobSpec, *, dry_run: bool) -> Job:
         return client.submit(spec, idempotency_key=key)
 
 
+def _code_path(script: str, cli: ParsedOptions, cwd: str) -> str | None:
+    """``--code`` from the command line, else from a ``#SBATCH``/``#KBATCH`` line."""
+    from kbatch.directives import parse_directives
+
+    options = parse_directives(script)
+    options.extend(cli)
+    found = options.get("code")
+    if found is None:
+        return None
+    if not found.value:
+        raise SpecError(f"{found.describe()}: give a folder or file to upload")
+    return os.path.join(cwd, os.path.expanduser(found.value))
+
+
+def _with_code(client: Client, spec: JobSpec, path: str, *, quiet: bool, dry_run: bool) -> JobSpec:
+    """The spec naming the upload of ``path``, uploaded now (only what the server lacks)."""
+    import msgspec
+
+    from kbatch.cli.progress import ProgressBar
+    from kbatch.paths import state_dir
+    from kbatch.uploads.tree import HashCache, manifest_of, walk
+
+    files = walk(path)
+    hashing = ProgressBar("hashing  ", enabled=not quiet)
+    hashing.plan(len(files), sum(f.size for f in files))
+    try:
+        cache = HashCache.for_folder(path, state_dir() / "hashes")
+        manifest = manifest_of(files, hashing, cache)
+    finally:
+        hashing.close()
+    if dry_run:
+        print(
+            f"kbatch: --code {path}: {len(files)} files, {manifest.total_bytes} bytes "
+            "(not uploaded: --test-only)",
+            file=sys.stderr,
+        )
+        return spec
+    sending = ProgressBar("uploading", enabled=not quiet)
+    try:
+        answer = client.upload_files(files, manifest, progress=sending, on_plan=sending.plan)
+    finally:
+        sending.close()
+    return msgspec.structs.replace(spec, code=answer.id)
+
+
 def _read_params(path: str) -> SweepParams:
     """A sweep's CSV file, checked as the server will (the server also applies its limit)."""
     from kbatch.arrays import parse_params
@@ -178,8 +223,13 @@ def submit_parsed(cli: ParsedOptions) -> int:
     )
     for warning in submission.warnings:
         print(f"kbatch: warning: {warning}", file=sys.stderr)
+    code_path = _code_path(script, cli, os.getcwd())
     with Client.from_config() as client:
-        job = _submit(client, submission.spec, dry_run=cli.flag("test_only"))
+        spec = submission.spec
+        if code_path is not None:
+            quiet = cli.flag("parsable") or cli.flag("json")
+            spec = _with_code(client, spec, code_path, quiet=quiet, dry_run=cli.flag("test_only"))
+        job = _submit(client, spec, dry_run=cli.flag("test_only"))
         if cli.flag("test_only"):
             from kbatch.cli.output import print_job
 

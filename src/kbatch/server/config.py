@@ -33,6 +33,9 @@ Example ``kbatch.toml``::
     max_cpus_per_user = 16
     max_memory_per_user = "64G"
     max_gpus_per_user = 1
+    # kbatch submit --code: the most one upload (and one job's results) may hold
+    max_upload_bytes = "1G"
+    max_upload_files = 100000
 
     [jupyterhub]               # with auth = "jupyterhub"; see docs/jupyterhub.md
     # api_url, api_token and service_name default to the JUPYTERHUB_API_URL,
@@ -245,7 +248,7 @@ def load_config(
         else:
             data[key] = value
     sd = Path(data.pop("state_dir", None) or state_dir(env))
-    for key in ("max_memory", "max_memory_per_user"):
+    for key in ("max_memory", "max_memory_per_user", "max_upload_bytes"):
         if key in policy_section:
             policy_section[key] = _size(policy_section[key], f"policy.{key}")
     for key in ("max_time", "default_time"):

@@ -33,6 +33,7 @@ from kbatch.paths import write_private
 from kbatch.server.app import create_app
 from kbatch.server.auth.base import Authenticator
 from kbatch.server.auth.tokens import TokenFileAuthenticator, add_token, hash_token
+from kbatch.server.blobs import BlobStore
 from kbatch.server.config import ServerConfig
 from kbatch.server.connections import (
     ConnectionLimits,
@@ -57,6 +58,7 @@ __all__ = [
 
 log = logging.getLogger("kbatch.server")
 TOKENS_FILE = "tokens.json"
+UPLOADS_DIR = "uploads"  # the store of uploaded files (kbatch.server.blobs)
 LAST_URL_FILE = "server.last-url"  # the URL of the last server, once it has stopped
 
 
@@ -139,6 +141,7 @@ def _with_dashboard(
         config.policy,
         prefix=config.prefix,
         extra_routes=dashboard.routes(),
+        uploads=BlobStore(config.state_dir / UPLOADS_DIR),
     )
     app.add_middleware(SecurityHeaders, sessions=dashboard_auth.sessions)
     return app

@@ -68,6 +68,7 @@ from kbatch.backends.kubernetes.arrays import (
 from kbatch.backends.kubernetes.cache import WatchCache
 from kbatch.backends.kubernetes.manifests import (
     RESTRICTED,
+    CodeTransfer,
     JobContext,
     Manifests,
     build_manifests,
@@ -146,6 +147,13 @@ class KubernetesConfig:
     # Security "restricted" asks (the notebook's container context is merged over it).
     security_context: dict[str, Any] = field(default_factory=lambda: dict(RESTRICTED))
     forbid_root: bool = False  # refuse jobs that would run as user 0 (runAsUser: 0)
+    # Uploaded files (submit --code): the server's URL as job pods reach it (e.g.
+    # http://kbatch.kbatch-system.svc:8765/services/kbatch) and an image with kbatch in
+    # it (the server's own) for the containers that move the files.  Without both,
+    # jobs with --code are refused.
+    transfer_url: str | None = None
+    transfer_image: str | None = None
+    transfer_token_days: float = 30.0  # at most; the token also dies with the job's record
 
     def __post_init__(self) -> None:
         if self.namespace_mode not in ("per-user", "shared"):
@@ -1222,6 +1230,26 @@ class KubernetesBackend(Backend):
                     field="array",
                 )
 
+    @property
+    def supports_code(self) -> bool:
+        return bool(self.config.transfer_url and self.config.transfer_image)
+
+    def _transfer(self, spec: JobSpec, job_id: str) -> CodeTransfer | None:
+        """How the pod of a job with uploaded files gets them (and hands back results)."""
+        if spec.code is None:
+            return None
+        url, image = self.config.transfer_url, self.config.transfer_image
+        if self.uploads is None or not url or not image:
+            raise SpecError(
+                "this server cannot send uploaded files to Kubernetes pods (the admin sets "
+                "[kubernetes] transfer_url and transfer_image); submit without --code",
+                field="code",
+            )
+        expires = time.time() + self.config.transfer_token_days * 86400
+        return CodeTransfer(
+            url=url, image=image, token=self.uploads.transfer_token(job_id, expires)
+        )
+
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)
         if (
@@ -1252,8 +1280,11 @@ class KubernetesBackend(Backend):
                 submitted=datetime.now(UTC),
                 security_context=self.config.security_context,
                 forbid_root=self.config.forbid_root,
+                transfer=self._transfer(spec, job_id),
             ),
         )
+        if spec.code is not None and self.uploads is not None:
+            self.uploads.attach(job_id, user, spec.code)  # before its pod can ask for them
         return await self._create(manifests, keyed=idempotency_key is not None)
 
     async def _create(self, manifests: Manifests, *, keyed: bool) -> Job:
