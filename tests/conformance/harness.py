@@ -63,6 +63,13 @@ class Harness(abc.ABC):
     name: str
     #: seconds within which a job that may start is running (the control plane is slower)
     start_within: float = 20.0
+    #: Whether each task of an array has its own start and end hooks (its own hub token).
+    #: On Kubernetes an array's tasks are one Job sharing one Secret: the hooks run once
+    #: for the array (docs/core.md, "Arrays in the contract").
+    hooks_per_task: bool = True
+    #: Whether single tasks of an array can be held and released (an Indexed Job starts
+    #: its lowest waiting index first, so on Kubernetes only the whole array can: 409).
+    holds_per_task: bool = True
 
     @abc.abstractmethod
     def backend(self) -> contextlib.AbstractAsyncContextManager[Backend]:

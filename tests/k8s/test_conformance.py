@@ -45,6 +45,8 @@ class KubernetesHarness(Harness):
 
     name = "kubernetes"
     start_within = 30.0
+    hooks_per_task = False
+    holds_per_task = False
 
     def __init__(self, cluster: K8sCluster, installed: Installed) -> None:
         self.cluster = cluster
