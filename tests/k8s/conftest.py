@@ -6,6 +6,7 @@ creates, with exactly the RBAC the chart grants: never as the cluster admin.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from tests.support.k8s_cluster import DEFAULT_POD_LOG, K8sCluster, k8s_cluster
+from tests.support.servers import KbatchServer
 from tests.support.tools import installed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,3 +122,26 @@ def shared(cluster: K8sCluster, helm: Path) -> Installed:
 def per_user(cluster: K8sCluster, helm: Path) -> Installed:
     """The chart in per-user mode: a namespace per user, created on demand."""
     return _install(cluster, helm, "kbatch-pu", "--set", "kubernetes.namespaceMode=per-user")
+
+
+@contextlib.contextmanager
+def shared_namespace_server(
+    root: Path, shared: Installed, extra: str = ""
+) -> Iterator[KbatchServer]:
+    """A real ``kbatch server`` on the kubernetes backend in the chart's shared namespace
+    (``extra``: more of its kbatch.toml, e.g. a [policy] section), stopped afterwards."""
+    config = root / "kbatch.toml"
+    config.write_text(
+        'backend = "kubernetes"\n'
+        "[kubernetes]\n"
+        f'kubeconfig = "{shared.kubeconfig}"\n'
+        'namespace_mode = "shared"\n'
+        f'namespace = "{SHARED_NS}"\n'
+        'image = "busybox:stable"\n' + extra
+    )
+    server = KbatchServer(root / "s", args=["--config", str(config)])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

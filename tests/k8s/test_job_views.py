@@ -21,7 +21,7 @@ from kbatch import notebook_runner
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.manifests import ENTRYPOINT
 from kbatch.models import JobSpec
-from tests.k8s.conftest import SHARED_NS, Installed
+from tests.k8s.conftest import SHARED_NS, Installed, shared_namespace_server
 from tests.support.k8s_cluster import K8sCluster
 from tests.support.servers import KbatchServer
 
@@ -35,20 +35,8 @@ SCRIPT = '#!/bin/sh\n#SBATCH --job-name=viewed\n#SBATCH --time=10:00\necho "args
 def k8s_server(
     tmp_path_factory: pytest.TempPathFactory, shared: Installed
 ) -> Iterator[KbatchServer]:
-    root = tmp_path_factory.mktemp("k8s-views")
-    config = root / "kbatch.toml"
-    config.write_text(
-        'backend = "kubernetes"\n'
-        "[kubernetes]\n"
-        f'kubeconfig = "{shared.kubeconfig}"\n'
-        'namespace_mode = "shared"\n'
-        f'namespace = "{SHARED_NS}"\n'
-        'image = "busybox:stable"\n'
-    )
-    server = KbatchServer(root / "s", args=["--config", str(config)])
-    server.start()
-    yield server
-    server.stop()
+    with shared_namespace_server(tmp_path_factory.mktemp("k8s-views"), shared) as server:
+        yield server
 
 
 def _get_spec(server: KbatchServer, job_id: str, token: str) -> httpx.Response:

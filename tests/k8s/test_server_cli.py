@@ -10,7 +10,7 @@ import pytest
 
 from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.manifests import TIME_LIMIT_GRACE
-from tests.k8s.conftest import SHARED_NS, Installed
+from tests.k8s.conftest import SHARED_NS, Installed, shared_namespace_server
 from tests.support.k8s_cluster import K8sCluster
 from tests.support.polling import wait_for
 from tests.support.servers import KbatchServer
@@ -22,23 +22,9 @@ pytestmark = pytest.mark.kubernetes
 def k8s_server(
     tmp_path_factory: pytest.TempPathFactory, shared: Installed
 ) -> Iterator[KbatchServer]:
-    root = tmp_path_factory.mktemp("k8s-srv")
-    config = root / "kbatch.toml"
-    config.write_text(
-        'backend = "kubernetes"\n'
-        "[kubernetes]\n"
-        f'kubeconfig = "{shared.kubeconfig}"\n'
-        'namespace_mode = "shared"\n'
-        f'namespace = "{SHARED_NS}"\n'
-        'image = "busybox:stable"\n'
-        "[policy]\n"
-        "max_cpus = 2\n"
-        'max_time = "1:00:00"\n'
-    )
-    server = KbatchServer(root / "s", args=["--config", str(config)])
-    server.start()
-    yield server
-    server.stop()
+    extra = '[policy]\nmax_cpus = 2\nmax_time = "1:00:00"\n'
+    with shared_namespace_server(tmp_path_factory.mktemp("k8s-srv"), shared, extra) as server:
+        yield server
 
 
 def jobs_in(cluster: K8sCluster) -> int:
