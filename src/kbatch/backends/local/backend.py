@@ -178,11 +178,17 @@ class LocalBackend(Backend):
             self.socket_path.unlink()
         if len(str(self.socket_path)) < 100:
             loop = asyncio.get_running_loop()
-            self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Wakeup(self._woken),
-                local_addr=str(self.socket_path),
-                family=socket.AF_UNIX,
-            )
+            # A socket of our own: uvloop takes a Unix datagram socket only this way.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.bind(str(self.socket_path))
+                sock.setblocking(False)
+                self._transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Wakeup(self._woken), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                raise
         self._tasks = [
             asyncio.create_task(self._worker(), name=f"kbatch-local-reconciler-{i}")
             for i in range(WORKERS)
