@@ -103,6 +103,49 @@ class ConnectionLimits:
         )
 
 
+class _OneWrite:
+    """A connection's transport whose writes of one turn of the event loop go out as one.
+
+    uvicorn writes a response's headers, then its body: two system calls, two TCP
+    segments, and on loopback the receiver's side of each is run by the sender.  Held
+    until the loop's next turn (the body follows at once, in the same step of the
+    handler), they go as one; a streamed response's later chunks each go at the turn
+    after they are written.  Everything else is the transport's own.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._loop = loop
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._parts:
+            self._loop.call_soon(self._flush)
+        self._parts.append(bytes(data))
+
+    def _flush(self) -> None:
+        if not self._parts:
+            return
+        data = b"".join(self._parts)
+        self._parts.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._parts.clear()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(p) for p in self._parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Bounded:
     """The header timer and connection limit (see the module), over either of uvicorn's
     HTTP protocols: both keep ``connections``, ``cycle``, ``loop`` and ``transport``,
@@ -126,7 +169,7 @@ class _Bounded:
             transport.close()
             self.limits.count("over the connection limit", self.loop)
             return
-        super().connection_made(transport)  # type: ignore[misc]
+        super().connection_made(_OneWrite(transport, self.loop))  # type: ignore[misc]
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
