@@ -249,8 +249,11 @@ class LocalBackend(Backend):
         """A supervisor's datagram: its job started or ended."""
         text = data.decode(errors="replace")
         if text.isascii() and text.isdigit() and len(text) <= 18:
+            # Its reconciler looks at it; an end frees resources, and _finish then wakes
+            # the scheduler.  A start frees nothing: no pass over every pending job.
             self._queue.put(int(text))
-        self._wake.set()
+        else:
+            self._wake.set()
 
     async def _loop(self) -> None:
         """The periodic resync: every running job is looked at, and the scheduler runs."""

@@ -211,15 +211,23 @@ class Supervisor:
         pgid = pid
         notify(spec.notify_socket, spec.job_id)
         pidfd = os.pidfd_open(pid)
+        wake = self._open_wake()
         deadline = None if spec.time_limit is None else time.monotonic() + spec.time_limit
         stop_reason: str | None = None  # "cancel", "timeout" or "oom"
         kill_at: float | None = None
         status = 0
         while True:
-            watched = [pidfd] if self.failed_read < 0 else [pidfd, self.failed_read]
-            ready, _, _ = select.select(watched, [], [], TICK)
+            watched = [fd for fd in (pidfd, self.failed_read, wake) if fd >= 0]
+            timeout = TICK
+            for moment in (deadline if stop_reason is None else None, kill_at):
+                if moment is not None:  # wake at the time limit itself, not a tick after
+                    timeout = max(0.0, min(timeout, moment - time.monotonic()))
+            ready, _, _ = select.select(watched, [], [], timeout)
             if self.failed_read in ready:
                 self._read_launch_error()
+            if wake in ready:
+                with contextlib.suppress(OSError):
+                    os.read(wake, 4096)
             if pidfd in ready:
                 _, status = os.waitpid(pid, 0)
                 break
@@ -241,6 +249,8 @@ class Supervisor:
                 self.limiter.kill_all()
                 kill_at = None
         os.close(pidfd)
+        if wake >= 0:
+            os.close(wake)
         if self.failed_read >= 0:
             self._read_launch_error()
         # Like Slurm, the job ends when its script does: nothing it started outlives it.
@@ -261,6 +271,16 @@ class Supervisor:
         return Result(
             state=state, exit_code=exit_code, reason=reason, started=started, finished=time.time()
         )
+
+    def _open_wake(self) -> int:
+        """The job directory's wake-up FIFO (see JobDir.poke), opened to read; -1 if not.
+
+        Opened read-write so that it never reads end-of-file between two writers."""
+        try:
+            os.mkfifo(self.jobdir.wake, 0o600)
+            return os.open(self.jobdir.wake, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return -1
 
     def _reason_given(self) -> str | None:
         """The first line the job left in its reason file, made safe to show, or None."""
@@ -284,8 +304,10 @@ class Supervisor:
 
     def _reap_group(self, pgid: int, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
+        delay = 0.001  # killed processes are mostly gone within a millisecond or two
         while process_group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
 
 
 def notify(socket_path: str | None, job_id: str) -> None:
