@@ -27,6 +27,8 @@ class Counts:
     list_sizes: tuple[int, ...]  # jobs in the queue for the listing figures
     slurm_list_sizes: tuple[int, ...]  # the same for Slurm (filled with sbatch: slower)
     list_runs: int  # fresh `kqueue` / `squeue` processes per queue size
+    visibility_runs: int  # cancels and OOM kills whose visibility is timed (bench.visibility)
+    timeout_runs: int  # time limits likewise (Slurm enforces at least a minute: few)
 
 
 FULL = Counts(
@@ -39,6 +41,8 @@ FULL = Counts(
     list_sizes=(1000, 10000),
     slurm_list_sizes=(1000, 10000),
     list_runs=15,
+    visibility_runs=10,
+    timeout_runs=3,
 )
 QUICK = Counts(
     cli_runs=10,
@@ -50,6 +54,8 @@ QUICK = Counts(
     list_sizes=(1000, 10000),
     slurm_list_sizes=(1000,),
     list_runs=5,
+    visibility_runs=3,
+    timeout_runs=1,
 )
 
 
@@ -67,6 +73,11 @@ class Context:
     cache: Path  # kept between runs (the PyPI kbatch virtual environment)
     tools: dict[str, str] = field(default_factory=dict)  # name -> version, for the report
     log: Callable[[str], None] = log
+    # Run only the steps whose name contains one of these (``--steps``); empty: every step.
+    steps: tuple[str, ...] = ()
+
+    def wants(self, step: str) -> bool:
+        return not self.steps or any(part in step for part in self.steps)
 
 
 def wait_until(

@@ -212,7 +212,11 @@ def add_rate(result: SectionResult, key: str, label: str, rate: Rate, note: str)
 def run_step(
     result: SectionResult, ctx: Context, name: str, keys: tuple[str, ...], body: Callable[[], None]
 ) -> None:
-    """Run one measurement; if it fails, say so for its figures and carry on with the next."""
+    """Run one measurement; if it fails, say so for its figures and carry on with the next.
+
+    A step that ``--steps`` leaves out is not run (its figures are simply absent)."""
+    if not ctx.wants(name):
+        return
     ctx.log(f"{result.name}: {name}")
     try:
         body()

@@ -68,6 +68,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"run only these sections ({', '.join(SECTIONS)}; default all)",
     )
     parser.add_argument(
+        "--steps",
+        type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
+        default=(),
+        metavar="TEXT[,TEXT]",
+        help="run only the steps of the sections whose name contains one of these "
+        "(e.g. 'visibility,submit rate'); default every step",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smaller counts: a smoke run, not figures to quote"
     )
     parser.add_argument(
@@ -183,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer=CommandTimer(hyperfine),
         scratch=scratch,
         cache=cache_dir(),
+        steps=args.steps,
     )
     ctx.tools["timing"] = hyperfine_note if hyperfine else f"time.perf_counter ({hyperfine_note})"
     log(
@@ -202,7 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         started=started,
         mode="quick" if args.quick else "full",
         machine=machine,
-        options={"sections": args.only, "counts": ctx.counts.__dict__, "install": args.install},
+        options={
+            "sections": args.only,
+            "steps": list(args.steps),
+            "counts": ctx.counts.__dict__,
+            "install": args.install,
+        },
     )
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     json_path, md_path = write_results(run, args.output_dir, stamp)
