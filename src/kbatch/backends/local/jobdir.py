@@ -98,6 +98,16 @@ class JobDir:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
 
+    def sync(self, path: Path) -> None:
+        """Make a file :meth:`write` wrote without ``durable`` survive a power loss too
+        (best effort: it stays written, as it was, if this fails)."""
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def read_started(self) -> Started | None:
         return self._read(self.started, Started)
 
