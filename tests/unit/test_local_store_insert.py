@@ -79,3 +79,11 @@ def test_a_group_commit_refuses_one_and_keeps_the_others(tmp_path: Path) -> None
     ids = [r.id for r in store.list()]
     assert ids == [first.id, stored[0].id, again[0].id, bob[0].id]
     assert all(store.get(i) == r for i, r in [(stored[0].id, stored[0]), (bob[0].id, bob[0])])
+
+
+@pytest.mark.parametrize(("synchronous", "pragma"), [("normal", 1), ("full", 2)])
+def test_what_a_commit_waits_for_is_chosen(tmp_path: Path, synchronous: str, pragma: int) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite", synchronous=synchronous)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == pragma
+    with pytest.raises(ValueError, match="synchronous"):
+        JobStore(tmp_path / "other.sqlite", synchronous="off")

@@ -80,6 +80,10 @@ class LocalConfig:
     kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
     memory_limiter: str = "auto"  # auto, cgroup-v2, cgroup-v1, polling
     tick: float = 2.0  # reconcile at least this often (supervisors also wake us)
+    # What a 201 (any recorded change) survives: "normal", the server's crash or SIGKILL;
+    # "full", a power loss too (an fsync per commit, shared by concurrent submissions).
+    # See JobStore.
+    synchronous: str = "normal"
     python: str = field(default_factory=lambda: sys.executable)
     # Every job runs under the server's own Unix account: with hub users, the admin must
     # accept that they share it (see kbatch.server.config.check_shared_account) ...
@@ -179,7 +183,12 @@ class LocalBackend(Backend):
         self._state_real = os.path.realpath(self.config.state_dir)
         if self.config.runs_as_users:
             self._secure_state_dir()
-        self._store = JobStore(self.config.state_dir / "jobs.sqlite")
+        try:
+            self._store = JobStore(
+                self.config.state_dir / "jobs.sqlite", synchronous=self.config.synchronous
+            )
+        except ValueError as exc:
+            raise ConfigError(f"config [local]: {exc}") from exc
         self._last_started = self._store.last_started()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
