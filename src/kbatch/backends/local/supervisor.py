@@ -263,7 +263,7 @@ class Supervisor:
             timed_out=stop_reason == "timeout",
             oom=stop_reason == "oom" or self.limiter.oom_killed(),
         )
-        self.limiter.cleanup()
+        # The cgroup's removal (milliseconds) waits until the server knows: see main().
         if self.launch_error is not None:
             state, reason = JobState.FAILED, f"LaunchFailed: {self.launch_error}"
         elif state is JobState.FAILED and (said := self._reason_given()):
@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     write_result(jobdir, result, durable=False)
     notify(spec.notify_socket, spec.job_id)
     jobdir.sync(jobdir.result)
+    supervisor.limiter.cleanup()  # what is left of the job was killed in run(): bookkeeping
     return 0
 
 
