@@ -29,6 +29,7 @@ class Counts:
     list_runs: int  # fresh `kqueue` / `squeue` processes per queue size
     visibility_runs: int  # cancels and OOM kills whose visibility is timed (bench.visibility)
     timeout_runs: int  # time limits likewise (Slurm enforces at least a minute: few)
+    dependency_pairs: int  # (job, job waiting on it with afterok) pairs for the dependency latency
 
 
 FULL = Counts(
@@ -43,6 +44,7 @@ FULL = Counts(
     list_runs=15,
     visibility_runs=10,
     timeout_runs=3,
+    dependency_pairs=15,
 )
 QUICK = Counts(
     cli_runs=10,
@@ -56,6 +58,7 @@ QUICK = Counts(
     list_runs=5,
     visibility_runs=3,
     timeout_runs=1,
+    dependency_pairs=5,
 )
 
 
@@ -72,12 +75,9 @@ class Context:
     scratch: Path  # removed at the end of the run
     cache: Path  # kept between runs (the PyPI kbatch virtual environment)
     tools: dict[str, str] = field(default_factory=dict)  # name -> version, for the report
+    # Only the steps that measure one of these figures (``--metrics``); None: every step.
+    metrics: frozenset[str] | None = None
     log: Callable[[str], None] = log
-    # Run only the steps whose name contains one of these (``--steps``); empty: every step.
-    steps: tuple[str, ...] = ()
-
-    def wants(self, step: str) -> bool:
-        return not self.steps or any(part in step for part in self.steps)
 
 
 def wait_until(

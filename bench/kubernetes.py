@@ -11,6 +11,10 @@ started by tests/support/k8s_cluster.py). The figures:
   Kubernetes backend, a fresh process each time, until the command returns:
   the Job, its ConfigMap and Secret exist and the Job is released;
 - ``submit_rate``: submissions per second through the HTTP API, one client;
+- ``dependency``: from the end of a job (kwok ends its pod after a second)
+  to the start of the job submitted with ``afterok`` on it: the moment a
+  watch on the namespace's pods sees the first pod Succeeded to the moment
+  it sees the second's pod Running (one watch, so one clock and one delay);
 - ``list_1000`` and ``list_10000``: ``kqueue`` with that many Jobs, answered
   from the server's watch cache. The Jobs are seeded straight through the
   API server (suspended, so no pods churn), labelled as the backend labels
@@ -23,12 +27,14 @@ control plane's binaries build; otherwise the section says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import importlib
 import importlib.util
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,7 @@ TITLE = "4. Kubernetes backend"
 BACKEND_MODULE = "kbatch.backends.kubernetes"
 NAMESPACE = "bench"
 IMAGE = "busybox:stable"
+PAIR_TIMEOUT = 60  # seconds for each awaited pod phase of the dependency pairs
 
 
 def available() -> str | None:
@@ -96,6 +103,58 @@ async def _seed(kubeconfig: Path, count: int, start: int, user: str) -> None:
         await asyncio.gather(*(create(i) for i in range(start, start + count)))
     finally:
         await client.close()
+
+
+async def _dependency_pairs(
+    kubeconfig: Path, count: int, submit_pair: Callable[[], tuple[str, str]]
+) -> tuple[list[float], list[float]]:
+    """Seconds from a job's pod Succeeded to its dependent's pod Running (and to its
+    dependent's pod created), as one watch on the namespace's pods sees them."""
+    from lightkube import AsyncClient, KubeConfig
+    from lightkube.resources.core_v1 import Pod
+
+    from kbatch.backends.kubernetes import names
+
+    single = KubeConfig.from_file(str(kubeconfig)).get()
+    assert single is not None
+    client = AsyncClient(single, field_manager="kbatch-bench")
+    seen: dict[tuple[str, str], float] = {}  # (job id, phase or "created") -> first seen
+    changed = asyncio.Condition()
+
+    async def watch() -> None:
+        async for _, pod in client.watch(Pod, namespace=NAMESPACE):
+            now = time.time()
+            job_id = (pod.metadata.labels or {}).get(names.LABEL_JOB_ID) if pod.metadata else None
+            if not job_id:
+                continue
+            seen.setdefault((job_id, "created"), now)
+            if pod.status is not None and pod.status.phase:
+                seen.setdefault((job_id, pod.status.phase), now)
+            async with changed:
+                changed.notify_all()
+
+    async def first_seen(job_id: str, what: str) -> float:
+        async with asyncio.timeout(PAIR_TIMEOUT), changed:
+            await changed.wait_for(lambda: (job_id, what) in seen)
+        return seen[(job_id, what)]
+
+    watcher = asyncio.create_task(watch())
+    to_running: list[float] = []
+    to_created: list[float] = []
+    try:
+        for _ in range(count):
+            first, after = await asyncio.to_thread(submit_pair)
+            ended = await first_seen(first, "Succeeded")
+            running = await first_seen(after, "Running")
+            to_running.append(running - ended)
+            to_created.append(seen[(after, "created")] - ended)
+            await first_seen(after, "Succeeded")
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await client.close()
+    return to_running, to_created
 
 
 def run(ctx: Context, result: SectionResult) -> None:
@@ -204,6 +263,60 @@ def _measure(
     )
 
     client = server.client()
+
+    def dependency() -> None:
+        from kbatch.models import JobSpec
+
+        def pair() -> tuple[str, str]:
+            first = client.submit(
+                JobSpec(
+                    script="#!/bin/sh\nsleep 1\n",
+                    name="ends",
+                    workdir="/tmp",
+                    args=["kbatch-test-duration=1s"],  # kwok ends the pod after a second
+                )
+            ).id
+            after = client.submit(
+                JobSpec(
+                    script="#!/bin/sh\ntrue\n",
+                    name="after",
+                    workdir="/tmp",
+                    dependency=f"afterok:{first}",
+                )
+            ).id
+            return first, after
+
+        to_running, to_created = asyncio.run(
+            _dependency_pairs(cluster.kubeconfig, counts.dependency_pairs, pair)
+        )
+        result.add(
+            Metric.from_samples(
+                "dependency",
+                "end of a job → start of the job waiting on it (`afterok`): pod Succeeded → "
+                "the dependent's pod Running",
+                "s",
+                to_running,
+                note="as one watch on the pods sees both; one pair at a time; the Job "
+                "controller, the scheduler and kwok included",
+            )
+        )
+        result.add(
+            Metric.from_samples(
+                "dependency_pod_created",
+                "pod Succeeded → the dependent's pod created",
+                "s",
+                to_created,
+                note="the same pairs; before the scheduler and kwok",
+            )
+        )
+
+    run_step(
+        result,
+        ctx,
+        "end of a job to start of its dependent",
+        ("dependency", "dependency_pod_created"),
+        dependency,
+    )
 
     def api_rate() -> None:
         from kbatch.models import JobSpec

@@ -17,6 +17,7 @@ from bench.kbatch_server import KbatchServer, QueuedServer, cli_path, seed_finis
 from bench.measure import (
     add_rate,
     concurrent_rate,
+    dependency_latencies,
     dispatch_latencies,
     end_to_end,
     run_step,
@@ -122,6 +123,33 @@ def run(ctx: Context, result: SectionResult) -> None:
                 )
             )
 
+        def dependency() -> None:
+            def first(stamp: Path) -> str:
+                return client.submit(job_spec("ends.sh", workdir=work, args=[str(stamp)])).id
+
+            def after(first_id: str, stamp: Path) -> str:
+                options = ["--dependency", f"afterok:{first_id}"]
+                spec = job_spec("stamp.sh", workdir=work, args=[str(stamp)], options=options)
+                return client.submit(spec).id
+
+            samples = dependency_latencies(
+                counts.dependency_pairs,
+                first,
+                after,
+                lambda j: _wait_done(client, j),
+                work / "stamps-dependency",
+            )
+            result.add(
+                Metric.from_samples(
+                    "dependency",
+                    "end of a job → start of the job waiting on it (`afterok`)",
+                    "s",
+                    samples,
+                    note="`date +%s.%N` as the first job's last command → the same as the "
+                    "second's first; HTTP API; one pair at a time",
+                )
+            )
+
         def rate_api() -> None:
             rate = sequential_rate(counts.rate_jobs, submit_api)
             drain(rate.last_id)
@@ -192,6 +220,7 @@ def run(ctx: Context, result: SectionResult) -> None:
         run_step(
             result, ctx, "submit-to-start latency (kbatch submit)", ("dispatch_cli",), latency_cli
         )
+        run_step(result, ctx, "end of a job to start of its dependent", ("dependency",), dependency)
         run_step(result, ctx, "submit rate (HTTP API)", ("submit_rate_api",), rate_api)
         run_step(
             result,

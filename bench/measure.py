@@ -23,6 +23,7 @@ __all__ = [
     "Rate",
     "add_rate",
     "concurrent_rate",
+    "dependency_latencies",
     "dispatch_latencies",
     "end_to_end",
     "run_step",
@@ -72,6 +73,46 @@ def dispatch_latencies(
         )
         latencies.append(started - submitted)
         wait_done(job_id)
+    return latencies
+
+
+def dependency_latencies(
+    count: int,
+    submit_first: Callable[[Path], str],
+    submit_after: Callable[[str, Path], str],
+    wait_done: Callable[[str], None],
+    stamps: Path,
+    *,
+    timeout: float = 120,
+) -> list[float]:
+    """Seconds from the end of a job to the start of the job that waits on it.
+
+    One pair at a time on an idle system: the first job (``ends.sh``) runs a
+    second and writes the moment it ends (``date +%s.%N``, its last command)
+    to its stamp file; the second, submitted at once with ``afterok`` on the
+    first, writes the moment it starts (``stamp.sh``).  ``submit_first(stamp)``
+    returns the first job's id, ``submit_after(first_id, stamp)`` the second's.
+    """
+    stamps.mkdir(parents=True, exist_ok=True)
+    latencies = []
+    for i in range(count):
+        end, start = stamps / f"end-{i}", stamps / f"start-{i}"
+        first = submit_first(end)
+        after = submit_after(first, start)
+        ended = wait_until(
+            functools.partial(read_stamp, end),
+            timeout=timeout,
+            interval=0.005,
+            what=f"job {first} to end",
+        )
+        started = wait_until(
+            functools.partial(read_stamp, start),
+            timeout=timeout,
+            interval=0.002,
+            what=f"job {after} (afterok:{first}) to start",
+        )
+        latencies.append(started - ended)
+        wait_done(after)
     return latencies
 
 
@@ -214,8 +255,10 @@ def run_step(
 ) -> None:
     """Run one measurement; if it fails, say so for its figures and carry on with the next.
 
-    A step that ``--steps`` leaves out is not run (its figures are simply absent)."""
-    if not ctx.wants(name):
+    With ``ctx.metrics`` (``--metrics``), only the steps that make one of those figures run.
+    """
+    if ctx.metrics is not None and not ctx.metrics.intersection(keys):
+        ctx.log(f"{result.name}: {name} skipped (--metrics)")
         return
     ctx.log(f"{result.name}: {name}")
     try:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType, ModuleType
 
-from bench import cli, kubernetes, local, slurm
+from bench import cli, kubernetes, local, slurm, upload
 from bench.context import FULL, QUICK, Context, log
 from bench.machine import REPO, load, machine_details
 from bench.pypi import cache_dir
@@ -41,6 +41,7 @@ SECTIONS: dict[str, ModuleType] = {
     "local": local,
     "slurm": slurm,
     "kubernetes": kubernetes,
+    "upload": upload,
 }
 RESULTS = REPO / "bench" / "results"
 
@@ -68,12 +69,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"run only these sections ({', '.join(SECTIONS)}; default all)",
     )
     parser.add_argument(
-        "--steps",
-        type=lambda text: tuple(part.strip() for part in text.split(",") if part.strip()),
-        default=(),
-        metavar="TEXT[,TEXT]",
-        help="run only the steps of the sections whose name contains one of these "
-        "(e.g. 'visibility,submit rate'); default every step",
+        "--metrics",
+        type=lambda text: frozenset(n.strip() for n in text.split(",") if n.strip()),
+        default=None,
+        metavar="FIGURE[,FIGURE]",
+        help="in the sections run, only the steps that measure these figures "
+        "(e.g. --only local,slurm,kubernetes --metrics dependency); default all",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smaller counts: a smoke run, not figures to quote"
@@ -191,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer=CommandTimer(hyperfine),
         scratch=scratch,
         cache=cache_dir(),
-        steps=args.steps,
+        metrics=args.metrics,
     )
     ctx.tools["timing"] = hyperfine_note if hyperfine else f"time.perf_counter ({hyperfine_note})"
     log(
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine=machine,
         options={
             "sections": args.only,
-            "steps": list(args.steps),
+            "metrics": sorted(args.metrics) if args.metrics is not None else None,
             "counts": ctx.counts.__dict__,
             "install": args.install,
         },

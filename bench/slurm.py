@@ -15,6 +15,7 @@ from bench.machine import peak_rss_mib
 from bench.measure import (
     add_rate,
     concurrent_rate,
+    dependency_latencies,
     dispatch_latencies,
     end_to_end,
     run_step,
@@ -175,6 +176,27 @@ def _measure(ctx: Context, result: SectionResult, cluster: SlurmCluster) -> None
             )
         )
 
+    def dependency() -> None:
+        samples = dependency_latencies(
+            counts.dependency_pairs,
+            lambda stamp: slurm.submit(str(scripts["ends.sh"]), str(stamp)),
+            lambda first, stamp: slurm.submit(
+                f"--dependency=afterok:{first}", str(scripts["stamp.sh"]), str(stamp)
+            ),
+            slurm.wait_done,
+            work / "stamps-dependency",
+        )
+        result.add(
+            Metric.from_samples(
+                "dependency",
+                "end of a job → start of the job waiting on it (`sbatch -d afterok:`)",
+                "s",
+                samples,
+                note="`date +%s.%N` as the first job's last command → the same as the "
+                "second's first; one pair at a time",
+            )
+        )
+
     def rate() -> None:
         measured = sequential_rate(counts.rate_jobs, submit_trivial)
         slurm.drain(measured.last_id)
@@ -227,6 +249,7 @@ def _measure(ctx: Context, result: SectionResult, cluster: SlurmCluster) -> None
         )
 
     run_step(result, ctx, "submit-to-start latency", ("dispatch",), latency)
+    run_step(result, ctx, "end of a job to start of its dependent", ("dependency",), dependency)
     run_step(result, ctx, "submit rate", ("submit_rate",), rate)
     run_step(result, ctx, "concurrent submit rate", ("submit_rate_concurrent",), rate_concurrent)
     run_step(result, ctx, "end-to-end time", ("e2e",), e2e)

@@ -1,4 +1,4 @@
-"""What is compared with what, and the targets of issues 5 and 17.  Pure data.
+"""What is compared with what, and the targets of issues 5, 13 and 17.  Pure data.
 
 Metric references are ``section.metric[:stat]`` (see :mod:`bench.report`).
 """
@@ -61,11 +61,37 @@ COMPARISONS: list[Comparison] = [
     Comparison("cancel → CANCELLED visible", "local.visible_cancel", "slurm.visible_cancel"),
     Comparison("over --mem → OUT_OF_MEMORY visible", "local.visible_oom", "slurm.visible_oom"),
     Comparison("--time → TIMEOUT visible", "local.visible_timeout", "slurm.visible_timeout"),
+    Comparison(
+        "end of a job → start of its dependent (`afterok`), median: kbatch vs Slurm",
+        "local.dependency",
+        "slurm.dependency",
+    ),
     # 4. Kubernetes backend against kubectl on the same control plane
     Comparison(
         "Kubernetes: submit until the Job exists vs `kubectl create`",
         "kubernetes.submit",
         "kubernetes.kubectl_create",
+    ),
+    # 5. code upload and fetch against tar | curl to the same server
+    Comparison(
+        "first upload of the tree vs `tar c | curl -T` (throughput)",
+        "upload.first_upload_throughput",
+        "upload.floor_throughput",
+    ),
+    Comparison(
+        "re-upload, unchanged vs the first upload",
+        "upload.reupload_unchanged",
+        "upload.first_upload",
+    ),
+    Comparison(
+        "re-upload, one file changed vs the first upload",
+        "upload.reupload_one_changed",
+        "upload.first_upload",
+    ),
+    Comparison(
+        "fetch of a result vs `curl` of it (throughput)",
+        "upload.fetch_throughput",
+        "upload.fetch_floor_throughput",
     ),
 ]
 
@@ -125,6 +151,15 @@ TARGETS: list[Target] = [
         figure="Slurm ÷ kbatch",
     ),
     Target(
+        "local: end of a job → start of its dependent faster than Slurm's (median)",
+        kind="ratio",
+        a="local.dependency",
+        b="slurm.dependency",
+        op="<",
+        threshold=1,
+        figure="kbatch ÷ Slurm",
+    ),
+    Target(
         "`kqueue` with 10,000 jobs under 0.3 s end to end",
         kind="value",
         a="local.kqueue_10000",
@@ -148,6 +183,24 @@ TARGETS: list[Target] = [
         op="<",
         threshold=0.5,
         figure="list",
+    ),
+    Target(
+        "code upload: an unchanged tree again in under 5% of the first upload's time",
+        kind="ratio",
+        a="upload.reupload_unchanged",
+        b="upload.first_upload",
+        op="<",
+        threshold=0.05,
+        figure="again ÷ first",
+    ),
+    Target(
+        "code upload: first upload at least half the throughput of `tar c | curl -T`",
+        kind="ratio",
+        a="upload.first_upload_throughput",
+        b="upload.floor_throughput",
+        op=">=",
+        threshold=0.5,
+        figure="upload ÷ floor",
     ),
     Target(
         "submitting a 10,000-task array no slower than Slurm (`kbatch submit` vs `sbatch`)",
@@ -234,5 +287,13 @@ TARGETS: list[Target] = [
         op="<=",
         threshold=10,
         figure="seconds",
+    ),
+    Target(
+        "Kubernetes: end of a job → start of its dependent within 1 s (median, kwok nodes)",
+        kind="value",
+        a="kubernetes.dependency",
+        op="<=",
+        threshold=1,
+        figure="dependency",
     ),
 ]

@@ -17,6 +17,8 @@ SCRIPTS: dict[str, str] = {
     "trivial.sh": "#!/bin/sh\ntrue\n",
     # Writes the moment it starts (seconds since the epoch, ns resolution) to $1.
     "stamp.sh": '#!/bin/sh\ndate +%s.%N > "$1"\n',
+    # Runs a second, then writes the moment it ends to $1: the job others wait on.
+    "ends.sh": '#!/bin/sh\nsleep 1\ndate +%s.%N > "$1"\n',
     # Holds the CPUs so that the jobs behind it stay queued for the listing figures.
     "hold.sh": "#!/bin/sh\nsleep 1800\n",
     # Writes the moment it starts to $1, then sleeps (exec: the sleep is the job's process):

@@ -113,6 +113,13 @@ OPTIONS: tuple[OptionDef, ...] = (
     _h("ntasks", "n", "N", "number of tasks; " + _TASKS),
     _h("test-only", None, None, "validate the job and print it, but do not submit"),
     _h("hold", "H", None, "submit the job held: it waits until 'kbatch release ID'"),
+    _h(
+        "code",
+        None,
+        "DIR|FILE",
+        "upload DIR (or FILE) with the job; it starts in a fresh copy ($KBATCH_CODE_DIR); "
+        ".gitignore and .kbatchignore are honoured; 'kbatch fetch ID' gets what it leaves",
+    ),
     _ignored("ntasks-per-node", None, "N", _TASKS),
     _ignored("tasks-per-node", None, "N", _TASKS),
     _ignored("ntasks-per-core", None, "N", _TASKS),

@@ -116,6 +116,10 @@ class JobSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_def
     kill_on_invalid_dep: bool | None = None
     # Start no earlier than this (sbatch --begin), a time with its zone.
     begin: datetime | None = None
+    # Uploaded files (kbatch submit --code): the id of a complete upload of this user
+    # (POST /api/v1/uploads).  The job starts in a fresh copy of them ($KBATCH_CODE_DIR);
+    # any number of jobs may name the same upload.
+    code: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")] | None = None
     # An array (sbatch --array): Slurm's index grammar with an optional %N throttle,
     # e.g. "0-9999%50"; one task per index.  The server stores it normalised.
     array: Annotated[str, msgspec.Meta(min_length=1, max_length=65536, pattern=_SHOWN)] | None = (

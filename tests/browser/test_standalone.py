@@ -21,6 +21,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Route, expect
 
+from kbatch.models import JobState
 from tests.support.browser import screenshot, watch_page
 from tests.support.servers import KbatchServer
 
@@ -289,3 +290,50 @@ def test_ten_thousand_jobs_render_within_a_second(
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0
     screenshot(page, "phone")
+
+
+def test_an_array_is_one_row_with_its_counts_and_its_tasks_can_be_cancelled(
+    server: KbatchServer, context: BrowserContext
+) -> None:
+    page, problems = logged_in(context, server)
+    array = submit(server, "-J", "sweep", "--array=0-5", "--wrap", "sleep 60")
+    summary = page.locator(f'#job-rows tr.array[data-id="{array}"]')
+    expect(summary).to_be_visible()
+    # two CPUs: two tasks run, four wait, on one row
+    expect(summary.locator(".counts")).to_have_text("4 PENDING, 2 RUNNING", timeout=10_000)
+    expect(summary.locator(".state")).to_contain_text("RUNNING")
+    expect(page.locator("#job-rows tr.task")).to_have_count(0)
+    summary.locator("button.expand").click()
+    tasks = page.locator("#job-rows tr.task")
+    expect(tasks).to_have_count(3)  # 0, 1 and the group of four waiting
+    expect(tasks.nth(0)).to_have_attribute("data-id", f"{array}_0")
+    expect(tasks.nth(2)).to_have_attribute("data-id", f"{array}_[2-5]")
+    screenshot(page, "array-list")
+
+    # The array's page: counts, task links, and cancelling a range of tasks.
+    summary.locator("a").click()
+    expect(page).to_have_url(f"{server.url}/jobs/{array}")
+    expect(page.locator("#tasks-section")).to_be_visible()
+    expect(page.locator("#output-section")).to_be_hidden()
+    expect(page.locator("#job-fields")).to_contain_text("4 PENDING, 2 RUNNING")
+    page.fill("#cancel-tasks-list", "1-3")
+    page.click("#cancel-tasks button")
+    expect(page.locator("#job-fields")).to_contain_text("3 CANCELLED", timeout=10_000)
+    client = server.client()
+    server.wait_state(f"{array}_4", JobState.RUNNING)  # task 1's CPU went to the next index
+    assert [client.get(f"{array}_{i}").state.value for i in range(6)] == [
+        "RUNNING",
+        "CANCELLED",
+        "CANCELLED",
+        "CANCELLED",
+        "RUNNING",
+        "PENDING",
+    ]
+    page.locator("#task-links a", has_text=f"{array}_0").click()
+    expect(page).to_have_url(f"{server.url}/jobs/{array}_0")
+    expect(page.locator("#output-section")).to_be_visible()
+    page.goto(f"{server.url}/jobs/{array}")
+    page.click("#act-cancel")  # the whole array
+    expect(page.locator("#job-fields .state")).to_have_text("CANCELLED", timeout=15_000)
+    assert client.get(array).array_counts == {"CANCELLED": 6}
+    assert problems == []

@@ -5,7 +5,8 @@ OAuth for services (the dummy authenticator's login form), sees the jobs they
 submit with the CLI in their notebook terminal appear and change state without
 a reload, follows a job's output, cancels and resubmits it.  Another user sees
 none of them and is refused on their direct URLs; a hub admin sees everyone's
-with the "All users" switch; a user without the access scope is turned away.
+with the "All users" switch; a user without the access scope is turned away, told
+who to ask.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tests.support.browser import screenshot, watch_page
-from tests.support.jupyterhub import USERS_GROUP, Hub
+from tests.support.jupyterhub import CONTACT, USERS_GROUP, Hub
 
 XSS = "<img src=x onerror=alert(1)>"
 
@@ -152,6 +153,11 @@ def test_a_user_without_access_is_turned_away(
     with page.expect_response(re.compile(r".*/hub/api/oauth2/authorize.*")) as answer:
         page.click("input[type=submit], button[type=submit]")
     assert answer.value.status == 403  # the hub itself refuses to log her in to kbatch
+    # ... on its own page, which says who to ask (kbatch's hub template), as text
+    contact = page.locator("#kbatch-contact")
+    expect(contact).to_contain_text(f"To use kbatch, ask {CONTACT} for access.")
+    assert contact.locator("b").count() == 0
+    assert "&lt;b&gt;Computing&lt;/b&gt; &amp; Data" in page.content()
     assert not [c for c in context.cookies() if c["name"] == "kbatch-session"]
     status = page.evaluate("fetch('/services/kbatch/dashboard/session').then(r => r.status)")
     assert status == 401

@@ -13,6 +13,7 @@ import pytest
 from kbatch.backends.base import Backend
 from kbatch.models import JobSpec
 from tests.conformance.harness import Harness
+from tests.conformance.test_arrays import *  # noqa: F403
 from tests.conformance.test_contract import *  # noqa: F403 - the suite, run here once more
 from tests.conformance.test_pipelines import *  # noqa: F403
 from tests.k8s.conftest import Installed

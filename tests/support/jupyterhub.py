@@ -46,6 +46,8 @@ LIMITED_GROUP = "kbatch-limited"  # may use kbatch, but not hold every scope of 
 # What the admin docs tell admins to grant: users may reach the service and ask the
 # hub where it is; jobs get their own token with these scopes only.
 ACCESS_SCOPES = [f"access:services!service={SERVICE}", f"read:services!service={SERVICE}"]
+# Who users without access should ask: markup and an ampersand, which must show as text.
+CONTACT = "Research <b>Computing</b> & Data, rc@example.org"
 JOB_TOKEN_SCOPES = [f"access:services!service={SERVICE}", "access:services!service=dask-gateway"]
 HUB_START_TIMEOUT = 60.0
 
@@ -187,6 +189,7 @@ class Hub:
             "admin_groups": [ADMIN_GROUP],
             "job_token_scopes": JOB_TOKEN_SCOPES,
             "job_token_margin": 60,
+            "contact": CONTACT,
             **settings,
         }
         lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
@@ -282,6 +285,10 @@ c.JupyterHub.load_roles = [
     }},
     {{"name": "kbatch-limited", "groups": [{LIMITED_GROUP!r}], "scopes": {ACCESS_SCOPES!r}}},
 ]
+# the hub's "no permission" page for kbatch says who to ask
+from kbatch.server.hub_templates import TEMPLATES
+c.JupyterHub.template_paths = [TEMPLATES]
+c.JupyterHub.template_vars = {{"kbatch_contact": {CONTACT!r}}}
 """
 
     def hub_environment(self) -> dict[str, str]:

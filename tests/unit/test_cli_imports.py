@@ -26,6 +26,7 @@ CLI_MODULES = [
     "kbatch.cli.jobs",
     "kbatch.cli.configure",
     "kbatch.cli.output",
+    "kbatch.cli.tasks",
     "kbatch.client",
     "kbatch.notebooks",
     "kbatch.notebook_runner",

@@ -23,7 +23,7 @@ from kbatch.backends.kubernetes.manifests import (
     spec_digest,
 )
 from kbatch.backends.kubernetes.notebook import notebook_defaults
-from kbatch.backends.kubernetes.status import job_from_objects, parse_time
+from kbatch.backends.kubernetes.status import job_from_objects, parse_time, succeeded_unrecorded
 from kbatch.errors import SpecError
 from kbatch.lifecycle import check_transition
 from kbatch.models import JobSpec, JobState
@@ -597,3 +597,20 @@ def test_spec_digest_tells_specs_apart() -> None:
     one = JobSpec(script=SCRIPT, environment={"A": "1"})
     assert spec_digest(one) == spec_digest(JobSpec(script=SCRIPT, environment={"A": "1"}))
     assert spec_digest(one) != spec_digest(JobSpec(script=SCRIPT, environment={"A": "2"}))
+
+
+def test_a_succeeded_pod_is_completed_for_dependents_before_the_jobs_condition() -> None:
+    """Jobs waiting on a job need not wait the Job controller's second: its pod says."""
+    done = pod("Succeeded", terminated={"exitCode": 0})
+    job = k8s_job()
+    assert job_from_objects(job, [done]).state is JobState.RUNNING  # what kqueue shows
+    assert succeeded_unrecorded(job, [done])
+    assert not succeeded_unrecorded(job, [pod("Running")])
+    assert not succeeded_unrecorded(job, [pod("Failed", terminated={"exitCode": 1})])
+    assert not succeeded_unrecorded(job, [])
+    # once the Job has its condition that decides, whatever the pod says
+    assert not succeeded_unrecorded(k8s_job([cond("Complete")]), [done])
+    assert not succeeded_unrecorded(k8s_job([cond("Failed", "DeadlineExceeded")]), [done])
+    disrupted = pod("Succeeded", terminated={"exitCode": 0})
+    disrupted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
+    assert not succeeded_unrecorded(job, [disrupted])

@@ -67,3 +67,20 @@ def test_unknown_backends_are_config_errors(tmp_path: Path, name: str, message: 
 def test_unknown_top_level_keys_are_still_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown key"):
         _load(tmp_path, "colour = 1\n")
+
+
+def test_the_contact_for_users_without_access(tmp_path: Path) -> None:
+    from kbatch.server.dashboard import hub_oauth_settings
+
+    config = _load(tmp_path, '[jupyterhub]\ncontact = "Research <b>Computing</b>, rc@x.org"\n')
+    assert config.jupyterhub.contact == "Research <b>Computing</b>, rc@x.org"
+    assert _load(tmp_path, "").jupyterhub.contact == ""
+    for bad in ("contact = 3", 'contact = "two\\nlines"', f'contact = "{"x" * 501}"'):
+        with pytest.raises(ConfigError, match="contact must be"):
+            _load(tmp_path, f"[jupyterhub]\n{bad}\n")
+    settings = hub_oauth_settings({}, service_name="kbatch", prefix="", admin_groups=())
+    assert settings.who_to_ask == "the administrators of this JupyterHub"
+    named = hub_oauth_settings(
+        {}, service_name="kbatch", prefix="", admin_groups=(), contact="rc@x.org"
+    )
+    assert named.who_to_ask == "rc@x.org"

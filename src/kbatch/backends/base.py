@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -37,6 +37,9 @@ from kbatch.backends.events import EventBroker, Subscription
 from kbatch.backends.userlimits import UserLimits
 from kbatch.errors import ConfigError, Conflict
 from kbatch.models import Job, JobList, JobSpec, JobState
+
+if TYPE_CHECKING:
+    from kbatch.server.blobs import BlobStore
 
 __all__ = [
     "BACKENDS",
@@ -162,6 +165,8 @@ class Backend(abc.ABC):
         # (kbatch.server.app.create_app).  Enforced by the local backend; others ignore them.
         self.limits: UserLimits = UserLimits()
         self.events = EventBroker()
+        # The server's store of uploaded files (kbatch.server.blobs), set like the limits.
+        self.uploads: BlobStore | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -173,6 +178,12 @@ class Backend(abc.ABC):
 
     async def stop(self) -> None:
         """Release resources.  Running jobs keep running."""
+
+    @property
+    def supports_code(self) -> bool:
+        """Whether jobs may name uploaded files (``JobSpec.code``): the backend then starts
+        them in a copy of :attr:`uploads`' files and keeps their results when they end."""
+        return False
 
     def health(self) -> BackendHealth:
         """Whether the backend can answer with current data."""

@@ -26,7 +26,7 @@ def check_job_ids(job_ids: Sequence[str]) -> list[str]:
         except NotFound:
             raise SpecError(
                 f"{job_id!r} is not a job id; job ids are letters, digits and '-', "
-                "such as 8 or 8_2 (see kqueue)"
+                "such as 8, a task of an array 8_2, or some of its tasks 8_[1-5,9] (see kqueue)"
             ) from None
     return list(job_ids)
 

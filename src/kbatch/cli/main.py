@@ -26,7 +26,12 @@ your session, on Kubernetes or on this machine.
   kqueue                          your pending and running jobs (kbatch queue)
   kbatch logs -f ID               follow a job's output
   kbatch cancel ID                stop a job
+  kbatch submit --code DIR S.sh   run S.sh in a copy of DIR; kbatch fetch ID gets its results
   kbatch hold ID / release ID     keep a pending job from starting / let it start
+
+Arrays: kbatch submit --array=0-99%10 (or --params FILE.csv) runs one task per index;
+  ID_7 is task 7, ID_[1-5,9] some tasks; kbatch update ID --throttle N;
+  kbatch resubmit ID --failed runs just the tasks that failed again.
 """
 
 
@@ -51,7 +56,13 @@ def _add_queue_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-u", "--all-users", action="store_true", help="every user's jobs (admins only)"
     )
-    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.add_argument(
+        "-r",
+        "--array",
+        action="store_true",
+        help="one row per task of an array (default: its tasks not started on one row)",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list (one per task)")
     parser.set_defaults(handler=_lazy("kbatch.cli.queue", "queue"))
 
 
@@ -76,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="show one job in detail")
     show.add_argument("job_id", metavar="ID")
     show.add_argument("--json", action="store_true", help="print JSON")
+    show.add_argument(
+        "--tasks", action="store_true", help="an array: each task's state and exit code"
+    )
     show.set_defaults(handler=_lazy("kbatch.cli.queue", "show"))
 
     logs = commands.add_parser("logs", help="print a job's output")
@@ -83,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
     logs.add_argument("-e", "--error", action="store_true", help="the error file (with submit -e)")
     logs.set_defaults(handler=_lazy("kbatch.cli.jobs", "logs"))
+
+    fetch = commands.add_parser(
+        "fetch", help="download what a job (submitted with --code) left: new or changed files"
+    )
+    fetch.add_argument("job_id", metavar="ID")
+    fetch.add_argument("dest", metavar="DEST", nargs="?", help="where to (default ./kbatch-ID/)")
+    fetch.add_argument(
+        "--results",
+        metavar="PATTERN",
+        action="append",
+        help="only files matching PATTERN (gitignore style, e.g. '*.csv'; repeatable)",
+    )
+    fetch.add_argument(
+        "--ignore", metavar="PATTERN", action="append", help="leave out files matching PATTERN"
+    )
+    fetch.add_argument(
+        "-q", "--quiet", "--parsable", action="store_true", help="print nothing, draw no bar"
+    )
+    fetch.set_defaults(handler=_lazy("kbatch.cli.fetch", "fetch"))
 
     cancel = commands.add_parser("cancel", help="cancel jobs, like scancel")
     cancel.add_argument("job_ids", metavar="ID", nargs="+")
@@ -95,6 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
     release = commands.add_parser("release", help="let held jobs start, like scontrol release")
     release.add_argument("job_ids", metavar="ID", nargs="+")
     release.set_defaults(handler=_lazy("kbatch.cli.jobs", "release"))
+
+    update = commands.add_parser("update", help="change a running array, like scontrol update")
+    update.add_argument("job_id", metavar="ID")
+    update.add_argument(
+        "--throttle", metavar="N", help="run at most N tasks at once (0 or none: no limit)"
+    )
+    update.set_defaults(handler=_lazy("kbatch.cli.tasks", "update"))
+
+    resubmit = commands.add_parser(
+        "resubmit", help="submit an array's failed tasks again, with the same indexes"
+    )
+    resubmit.add_argument("job_id", metavar="ID")
+    resubmit.add_argument(
+        "--failed",
+        action="store_true",
+        help="the tasks that ended FAILED, OUT_OF_MEMORY, TIMEOUT or NODE_FAIL",
+    )
+    resubmit.add_argument(
+        "--state", metavar="STATE[,STATE]", help="the tasks that ended so (e.g. TIMEOUT)"
+    )
+    resubmit.add_argument("--parsable", action="store_true", help="print the new id alone")
+    resubmit.set_defaults(handler=_lazy("kbatch.cli.tasks", "resubmit"))
 
     configure = commands.add_parser("configure", help="point the client at a server")
     configure.add_argument(

@@ -11,7 +11,7 @@ import msgspec
 from kbatch.models import Job
 from kbatch.units import format_duration, format_memory
 
-__all__ = ["elapsed", "print_job", "print_json", "print_table", "shown"]
+__all__ = ["elapsed", "is_group", "label", "print_job", "print_json", "print_table", "shown"]
 
 # What a terminal would interpret rather than show: C0 and C1 controls (newlines and
 # the ESC of ANSI/OSC sequences among them), DEL, and bidi overrides.  The server
@@ -33,6 +33,21 @@ def elapsed(job: Job, now: datetime | None = None) -> float:
         return 0.0
     end = job.finished or now or datetime.now(UTC)
     return max(0.0, (end - job.started).total_seconds())
+
+
+def is_group(job: Job) -> bool:
+    """A row that stands for several tasks of an array (those not started, or all)."""
+    return job.array_tasks is not None and job.array_task_id is None
+
+
+def label(job: Job) -> str:
+    """The JOBID column: ``123``, ``123_7``, or squeue's ``123_[8-9999%50]`` for the tasks
+    of an array that have not started."""
+    if not is_group(job):
+        return job.id
+    waiting = job.array_throttle and not job.state.is_terminal
+    throttle = f"%{job.array_throttle}" if waiting else ""
+    return f"{job.array_job_id or job.id}_[{job.array_tasks}{throttle}]"
 
 
 def _reason(job: Job) -> str:
@@ -57,7 +72,7 @@ def print_table(jobs: Sequence[Job], *, show_user: bool = False) -> None:
 
     rows = [
         [
-            job.id,
+            label(job),
             *([job.user] if show_user else []),
             job.name if len(job.name) <= 24 else job.name[:23] + "…",
             job.state.value,
@@ -74,7 +89,8 @@ def print_table(jobs: Sequence[Job], *, show_user: bool = False) -> None:
     )
 
 
-def print_job(job: Job) -> None:
+def print_job(job: Job, extra: dict[str, str] | None = None) -> None:
+    """scontrol's ``show job`` form; ``extra`` fields (an array's, from its tasks) last."""
     fields = {
         "JobId": job.id,
         "JobName": job.name,
@@ -100,6 +116,20 @@ def print_job(job: Job) -> None:
     }
     if job.cancelled_by:
         fields["CancelledBy"] = job.cancelled_by
+    if job.array_job_id is not None:
+        fields["ArrayJobId"] = job.array_job_id
+        throttle = f"%{job.array_throttle}" if job.array_throttle else ""
+        fields["ArrayTaskId"] = (
+            str(job.array_task_id)
+            if job.array_task_id is not None
+            else f"{job.array_tasks}{throttle}"
+        )
+    if job.array_counts is not None:
+        from kbatch.cli.tasks import state_counts
+
+        fields["ArrayTasks"] = str(sum(job.array_counts.values()))
+        fields["TaskStates"] = state_counts(job.array_counts)
+    fields.update(extra or {})
     width = max(len(k) for k in fields)
     for key, value in fields.items():
         print(f"{key.rjust(width)}: {shown(value)}")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from kbatch.client import Client
     from kbatch.models import Job, JobSpec, SweepParams
 
-__all__ = ["submit", "submit_words"]
+__all__ = ["exit_status", "submit", "submit_spec", "submit_words"]
 
 # The most of a sweep's CSV the client reads; the server's policy (max_params_bytes) decides.
 MAX_PARAMS_READ = 4 * 1024 * 1024
@@ -87,6 +87,19 @@ def submit_words(words: list[str]) -> int:
     return submit_parsed(cli)
 
 
+def submit_spec(client: Client, spec: JobSpec) -> Job:
+    """Submit ``spec`` once, however often this is rerun before the server answers."""
+    return _submit(client, spec, dry_run=False)
+
+
+def exit_status(job: Job) -> int:
+    """What ``--wait`` exits with: 0 if it completed, else its exit code (an array's
+    highest), or 1 when that says nothing (cancelled before it started)."""
+    if job.state.value == "COMPLETED":
+        return 0
+    return job.exit_code or 1
+
+
 def _submit(client: Client, spec: JobSpec, *, dry_run: bool) -> Job:
     """Submit with a key that a rerun of this command reuses until the server answers."""
     if dry_run:
@@ -96,6 +109,51 @@ def _submit(client: Client, spec: JobSpec, *, dry_run: bool) -> Job:
 
     with submission_key(state_dir() / "submissions", client.url, spec) as key:
         return client.submit(spec, idempotency_key=key)
+
+
+def _code_path(script: str, cli: ParsedOptions, cwd: str) -> str | None:
+    """``--code`` from the command line, else from a ``#SBATCH``/``#KBATCH`` line."""
+    from kbatch.directives import parse_directives
+
+    options = parse_directives(script)
+    options.extend(cli)
+    found = options.get("code")
+    if found is None:
+        return None
+    if not found.value:
+        raise SpecError(f"{found.describe()}: give a folder or file to upload")
+    return os.path.join(cwd, os.path.expanduser(found.value))
+
+
+def _with_code(client: Client, spec: JobSpec, path: str, *, quiet: bool, dry_run: bool) -> JobSpec:
+    """The spec naming the upload of ``path``, uploaded now (only what the server lacks)."""
+    import msgspec
+
+    from kbatch.cli.progress import ProgressBar
+    from kbatch.paths import state_dir
+    from kbatch.uploads.tree import HashCache, manifest_of, walk
+
+    files = walk(path)
+    hashing = ProgressBar("hashing  ", enabled=not quiet)
+    hashing.plan(len(files), sum(f.size for f in files))
+    try:
+        cache = HashCache.for_folder(path, state_dir() / "hashes")
+        manifest = manifest_of(files, hashing, cache)
+    finally:
+        hashing.close()
+    if dry_run:
+        print(
+            f"kbatch: --code {path}: {len(files)} files, {manifest.total_bytes} bytes "
+            "(not uploaded: --test-only)",
+            file=sys.stderr,
+        )
+        return spec
+    sending = ProgressBar("uploading", enabled=not quiet)
+    try:
+        answer = client.upload_files(files, manifest, progress=sending, on_plan=sending.plan)
+    finally:
+        sending.close()
+    return msgspec.structs.replace(spec, code=answer.id)
 
 
 def _read_params(path: str) -> SweepParams:
@@ -165,8 +223,13 @@ def submit_parsed(cli: ParsedOptions) -> int:
     )
     for warning in submission.warnings:
         print(f"kbatch: warning: {warning}", file=sys.stderr)
+    code_path = _code_path(script, cli, os.getcwd())
     with Client.from_config() as client:
-        job = _submit(client, submission.spec, dry_run=cli.flag("test_only"))
+        spec = submission.spec
+        if code_path is not None:
+            quiet = cli.flag("parsable") or cli.flag("json")
+            spec = _with_code(client, spec, code_path, quiet=quiet, dry_run=cli.flag("test_only"))
+        job = _submit(client, spec, dry_run=cli.flag("test_only"))
         if cli.flag("test_only"):
             from kbatch.cli.output import print_job
 
@@ -183,8 +246,5 @@ def submit_parsed(cli: ParsedOptions) -> int:
             print(f"Submitted batch job {job.id}")
         sys.stdout.flush()
         if cli.flag("wait"):
-            final = client.wait(job.id)
-            if final.exit_code is None:
-                return 1 if final.state.value != "COMPLETED" else 0
-            return final.exit_code if final.state.value != "COMPLETED" else 0
+            return exit_status(client.wait(job.id))
     return 0

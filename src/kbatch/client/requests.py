@@ -27,12 +27,23 @@ __all__ = [
     "get_job",
     "hold_job",
     "is_error_body",
+    "job_code",
+    "job_code_file",
     "job_logs",
+    "job_result_file",
+    "job_results",
+    "job_spec",
     "list_jobs",
     "parse",
     "parse_event",
+    "post_results",
+    "put_blob",
+    "put_blobs",
+    "put_result",
     "release_job",
     "submit_job",
+    "update_job",
+    "upload_manifest",
     "whoami",
 ]
 
@@ -102,6 +113,19 @@ def list_jobs(
     return Request("GET", _path("jobs", query=query))
 
 
+def job_spec(job_id: str) -> Request:
+    """The spec a job (an array: its whole spec) was submitted with."""
+    return Request("GET", _path("jobs", job_id, "spec"))
+
+
+def update_job(job_id: str, *, throttle: int | None) -> Request:
+    """Change an array's throttle (None: no throttle, sent as 0)."""
+    body = _encoder.encode(UpdateRequest(throttle=throttle or 0))
+    return Request(
+        "POST", _path("jobs", job_id, "update"), body, {"Content-Type": "application/json"}
+    )
+
+
 def _post(*parts: str) -> Request:
     return Request("POST", _path(*parts), b"", {"Content-Length": "0"})
 
@@ -118,20 +142,6 @@ def release_job(job_id: str) -> Request:
     return _post("jobs", job_id, "release")
 
 
-def job_spec(job_id: str) -> Request:
-    return Request("GET", _path("jobs", job_id, "spec"))
-
-
-def update_job(job_id: str, *, throttle: int) -> Request:
-    body = msgspec.json.encode(UpdateRequest(throttle=throttle))
-    return Request(
-        "POST",
-        _path("jobs", job_id, "update"),
-        body,
-        {"Content-Type": "application/json", "Content-Length": str(len(body))},
-    )
-
-
 def events(*, all_users: bool = False) -> Request:
     """The stream of job changes, one JSON :class:`JobEvent` a line."""
     query = {"all_users": "true"} if all_users else None
@@ -143,6 +153,63 @@ def job_logs(job_id: str, *, follow: bool = False, stream: str = "output") -> Re
     if follow:
         query["follow"] = "true"
     return Request("GET", _path("jobs", job_id, "logs", query=query))
+
+
+def upload_manifest(body: bytes) -> Request:
+    """POST an upload's manifest (JSON): stored if complete, else the answer says what to send."""
+    return Request("POST", _path("uploads"), body, {"Content-Type": "application/json"})
+
+
+def put_blob(digest: str, size: int) -> Request:
+    """PUT one file's bytes (the body is streamed by the client from the file)."""
+    return Request(
+        "PUT",
+        _path("blobs", digest),
+        None,
+        {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+    )
+
+
+def put_blobs(size: int) -> Request:
+    """POST many small files at once (a body of frames the client streams, ``size`` bytes)."""
+    return Request(
+        "POST",
+        _path("blobs"),
+        None,
+        {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+    )
+
+
+def job_code(job_id: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "code"))
+
+
+def job_code_file(job_id: str, digest: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "code", digest))
+
+
+def put_result(job_id: str, digest: str, size: int) -> Request:
+    """PUT one result file from a job's pod (streamed, like :func:`put_blob`)."""
+    return Request(
+        "PUT",
+        _path("jobs", job_id, "results", digest),
+        None,
+        {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+    )
+
+
+def post_results(job_id: str, body: bytes) -> Request:
+    return Request(
+        "POST", _path("jobs", job_id, "results"), body, {"Content-Type": "application/json"}
+    )
+
+
+def job_results(job_id: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "results"))
+
+
+def job_result_file(job_id: str, digest: str) -> Request:
+    return Request("GET", _path("jobs", job_id, "results", digest))
 
 
 def whoami() -> Request:

@@ -24,8 +24,8 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +35,7 @@ from kbatch.backends.derive import pending_job
 from kbatch.dependencies import parse_dependency
 from kbatch.errors import (
     ApiError,
+    AuthenticationError,
     Conflict,
     InvalidRequest,
     KbatchError,
@@ -58,9 +59,11 @@ from kbatch.models import (
     UpdateRequest,
 )
 from kbatch.server.auth.base import Authenticator, Credentials
+from kbatch.server.blobs import TOKEN_PREFIX, BlobStore
 from kbatch.server.logtext import escaped
 from kbatch.server.openapi import STATES_PATTERN, openapi_document
 from kbatch.server.policy import Policy, check
+from kbatch.uploads.manifest import Manifest, check_manifest, is_digest
 
 __all__ = ["ROUTES", "create_app"]
 
@@ -73,6 +76,8 @@ MAX_LIST_LIMIT = 10_000
 CURSOR_MAX = 1024
 NDJSON = "application/x-ndjson"
 _RESYNC = _encoder.encode(JobEvent(type="resync")) + b"\n"
+MAX_MANIFEST_BODY = 64 * 1024 * 1024  # a manifest of 100,000 files is ~15 MB of JSON
+SWEEP_EVERY = 3600.0  # seconds between collections of unused uploads
 
 
 def json_response(value: object, status: int = 200) -> Response:
@@ -154,10 +159,17 @@ register_url_convertor("kbatch_job_id", _JobIdConvertor())
 class Api:
     """The route handlers, bound to one backend, authenticator and policy."""
 
-    def __init__(self, backend: Backend, authenticator: Authenticator, policy: Policy) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        authenticator: Authenticator,
+        policy: Policy,
+        uploads: BlobStore | None = None,
+    ) -> None:
         self.backend = backend
         self.auth = authenticator
         self.policy = policy
+        self.uploads = uploads
 
     async def identity(self, request: Request) -> Identity:
         identity = await self.auth.authenticate(Credentials.from_request(request))
@@ -235,6 +247,7 @@ class Api:
         submission = msgspec.json.decode(body, type=SubmitRequest)
         spec = check(submission.spec, self.policy)
         await self._check_dependencies(identity, spec)
+        self._check_code(identity, spec)
         key = request.headers.get("idempotency-key")
         if key is not None and not (0 < len(key) <= IDEMPOTENCY_KEY_MAX):
             raise InvalidRequest(
@@ -246,6 +259,8 @@ class Api:
             await self.backend.validate(identity.name, spec)
             return json_response(_preview(identity.name, spec, self.backend.name))
         job = await self.backend.submit(identity.name, spec, idempotency_key=key)
+        if spec.code is not None and self.uploads is not None:
+            self.uploads.attach(job.id, job.user, spec.code)
         log.info("user %s submitted job %s (%s)", escaped(identity.name), job.id, escaped(job.name))
         return json_response(job, 201)
 
@@ -265,6 +280,217 @@ class Api:
                     status=404,
                     code="not_found",
                 )
+
+    def _check_code(self, identity: Identity, spec: JobSpec) -> None:
+        """A job's ``code`` must be a complete upload of the caller's, on a backend that takes it."""
+        if spec.code is None:
+            return
+        if self.uploads is None or not self.backend.supports_code:
+            raise SpecError(
+                f"this server's {self.backend.name} backend does not take uploaded files yet; "
+                "submit without --code",
+                field="code",
+            )
+        if self.uploads.manifest(identity.name, spec.code) is None:
+            raise SpecError(
+                f"no complete upload {spec.code} of yours (it may have been collected after a "
+                "day unused); submit with --code again",
+                field="code",
+            )
+
+    def _store(self) -> BlobStore:
+        if self.uploads is None:
+            raise NotFound("this server keeps no uploads", status=404, code="not_found")
+        return self.uploads
+
+    async def upload(self, request: Request) -> Response:
+        """A manifest: stored if the caller has sent every file it names, else what is missing."""
+        identity = await self.identity(request)
+        store = self._store()
+        body = await _read_body(request, limit=MAX_MANIFEST_BODY)
+        manifest = check_manifest(
+            msgspec.json.decode(body, type=Manifest),
+            max_bytes=self.policy.max_upload_bytes,
+            max_files=self.policy.max_upload_files,
+        )
+        answer = store.commit(identity.name, manifest)
+        if answer.complete:
+            log.info(
+                "user %s uploaded %s (%d files, %d bytes)",
+                escaped(identity.name),
+                answer.id,
+                answer.files,
+                answer.bytes,
+            )
+        return json_response(answer, 201 if answer.complete else 200)
+
+    async def put_blob(self, request: Request) -> Response:
+        """One file's bytes, streamed to disk and checked against their sha256 as they come."""
+        identity = await self.identity(request)
+        return await self._receive(request, identity.name)
+
+    async def _receive(self, request: Request, owner: str) -> Response:
+        store = self._store()
+        digest: str = request.path_params["digest"]
+        if not is_digest(digest):
+            raise InvalidRequest(
+                f"{digest[:80]!r} is not a sha256 digest (64 lowercase hex digits)",
+                status=422,
+                code="bad_digest",
+            )
+        limit = self.policy.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise InvalidRequest(
+                f"the file is {declared} bytes, over the limit of {limit} bytes (policy "
+                "max_upload_bytes); leave it out with .kbatchignore",
+                status=413,
+                code="too_large",
+            )
+        try:
+            size = await store.receive(owner, digest, request.stream(), max_bytes=limit)
+        except ClientDisconnect:
+            return error_response(400, "disconnected", "the upload was cut off; send it again")
+        return json_response({"sha256": digest, "size": size}, 201)
+
+    async def put_blobs(self, request: Request) -> Response:
+        """Many small files in one request: frames of ``<sha256> <size, 16 hex digits>\\n``
+        and that many bytes, each streamed, checked and stored as any single upload."""
+        identity = await self.identity(request)
+        store = self._store()
+        limit = self.policy.max_upload_bytes
+        stored: list[dict[str, object]] = []
+        try:
+            async for digest, size, body in _frames(request.stream(), limit):
+                await store.receive(identity.name, digest, body, max_bytes=size)
+                stored.append({"sha256": digest, "size": size})
+        except ClientDisconnect:
+            return error_response(400, "disconnected", "the upload was cut off; send it again")
+        if not stored:
+            raise InvalidRequest("the batch holds no files", status=400, code="bad_batch")
+        return json_response({"stored": stored}, 201)
+
+    async def _results_of(self, request: Request) -> tuple[Job, BlobStore, Manifest]:
+        identity = await self.identity(request)
+        job = await self.owned_job(request, identity)
+        store = self._store()
+        if not store.has_job(job.id):
+            raise Conflict(
+                f"job {job.id} was not submitted with --code: it has no results to fetch",
+                status=409,
+                code="no_code",
+            )
+        if not job.state.is_terminal:
+            raise Conflict(
+                f"job {job.id} is {job.state}; its results are collected when it ends",
+                status=409,
+                code="not_ended",
+            )
+        results = store.results(job.id)
+        if results is None:
+            raise Conflict(
+                f"job {job.id}'s results are being collected; try again in a moment",
+                status=409,
+                code="collecting",
+            )
+        return job, store, results
+
+    async def results(self, request: Request) -> Response:
+        """What the ended job left in its code directory that is new or changed."""
+        _, _, results = await self._results_of(request)
+        return json_response(results)
+
+    async def result_file(self, request: Request) -> Response:
+        """The bytes of one of the job's results, by its sha256 (as the results list it)."""
+        job, store, results = await self._results_of(request)
+        digest: str = request.path_params["digest"]
+        if not is_digest(digest) or digest not in results.digests():
+            raise NotFound(
+                f"job {job.id} left no file with sha256 {digest[:80]!r}",
+                status=404,
+                code="not_found",
+            )
+        return FileResponse(store.path(digest), media_type="application/octet-stream")
+
+    # -- a job's pod: its files in, its results out (transfer tokens) -------------
+
+    def _transfer_job(self, request: Request) -> str | None:
+        """The job of a transfer token (for this very job), or None for any other token."""
+        token = Credentials.from_request(request).token
+        if token is None or not token.startswith(TOKEN_PREFIX) or self.uploads is None:
+            return None
+        job_id = self.uploads.transfer_job(token)
+        if job_id is None:
+            raise AuthenticationError(
+                "the job's transfer token is not valid (expired?)", status=401, code="bad_token"
+            )
+        if job_id != request.path_params["job_id"]:
+            raise _no_job(request.path_params["job_id"])
+        request.state.user = f"job:{job_id}"
+        return job_id
+
+    async def _transfer_or_owner(self, request: Request) -> str:
+        job_id = self._transfer_job(request)
+        if job_id is not None:
+            return job_id
+        return (await self.owned_job(request, await self.identity(request))).id
+
+    async def _pod_only(self, request: Request) -> str:
+        job_id = self._transfer_job(request)
+        if job_id is None:
+            await self.identity(request)  # no token, or a bad one: 401 first
+            raise PermissionDenied(
+                "only the job's own pod (with its transfer token) hands back its results",
+                status=403,
+                code="not_the_job",
+            )
+        return job_id
+
+    def _code_of(self, job_id: str) -> Manifest:
+        manifest = self._store().job_manifest(job_id)
+        if manifest is None:
+            raise Conflict(
+                f"job {job_id} was not submitted with --code", status=409, code="no_code"
+            )
+        return manifest
+
+    async def code(self, request: Request) -> Response:
+        """The manifest of the files the job was submitted with."""
+        return json_response(self._code_of(await self._transfer_or_owner(request)))
+
+    async def code_file(self, request: Request) -> Response:
+        """One file the job was submitted with, by its sha256."""
+        job_id = await self._transfer_or_owner(request)
+        digest: str = request.path_params["digest"]
+        if not is_digest(digest) or digest not in self._code_of(job_id).digests():
+            raise NotFound(
+                f"job {job_id} has no file with sha256 {digest[:80]!r}",
+                status=404,
+                code="not_found",
+            )
+        return FileResponse(self._store().path(digest), media_type="application/octet-stream")
+
+    async def put_result(self, request: Request) -> Response:
+        """One file of the job's results, from its pod, checked as any upload is."""
+        job_id = await self._pod_only(request)
+        return await self._receive(request, _pod_owner(job_id))
+
+    async def post_results(self, request: Request) -> Response:
+        """The job's results, from its pod: kept once every file in them has been sent."""
+        job_id = await self._pod_only(request)
+        store = self._store()
+        self._code_of(job_id)
+        body = await _read_body(request, limit=MAX_MANIFEST_BODY)
+        manifest = check_manifest(
+            msgspec.json.decode(body, type=Manifest),
+            max_bytes=self.policy.max_upload_bytes,
+            max_files=self.policy.max_upload_files,
+            what="job's results",
+        )
+        answer = store.commit(_pod_owner(job_id), manifest)
+        if answer.complete:
+            store.store_results(job_id, manifest)
+        return json_response(answer, 201 if answer.complete else 200)
 
     async def get_job(self, request: Request) -> Response:
         identity = await self.identity(request)
@@ -380,16 +606,116 @@ async def _ndjson(backend: Backend, user: str | None) -> AsyncIterator[bytes]:
         await events.aclose()
 
 
+FRAME_HEADER = 64 + 1 + 16 + 1  # "<sha256 hex> <size: 16 hex digits>\n"
+
+
+async def _frames(
+    chunks: AsyncIterator[bytes], max_size: int
+) -> AsyncIterator[tuple[str, int, AsyncIterator[bytes]]]:
+    """The blobs of a batch body, one at a time: ``(digest, size, its bytes)``.
+
+    Each blob's bytes must be read to the end before the next is asked for.
+    """
+    source = chunks.__aiter__()
+    buffer = bytearray()
+
+    async def more() -> bool:
+        try:
+            buffer.extend(await anext(source))
+        except StopAsyncIteration:
+            return False
+        return True
+
+    while True:
+        while len(buffer) < FRAME_HEADER:
+            if not await more():
+                if buffer:
+                    raise InvalidRequest(
+                        "the batch ends inside a frame header", status=400, code="bad_batch"
+                    )
+                return
+        header = bytes(buffer[:FRAME_HEADER])
+        del buffer[:FRAME_HEADER]
+        digest, size_hex = header[:64].decode("ascii", "replace"), header[65:81]
+        if not (is_digest(digest) and header[64:65] == b" " and header[81:] == b"\n"):
+            raise InvalidRequest(
+                "a batch frame must start with '<sha256> <size as 16 hex digits>\\n'",
+                status=400,
+                code="bad_batch",
+            )
+        try:
+            size = int(size_hex, 16)
+        except ValueError:
+            raise InvalidRequest(
+                "a frame's size is not hex", status=400, code="bad_batch"
+            ) from None
+        if size > max_size:
+            raise InvalidRequest(
+                f"a file of {size} bytes is over the limit of {max_size} bytes (policy "
+                "max_upload_bytes); leave it out with .kbatchignore",
+                status=413,
+                code="too_large",
+            )
+        left = size
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal left
+            while left:
+                if not buffer and not await more():
+                    raise InvalidRequest(
+                        "the batch ends inside a file; send it again", status=400, code="bad_batch"
+                    )
+                take = min(left, len(buffer))
+                chunk = bytes(buffer[:take])
+                del buffer[:take]
+                left -= take
+                yield chunk
+
+        blob = body()
+        yield digest, size, blob
+        async for _ in blob:  # what the consumer left unread
+            pass
+
+
+def _pod_owner(job_id: str) -> str:
+    """Whom a job's pod counts as in the blob store: no user can have this name (NUL), so
+    no user learns from "missing" what a job's pod has sent, nor the other way round."""
+    return f"\x00job:{job_id}"
+
+
+async def _sweep_uploads(store: BlobStore, backend: Backend, every: float = SWEEP_EVERY) -> None:
+    """Collect unused uploads, and the files of jobs whose records are gone, every hour."""
+
+    async def alive(job_ids: list[str]) -> set[str]:
+        living = set()
+        for job_id in job_ids:
+            try:
+                await backend.get(job_id)
+            except NotFound:
+                continue
+            living.add(job_id)
+        return living
+
+    while True:
+        await asyncio.sleep(every)
+        try:
+            removed = await store.sweep(alive)
+            if removed:
+                log.info("collected %d unused uploaded files", removed)
+        except Exception:
+            log.exception("collecting unused uploads failed; trying again later")
+
+
 def _preview(user: str, spec: JobSpec, backend: str) -> Job:
     """What ``--test-only`` shows: the job as it would be submitted."""
     return pending_job(spec, job_id="0", user=user, backend=backend, reason="DryRun")
 
 
-async def _read_body(request: Request) -> bytes:
+async def _read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise InvalidRequest(
-            f"the request is {declared} bytes, over the {MAX_BODY}-byte limit",
+            f"the request is {declared} bytes, over the {limit}-byte limit",
             status=413,
             code="too_large",
         )
@@ -397,9 +723,9 @@ async def _read_body(request: Request) -> bytes:
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY:
+        if size > limit:
             raise InvalidRequest(
-                f"the request is over the {MAX_BODY}-byte limit", status=413, code="too_large"
+                f"the request is over the {limit}-byte limit", status=413, code="too_large"
             )
         chunks.append(chunk)
     return b"".join(chunks)
@@ -497,6 +823,13 @@ ROUTES: dict[str, dict[str, str]] = {
     f"{API_PREFIX}/jobs/{_JOB}/hold": {"POST": "hold"},
     f"{API_PREFIX}/jobs/{_JOB}/release": {"POST": "release"},
     f"{API_PREFIX}/jobs/{_JOB}/logs": {"GET": "logs"},
+    f"{API_PREFIX}/jobs/{_JOB}/results": {"GET": "results", "POST": "post_results"},
+    f"{API_PREFIX}/jobs/{_JOB}/results/{{digest}}": {"GET": "result_file", "PUT": "put_result"},
+    f"{API_PREFIX}/jobs/{_JOB}/code": {"GET": "code"},
+    f"{API_PREFIX}/jobs/{_JOB}/code/{{digest}}": {"GET": "code_file"},
+    f"{API_PREFIX}/uploads": {"POST": "upload"},
+    f"{API_PREFIX}/blobs": {"POST": "put_blobs"},
+    f"{API_PREFIX}/blobs/{{digest}}": {"PUT": "put_blob"},
     f"{API_PREFIX}/jobs/{_JOB}/spec": {"GET": "spec"},
     f"{API_PREFIX}/jobs/{_JOB}/update": {"POST": "update"},
 }
@@ -551,10 +884,19 @@ def create_app(
     *,
     prefix: str = "",
     extra_routes: Sequence[BaseRoute] = (),
+    uploads: BlobStore | None = None,
 ) -> Starlette:
-    """The app; ``extra_routes`` (the dashboard's) are mounted beside the API's, at ``prefix``."""
-    api = Api(backend, authenticator, policy)
+    """The app; ``extra_routes`` (the dashboard's) are mounted beside the API's, at ``prefix``.
+
+    ``uploads``: the store of uploaded files (``kbatch submit --code``); without it the
+    upload routes answer 404 and jobs may not name uploaded files.
+    """
+    api = Api(backend, authenticator, policy, uploads)
     backend.limits = policy.user_limits()  # the policy's per-user limits, enforced by the backend
+    backend.uploads = uploads
+    if uploads is not None:
+        uploads.max_result_bytes = policy.max_upload_bytes
+        uploads.max_result_files = policy.max_upload_files
     routes: list[BaseRoute] = [_route(api, path, methods) for path, methods in ROUTES.items()]
     routes += extra_routes
     if prefix:
@@ -562,13 +904,24 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if uploads is not None:
+            uploads.open()
         await authenticator.start()
         await backend.start()
+        sweeper = None
+        if uploads is not None:
+            sweeper = asyncio.create_task(_sweep_uploads(uploads, backend), name="kbatch-sweep")
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
             await backend.stop()
             await authenticator.stop()
+            if uploads is not None:
+                uploads.close()
 
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         KbatchError: _handle_error,

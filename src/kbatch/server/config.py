@@ -34,6 +34,9 @@ Example ``kbatch.toml``::
     max_cpus_per_user = 16
     max_memory_per_user = "64G"
     max_gpus_per_user = 1
+    # kbatch submit --code: the most one upload (and one job's results) may hold
+    max_upload_bytes = "1G"
+    max_upload_files = 100000
 
     [jupyterhub]               # with auth = "jupyterhub"; see docs/jupyterhub.md
     # api_url, api_token and service_name default to the JUPYTERHUB_API_URL,
@@ -86,6 +89,9 @@ class JupyterHubConfig:
     job_token_scopes: tuple[str, ...] = ()  # empty: jobs get no hub token
     job_token_expiry: int = 86400  # seconds, for jobs without a time limit
     job_token_margin: int = 300  # seconds added to a job's time limit
+    # Who a user without access should ask (a name, a team, an address), shown as text
+    # on the dashboard's "no access" page; empty: the hub's administrators.
+    contact: str = ""
 
 
 @dataclass
@@ -163,9 +169,15 @@ def _jupyterhub(section: dict[str, Any], env: Mapping[str, str]) -> JupyterHubCo
     for key in ("cache_seconds", "timeout"):
         if key in values and not isinstance(values[key], int | float):
             raise ConfigError(f"config [jupyterhub]: {key} must be a number of seconds")
-    for key in ("api_url", "api_token", "service_name"):
-        if not isinstance(values[key], str):
+    for key in ("api_url", "api_token", "service_name", "contact"):
+        if not isinstance(values.get(key, ""), str):
             raise ConfigError(f"config [jupyterhub]: {key} must be a string")
+    contact = values.get("contact", "")
+    if len(contact) > 500 or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in contact):
+        raise ConfigError(
+            "config [jupyterhub]: contact must be one line of at most 500 characters "
+            "(who users without access should ask, e.g. a team and its address)"
+        )
     return JupyterHubConfig(**values)
 
 
@@ -240,7 +252,7 @@ def load_config(
         else:
             data[key] = value
     sd = Path(data.pop("state_dir", None) or state_dir(env))
-    for key in ("max_memory", "max_memory_per_user"):
+    for key in ("max_memory", "max_memory_per_user", "max_upload_bytes"):
         if key in policy_section:
             policy_section[key] = _size(policy_section[key], f"policy.{key}")
     for key in ("max_time", "default_time"):

@@ -34,6 +34,7 @@ from kbatch.paths import write_private
 from kbatch.server.app import create_app
 from kbatch.server.auth.base import Authenticator
 from kbatch.server.auth.tokens import TokenFileAuthenticator, add_token, hash_token
+from kbatch.server.blobs import BlobStore
 from kbatch.server.config import ServerConfig
 from kbatch.server.connections import (
     ConnectionLimits,
@@ -59,6 +60,7 @@ __all__ = [
 
 log = logging.getLogger("kbatch.server")
 TOKENS_FILE = "tokens.json"
+UPLOADS_DIR = "uploads"  # the store of uploaded files (kbatch.server.blobs)
 LAST_URL_FILE = "server.last-url"  # the URL of the last server, once it has stopped
 
 
@@ -132,6 +134,7 @@ def _with_dashboard(
             service_name=config.jupyterhub.service_name,
             prefix=config.prefix,
             admin_groups=config.jupyterhub.admin_groups,
+            contact=config.jupyterhub.contact,
         )
     dashboard = Dashboard(backend, dashboard_auth, prefix=config.prefix, oauth=oauth, hub=hub)
     app = create_app(
@@ -140,6 +143,7 @@ def _with_dashboard(
         config.policy,
         prefix=config.prefix,
         extra_routes=dashboard.routes(),
+        uploads=BlobStore(config.state_dir / UPLOADS_DIR),
     )
     app.add_middleware(SecurityHeaders, sessions=dashboard_auth.sessions)
     return app

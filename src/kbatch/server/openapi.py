@@ -23,6 +23,7 @@ from kbatch.models import (
     SubmitRequest,
     UpdateRequest,
 )
+from kbatch.uploads.manifest import DIGEST_PATTERN, Manifest, UploadAnswer
 
 __all__ = ["STATES_PATTERN", "openapi_document"]
 
@@ -50,8 +51,19 @@ STATES_PATTERN = _states_pattern()
 
 
 def openapi_document() -> dict[str, Any]:
-    (_, _, _, _, _, _, _, _), components = msgspec.json.schema_components(
-        [SubmitRequest, Job, JobList, JobEvent, Identity, ErrorBody, JobSpec, UpdateRequest],
+    _, components = msgspec.json.schema_components(
+        [
+            SubmitRequest,
+            Job,
+            JobList,
+            JobEvent,
+            Identity,
+            ErrorBody,
+            JobSpec,
+            UpdateRequest,
+            Manifest,
+            UploadAnswer,
+        ],
         ref_template="#/components/schemas/{name}",
     )
     texts = {
@@ -110,7 +122,83 @@ def openapi_document() -> dict[str, Any]:
             "stale_seconds": {"type": ["number", "null"]},
         },
     }
+    digest = {
+        "name": "digest",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": DIGEST_PATTERN},
+        "description": "a file's sha256, 64 lowercase hex digits",
+    }
+    stored = {
+        "type": "object",
+        "properties": {
+            "sha256": {"type": "string", "pattern": DIGEST_PATTERN},
+            "size": {"type": "integer", "minimum": 0},
+        },
+    }
     paths: dict[str, Any] = {
+        f"{API_PREFIX}/uploads": {
+            "post": {
+                "summary": "Upload a folder's manifest (kbatch submit --code)",
+                "description": "The manifest lists every file's path, sha256, size and "
+                "executable bit.  Paths that escape the folder and totals over the "
+                "policy's max_upload_bytes and max_upload_files are refused (422).  If "
+                "the caller has sent every file (PUT /blobs/{digest}), the upload is "
+                "stored (201, complete) and a job may name its id as its code; else "
+                "nothing is stored and missing lists what to send first (200).  Only "
+                "files the caller sent themselves count: nobody learns what others "
+                "uploaded.",
+                "security": security,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Manifest")}},
+                },
+                "responses": {
+                    "201": _json(_ref("UploadAnswer"), "Stored: complete"),
+                    "200": _json(_ref("UploadAnswer"), "Not stored: send the missing files"),
+                    **errors(400, 404, 413, 422),
+                },
+            }
+        },
+        f"{API_PREFIX}/blobs": {
+            "post": {
+                "summary": "Send many small files in one request",
+                "description": "The body is frames, each '<sha256> <size as 16 hex "
+                "digits>\\n' and then that many bytes.  Each file is stored as PUT "
+                "/blobs/{digest} stores one (hashed as it streams; 422 on a mismatch, "
+                "413 over max_upload_bytes); files before a refused one stay stored.",
+                "security": security,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/octet-stream": {}},
+                },
+                "responses": {
+                    "201": _json(
+                        {
+                            "type": "object",
+                            "properties": {"stored": {"type": "array", "items": stored}},
+                        },
+                        "Stored",
+                    ),
+                    **errors(400, 404, 413, 422),
+                },
+            }
+        },
+        f"{API_PREFIX}/blobs/{{digest}}": {
+            "put": {
+                "summary": "Send one file's bytes, named by their sha256",
+                "description": "Streamed to disk and hashed as it arrives; kept only if "
+                "the bytes hash to digest (else 422) and are within max_upload_bytes "
+                "(else 413).  A cut upload leaves nothing; send it again.",
+                "security": security,
+                "parameters": [digest],
+                "requestBody": {
+                    "required": False,  # an empty file's body is empty
+                    "content": {"application/octet-stream": {}},
+                },
+                "responses": {"201": _json(stored, "Stored"), **errors(400, 404, 413, 422)},
+            }
+        },
         f"{API_PREFIX}/health": {
             "get": {
                 "summary": "Liveness and the backend's health (no job data)",
@@ -262,6 +350,80 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"application/octet-stream": {}},
                     },
                     **errors(404, 422),
+                },
+            }
+        },
+        f"{API_PREFIX}/jobs/{{job_id}}/results": {
+            "get": {
+                "summary": "What an ended job left in its code directory, new or changed",
+                "description": "A manifest of the job's results: every file of its code "
+                "directory (KBATCH_CODE_DIR) that was not uploaded with it, or that it "
+                "changed.  409 while the job runs, or if it had no uploaded files.",
+                "security": security,
+                "parameters": [job_id],
+                "responses": {"200": _json(_ref("Manifest")), **errors(404, 409)},
+            },
+            "post": {
+                "summary": "The job's pod hands back its results (transfer token only)",
+                "description": "Kept once every file in it was sent (PUT "
+                "/jobs/{job_id}/results/{digest}); else missing lists what to send.",
+                "security": security,
+                "parameters": [job_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Manifest")}},
+                },
+                "responses": {
+                    "201": _json(_ref("UploadAnswer"), "Kept"),
+                    "200": _json(_ref("UploadAnswer"), "Not kept: send the missing files"),
+                    **errors(400, 404, 409, 413, 422),
+                },
+            },
+        },
+        f"{API_PREFIX}/jobs/{{job_id}}/results/{{digest}}": {
+            "get": {
+                "summary": "The bytes of one of the job's results, by sha256",
+                "security": security,
+                "parameters": [job_id, digest],
+                "responses": {
+                    "200": {
+                        "description": "the file's bytes",
+                        "content": {"application/octet-stream": {}},
+                    },
+                    **errors(404, 409),
+                },
+            },
+            "put": {
+                "summary": "The job's pod sends one result file (transfer token only)",
+                "security": security,
+                "parameters": [job_id, digest],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/octet-stream": {}},
+                },
+                "responses": {"201": _json(stored, "Stored"), **errors(400, 404, 413, 422)},
+            },
+        },
+        f"{API_PREFIX}/jobs/{{job_id}}/code": {
+            "get": {
+                "summary": "The manifest of the files the job was submitted with",
+                "description": "For the job's pod (its transfer token) or its owner.",
+                "security": security,
+                "parameters": [job_id],
+                "responses": {"200": _json(_ref("Manifest")), **errors(404, 409)},
+            }
+        },
+        f"{API_PREFIX}/jobs/{{job_id}}/code/{{digest}}": {
+            "get": {
+                "summary": "One of the files the job was submitted with, by sha256",
+                "security": security,
+                "parameters": [job_id, digest],
+                "responses": {
+                    "200": {
+                        "description": "the file's bytes",
+                        "content": {"application/octet-stream": {}},
+                    },
+                    **errors(404, 409),
                 },
             }
         },

@@ -18,6 +18,7 @@ from kbatch.errors import SpecError
 from kbatch.models import JobSpec
 from kbatch.spec import SECRET_ENVIRONMENT
 from kbatch.units import format_duration, format_memory
+from kbatch.uploads.manifest import DEFAULT_MAX_UPLOAD_BYTES, DEFAULT_MAX_UPLOAD_FILES
 
 __all__ = ["BEGIN_SLACK", "Policy", "check"]
 
@@ -46,6 +47,10 @@ class Policy:
     max_cpus_per_user: int | None = None
     max_memory_per_user: int | None = None  # bytes; jobs must then give --mem
     max_gpus_per_user: int | None = None
+    # Code upload (kbatch submit --code): the total size and number of files of one upload,
+    # and of what one job leaves behind as its results.
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_upload_files: int = DEFAULT_MAX_UPLOAD_FILES
     # Arrays (issue 12): tasks in one array, its highest index, and a sweep's table size
     # (bytes of its values; the Kubernetes backend keeps it in a ConfigMap, under 1 MiB).
     max_array_tasks: int = 100_000

@@ -25,3 +25,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "kbatch.secretName" -}}
 {{- .Values.jupyterhub.existingSecret | default (printf "%s-hub-token" (include "kbatch.fullname" .)) -}}
 {{- end -}}
+
+{{- define "kbatch.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "kbatch.transferUrl" -}}
+{{- .Values.uploads.transferUrl | default (printf "http://%s.%s.svc:%v/services/%s" (include "kbatch.fullname" .) .Release.Namespace .Values.service.port .Values.jupyterhub.serviceName) -}}
+{{- end -}}
+
+{{- define "kbatch.uploadsClaim" -}}
+{{- .Values.uploads.existingClaim | default (printf "%s-uploads" (include "kbatch.fullname" .)) -}}
+{{- end -}}

@@ -59,6 +59,7 @@ from kbatch.backends.kubernetes import names
 from kbatch.backends.kubernetes.cache import WatchCache
 from kbatch.backends.kubernetes.manifests import (
     RESTRICTED,
+    CodeTransfer,
     JobContext,
     Manifests,
     build_manifests,
@@ -76,6 +77,7 @@ from kbatch.backends.kubernetes.status import (
     job_from_objects,
     parse_time,
     pod_started,
+    succeeded_unrecorded,
 )
 from kbatch.backends.userlimits import Usage, held_by
 from kbatch.backends.workqueue import WorkQueue, stop_workers
@@ -97,6 +99,7 @@ from kbatch.errors import (
     NotFound,
     PermissionDenied,
     ServiceUnavailable,
+    SpecError,
     TransportError,
 )
 from kbatch.lifecycle import Desired
@@ -135,6 +138,13 @@ class KubernetesConfig:
     # Security "restricted" asks (the notebook's container context is merged over it).
     security_context: dict[str, Any] = field(default_factory=lambda: dict(RESTRICTED))
     forbid_root: bool = False  # refuse jobs that would run as user 0 (runAsUser: 0)
+    # Uploaded files (submit --code): the server's URL as job pods reach it (e.g.
+    # http://kbatch.kbatch-system.svc:8765/services/kbatch) and an image with kbatch in
+    # it (the server's own) for the containers that move the files.  Without both,
+    # jobs with --code are refused.
+    transfer_url: str | None = None
+    transfer_image: str | None = None
+    transfer_token_days: float = 30.0  # at most; the token also dies with the job's record
 
     def __post_init__(self) -> None:
         if self.namespace_mode not in ("per-user", "shared"):
@@ -257,6 +267,11 @@ def _job_id_of(obj: dict[str, Any] | None) -> str | None:
     labels = obj["metadata"].get("labels") or {}
     job_id = labels.get(names.LABEL_JOB_ID)
     return str(job_id) if job_id else None
+
+
+def _phase(pod: dict[str, Any] | None) -> str | None:
+    phase = ((pod or {}).get("status") or {}).get("phase")
+    return str(phase) if phase else None
 
 
 def _spec_of(obj: dict[str, Any]) -> JobSpec | None:
@@ -452,6 +467,11 @@ class KubernetesBackend(Backend):
         if job_id in self._job_keys:
             self._refresh(job_id)
             self._queue.put(job_id)
+            succeeded = _phase(new) == "Succeeded" and _phase(old) != "Succeeded"
+            if succeeded and self._waiting:
+                for waiting in self._waiting:  # they may wait on it: see _state_for_dependents
+                    if waiting != job_id:
+                        self._queue.put(waiting)
 
     def _object(self, job_id: str) -> dict[str, Any] | None:
         key = self._job_keys.get(job_id)
@@ -697,7 +717,11 @@ class KubernetesBackend(Backend):
         singleton term (if any) is clear: all from the watch cache."""
         assert job.dependency is not None
         dependency = parse_dependency(job.dependency)
-        states = {i: m.state for i in dependency.job_ids if (m := self._models.get(i))}
+        states = {
+            i: self._state_for_dependents(i, m)
+            for i in dependency.job_ids
+            if (m := self._models.get(i))
+        }
         singleton = any(t.kind == "singleton" for t in dependency.terms)
         earlier_active = singleton and any(
             m.user == job.user
@@ -707,6 +731,16 @@ class KubernetesBackend(Backend):
             for m in self._models.values()
         )
         return dependency, states, not earlier_active
+
+    def _state_for_dependents(self, job_id: str, model: Job) -> JobState:
+        """The job's state as the jobs waiting on it see it: COMPLETED as soon as its pod
+        has succeeded, without the Job controller's second before it says so."""
+        if model.state is JobState.RUNNING:
+            obj = self._object(job_id)
+            pods = list(self._pods_by_job.get(job_id, {}).values())
+            if obj is not None and succeeded_unrecorded(obj, pods):
+                return JobState.COMPLETED
+        return model.state
 
     def _with_dependency_detail(self, job: Job) -> Job:
         """A pending job's dependency as scontrol shows it: each term (un)fulfilled."""
@@ -983,6 +1017,26 @@ class KubernetesBackend(Backend):
             mine[0], same_namespace=self.config.notebook_namespace == namespace
         )
 
+    @property
+    def supports_code(self) -> bool:
+        return bool(self.config.transfer_url and self.config.transfer_image)
+
+    def _transfer(self, spec: JobSpec, job_id: str) -> CodeTransfer | None:
+        """How the pod of a job with uploaded files gets them (and hands back results)."""
+        if spec.code is None:
+            return None
+        url, image = self.config.transfer_url, self.config.transfer_image
+        if self.uploads is None or not url or not image:
+            raise SpecError(
+                "this server cannot send uploaded files to Kubernetes pods (the admin sets "
+                "[kubernetes] transfer_url and transfer_image); submit without --code",
+                field="code",
+            )
+        expires = time.time() + self.config.transfer_token_days * 86400
+        return CodeTransfer(
+            url=url, image=image, token=self.uploads.transfer_token(job_id, expires)
+        )
+
     async def submit(self, user: str, spec: JobSpec, *, idempotency_key: str | None) -> Job:
         await self.validate(user, spec)
         if (
@@ -1013,8 +1067,11 @@ class KubernetesBackend(Backend):
                 submitted=datetime.now(UTC),
                 security_context=self.config.security_context,
                 forbid_root=self.config.forbid_root,
+                transfer=self._transfer(spec, job_id),
             ),
         )
+        if spec.code is not None and self.uploads is not None:
+            self.uploads.attach(job_id, user, spec.code)  # before its pod can ask for them
         return await self._create(manifests, keyed=idempotency_key is not None)
 
     async def _create(self, manifests: Manifests, *, keyed: bool) -> Job:
@@ -1179,6 +1236,37 @@ class KubernetesBackend(Backend):
         except (ApiError, httpx.HTTPError) as exc:
             raise api_error(exc, "read the job") from exc
         return job_from_objects(found.to_dict(), list(self._pods_by_job.get(job_id, {}).values()))
+
+    async def spec(self, job_id: str) -> JobSpec | None:
+        """The spec the job was submitted with: what its Job records (everything but the
+        script and the environment) and the script from its ConfigMap.
+
+        The environment is left out: it lives only in the job's Secret, which the server
+        never reads back (its RBAC cannot), and which also holds the job's token.
+        None when the Job's record is unreadable or its ConfigMap is gone."""
+        obj = self._object(job_id)
+        if obj is None:
+            namespace, name = await self._lookup(job_id)
+            try:
+                obj = (await self.client.get(K8sJob, name, namespace=namespace)).to_dict()
+            except _HTTP_ERRORS as exc:
+                raise api_error(exc, "read the job") from exc
+        recorded = _spec_of(obj)
+        if recorded is None:
+            return None
+        meta = obj["metadata"]
+        try:
+            config_map = await self.client.get(ConfigMap, meta["name"], namespace=meta["namespace"])
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise api_error(exc, "read the job's script") from exc
+        except httpx.HTTPError as exc:
+            raise api_error(exc, "read the job's script") from exc
+        script = (config_map.data or {}).get("script")
+        if not script:
+            return None
+        return msgspec.structs.replace(recorded, script=script, environment={})
 
     async def list(
         self,

@@ -29,9 +29,11 @@ from kbatch.errors import SpecError
 from kbatch.models import JobSpec
 
 __all__ = [
+    "CODE_DIR",
     "GPU_RESOURCE",
     "RESTRICTED",
     "TIME_LIMIT_GRACE",
+    "CodeTransfer",
     "JobContext",
     "Manifests",
     "build_manifests",
@@ -56,6 +58,29 @@ _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 ENTRYPOINT = files("kbatch.backends.kubernetes").joinpath("entrypoint.sh").read_text()
 
 
+CODE_DIR = "/code"  # where a job with uploaded files (--code) starts, an emptyDir
+TRANSFER_RESOURCES = {
+    "requests": {"cpu": "100m", "memory": "128Mi"},
+    "limits": {"memory": "256Mi"},
+}
+
+
+@dataclass(frozen=True)
+class CodeTransfer:
+    """How a job's pod gets its uploaded files and hands back its results (--code).
+
+    Two containers of kbatch's own ``image`` beside the job's: an init container
+    that downloads the files into ``/code`` before the job starts, and a native
+    sidecar (an init container with ``restartPolicy: Always``) that, told by the
+    kubelet that the job has ended, sends back what is new or changed.  Both reach
+    the server at ``url`` with ``token``, good for this job's files alone.
+    """
+
+    url: str
+    image: str
+    token: str
+
+
 @dataclass(frozen=True)
 class JobContext:
     """Everything besides the user's spec that a job's manifests depend on."""
@@ -76,6 +101,7 @@ class JobContext:
     # the job container's securityContext when the notebook's does not say (the admin's)
     security_context: dict[str, Any] = field(default_factory=lambda: dict(RESTRICTED))
     forbid_root: bool = False  # refuse jobs that would run as user 0
+    transfer: CodeTransfer | None = None  # with spec.code: how its files come and go
 
 
 @dataclass(frozen=True)
@@ -133,6 +159,10 @@ def _environment(
     if error:
         env["KBATCH_ERROR"] = error
     env.update(ctx.extra_environment)
+    if spec.code is not None and ctx.transfer is not None:
+        env["KBATCH_CODE_DIR"] = CODE_DIR
+        env["KBATCH_TRANSFER_URL"] = ctx.transfer.url
+        env["KBATCH_TRANSFER_TOKEN"] = ctx.transfer.token
     return secret_environment(env)
 
 
@@ -194,6 +224,14 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
         security.pop("runAsNonRoot", None)  # the notebook runs as root, so may its jobs
     if security:
         container["securityContext"] = security
+    init_containers: list[dict[str, Any]] = []
+    code_volumes: list[dict[str, Any]] = []
+    if spec.code is not None:
+        if ctx.transfer is None:
+            raise SpecError("this server cannot send uploaded files to pods", field="code")
+        init_containers, code_volumes = _code_transfer(ctx.transfer, name, security)
+        container["workingDir"] = CODE_DIR
+        container["volumeMounts"].append({"name": "kbatch-code", "mountPath": CODE_DIR})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -201,9 +239,12 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
         "containers": [container],
         "volumes": [
             {"name": "kbatch-script", "configMap": {"name": name, "defaultMode": 0o755}},
+            *code_volumes,
             *notebook.volumes,
         ],
     }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
     if notebook.node_selector:
         pod_spec["nodeSelector"] = notebook.node_selector
     if notebook.tolerations:
@@ -261,6 +302,33 @@ def build_manifests(spec: JobSpec, ctx: JobContext) -> Manifests:
     return Manifests(job=job, config_map=config_map, secret=secret)
 
 
+def _code_transfer(
+    transfer: CodeTransfer, name: str, security: dict[str, Any]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The init container and native sidecar that move a job's files, and their volume.
+
+    They run as the job does (its securityContext), so the files they write are the
+    job's own; they read the job's Secret for the URL, the job id and the token.
+    """
+
+    def transfer_container(container_name: str, action: str) -> dict[str, Any]:
+        return {
+            "name": container_name,
+            "image": transfer.image,
+            "command": ["python", "-m", "kbatch.uploads.pod", action, CODE_DIR],
+            "envFrom": [{"secretRef": {"name": name}}],
+            "resources": copy.deepcopy(TRANSFER_RESOURCES),
+            "volumeMounts": [{"name": "kbatch-code", "mountPath": CODE_DIR}],
+            **({"securityContext": copy.deepcopy(security)} if security else {}),
+        }
+
+    download = transfer_container("kbatch-code-in", "download")
+    # A native sidecar: started before the job, sent SIGTERM once the job's container has
+    # ended, then it hands back the results (within the pod's termination grace period).
+    results = {**transfer_container("kbatch-results-out", "sidecar"), "restartPolicy": "Always"}
+    return [download, results], [{"name": "kbatch-code", "emptyDir": {}}]
+
+
 def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
     """An ownerReference to a created Job (it needs the uid the API server gave it)."""
     return {
@@ -285,7 +353,7 @@ _FORBIDDEN_POD = {
 def check_not_root(pod_spec: dict[str, Any]) -> None:
     """Refuse a pod that would run as root (user 0) where the admin forbids it."""
     pod_user = (pod_spec.get("securityContext") or {}).get("runAsUser")
-    for container in pod_spec.get("containers") or []:
+    for container in [*(pod_spec.get("containers") or []), *(pod_spec.get("initContainers") or [])]:
         user = (container.get("securityContext") or {}).get("runAsUser", pod_user)
         if user == 0:
             raise SpecError(
@@ -304,7 +372,7 @@ def check_pod_security(pod_spec: dict[str, Any]) -> None:
     for volume in pod_spec.get("volumes") or []:
         if "hostPath" in volume:
             raise SpecError(f"jobs may not mount host paths (volume {volume.get('name')})")
-    for container in pod_spec.get("containers") or []:
+    for container in [*(pod_spec.get("containers") or []), *(pod_spec.get("initContainers") or [])]:
         context = container.get("securityContext") or {}
         if context.get("privileged") or context.get("allowPrivilegeEscalation"):
             raise SpecError("jobs may not run privileged containers")

@@ -44,6 +44,7 @@ __all__ = [
     "parse_time",
     "pod_started",
     "short_message",
+    "succeeded_unrecorded",
 ]
 
 
@@ -224,6 +225,23 @@ def _disrupted(pod: dict[str, Any]) -> bool:
         if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
             return True
     return False
+
+
+def succeeded_unrecorded(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """The job's pod has ended with success and the Job controller has not yet written
+    the Job's condition (it batches pod updates for about a second).  Jobs waiting on
+    this one take it as COMPLETED at once: with one pod and ``backoffLimit: 0`` a
+    Succeeded pod makes the Job Complete.  (Only a Job deadline passing in that second
+    could make it fail instead, and kbatch ends a job at its time limit, 30 s before.)"""
+    for kind in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget"):
+        if _condition(job, kind):
+            return False
+    pod = _newest(pods)
+    return (
+        pod is not None
+        and pod.get("status", {}).get("phase") == "Succeeded"
+        and not _disrupted(pod)
+    )
 
 
 def _started(job: dict[str, Any], pods: list[dict[str, Any]]) -> datetime | None:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -93,6 +94,17 @@ class LocalConfig:
     run_as_user: bool = False
     user_template: str = "jupyter-{username}"  # TLJH's accounts; "{username}" for the same name
     min_uid: int = 1000  # accounts below (and root) never run jobs
+    # Where jobs with uploaded files (--code) get their copy, one folder per job.  Default:
+    # <state_dir>/code, or with run_as_user <state_dir>-code beside it (the state directory
+    # is root's alone; this one every account may pass through, but not list).
+    code_dir: str | None = None
+
+    def code_root(self) -> Path:
+        if self.code_dir is not None:
+            return Path(self.code_dir)
+        if self.runs_as_users:
+            return self.state_dir.parent / f"{self.state_dir.name}-code"
+        return self.state_dir / "code"
 
     @property
     def runs_as_users(self) -> bool:
@@ -169,6 +181,10 @@ class LocalBackend(Backend):
                 raise ConfigError(f"config: {exc}") from exc
         values.setdefault("state_dir", state_dir)
         return cls(decode_section(values, LocalConfig, "local"))
+
+    @property
+    def supports_code(self) -> bool:
+        return True
 
     @property
     def store(self) -> JobStore:
@@ -623,9 +639,8 @@ class LocalBackend(Backend):
             cancelled_by=by,
         )
         if ids:
-            current = self._record(head.id)
-            if current.array_pending:
-                self.events.publish(current.to_job())
+            # The head's row shrinks (or, with no task left waiting, goes: array_tasks "").
+            self.events.publish(self._record(head.id).to_job())
             for task_id in ids:
                 self.events.publish(self._record(task_id).to_job())
         return ids
@@ -748,6 +763,9 @@ class LocalBackend(Backend):
         head = self._array_of(record, ref)
         if ref.tasks is None:
             await self._release_one(head)
+        elif head.desired is Desired.HOLD:  # some tasks of a held array: they alone may run
+            self._split(head, indexes=ref.tasks, desired=Desired.RUN)
+            await self._schedule()
         rows = self.store.tasks(head.id, active=True)
         wanted = None if ref.tasks is None else set(ref.tasks)
         for task in rows:
@@ -1019,6 +1037,8 @@ class LocalBackend(Backend):
         )
 
     async def _finalize(self, record: JobRecord) -> None:
+        if not record.is_head and self._spec_of(record).code is not None:
+            await asyncio.to_thread(self._collect_results, record)
         await self.run_finished_hook(record.to_job())
         self.store.update(record.id, finalized=1)
 
@@ -1115,11 +1135,20 @@ class LocalBackend(Backend):
             # The job's own, to read and run through the descriptor its launcher opens; the
             # directory around it stays the server's alone.
             os.chown(jobdir.script, account.uid, account.gid)
+        environment = {**self._job_environment(record, spec), **extra_env}
+        workdir = spec.workdir or "/"
+        if spec.code is not None:
+            try:
+                code = await asyncio.to_thread(self._materialize, record, account)
+            except KbatchError as exc:
+                await self._setup_failed(current, exc)
+                return
+            environment["KBATCH_CODE_DIR"] = workdir = str(code)
         launch = LaunchSpec(
             job_id=str(record.id),
             argv=[str(jobdir.script), *spec.args],
-            environment={**self._job_environment(record, spec), **extra_env},
-            workdir=spec.workdir or "/",
+            environment=environment,
+            workdir=workdir,
             output=record.output,
             error=record.error,
             open_mode=spec.open_mode,
@@ -1162,6 +1191,71 @@ class LocalBackend(Backend):
                 )
         finally:
             os.close(lock_fd)
+
+    # -- uploaded files (--code) ----------------------------------------------------
+
+    def _code_dir(self, job_id: int) -> Path:
+        return self.config.code_root() / str(job_id)
+
+    def _materialize(self, record: JobRecord, account: Account | None) -> Path:
+        """A fresh copy of the job's uploaded files in its own folder, which is the job's.
+
+        Run as another account, the files are hard links to the store's read-only blobs,
+        owned by root (the job can replace them, never change them); else copies.
+        """
+        code_id = self._spec_of(record).code
+        assert code_id is not None
+        manifest = None if self.uploads is None else self.uploads.manifest(record.user, code_id)
+        if self.uploads is None or manifest is None:
+            raise SpecError(f"its uploaded files ({code_id}) are gone; submit it again")
+        # By the id users see (a task's is <array>_<index>): what fetch asks for.
+        self.uploads.attach(record.to_job().id, record.user, code_id)
+        root = self.config.code_root()
+        root.mkdir(mode=0o711 if account else 0o700, parents=True, exist_ok=True)
+        if account is not None:
+            info = root.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
+                raise ConfigError(f"run_as_user: {root} must be a directory owned by root")
+            root.chmod(0o711)
+            for above in root.resolve().parents:
+                if not above.stat().st_mode & stat.S_IXOTH:
+                    raise ConfigError(
+                        f"run_as_user: jobs cannot reach their files in {root}: {above} is "
+                        "closed to other accounts; set [local] code_dir to a folder they "
+                        "can pass through (e.g. /var/lib/kbatch-code)"
+                    )
+        code = self._code_dir(record.id)
+        if code.exists() or code.is_symlink():
+            shutil.rmtree(code)  # left by an interrupted launch
+        code.mkdir(mode=0o700)
+        owner = None if account is None else (account.uid, account.gid)
+        self.uploads.materialize(
+            manifest, code, link=account is not None, owner=owner, user=record.user
+        )
+        if owner is not None:
+            os.chown(code, *owner)  # last: until now the job's account could not look in
+        return code
+
+    def _collect_results(self, record: JobRecord) -> None:
+        """Keep what the job left in its folder that is new or changed, then remove the folder."""
+        code = self._code_dir(record.id)
+        code_id = self._spec_of(record).code
+        if self.uploads is None or code_id is None:
+            return
+        owners = None
+        if self.config.runs_as_users:
+            try:
+                owners = frozenset({lookup(record.user, self.config.account_policy()).uid})
+            except PermissionDenied:
+                owners = frozenset()
+        try:
+            results = self.uploads.collect(
+                record.to_job().id, record.user, code_id, code, owners=owners
+            )
+            log.info("job %s: kept %d result files", record.id, len(results.files))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("job %s: its results could not be kept: %s", record.id, exc)
+        shutil.rmtree(code, ignore_errors=True)
 
     def _spawn_supervisor(self, jobdir: JobDir, lock_fd: int) -> subprocess.Popen[bytes]:
         """fork and exec (in a worker thread: a fork of a large server takes milliseconds)."""

@@ -84,10 +84,20 @@ class HubOAuthSettings:
     authorize_url: str  # where the browser goes; a path when the hub shares the proxy
     service_name: str
     admin_groups: tuple[str, ...] = ()
+    contact: str = ""  # who users without access should ask; empty: the hub's admins
+
+    @property
+    def who_to_ask(self) -> str:
+        return self.contact or "the administrators of this JupyterHub"
 
 
 def hub_oauth_settings(
-    env: Mapping[str, str], *, service_name: str, prefix: str, admin_groups: tuple[str, ...]
+    env: Mapping[str, str],
+    *,
+    service_name: str,
+    prefix: str,
+    admin_groups: tuple[str, ...],
+    contact: str = "",
 ) -> HubOAuthSettings:
     """From the variables a hub gives its managed services, with JupyterHub's defaults."""
     host = env.get("JUPYTERHUB_HOST", "")
@@ -100,6 +110,7 @@ def hub_oauth_settings(
         authorize_url=f"{host}{base}hub/api/oauth2/authorize",
         service_name=service_name,
         admin_groups=admin_groups,
+        contact=contact,
     )
 
 
@@ -407,8 +418,8 @@ class Dashboard:
         except PermissionDenied as exc:
             return _page(
                 "kbatch: no access",
-                f"{exc.message}. Ask your JupyterHub administrator to give you access to the "
-                f"{self.oauth.service_name} service.",
+                f"You may not use the {self.oauth.service_name} service yet: ask "
+                f"{self.oauth.who_to_ask} to give you access to it. ({exc.message}.)",
                 403,
             )
         request.state.user = identity.name

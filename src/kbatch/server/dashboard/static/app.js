@@ -127,8 +127,11 @@
     queueRender();
   }
   function apply(job) {
+    // An array's row for its tasks not started yet goes once they all have.
+    if (job.array_tasks === "" && job.array_task_id === null) { jobs.delete(job.id); queueRender(); return; }
     jobs.set(job.id, job);
-    if (currentJob === job.id) showJobFields(job);
+    if (currentJob === job.id && !job.array_tasks) showJobFields(job);
+    else if (currentJob && job.array_job_id && currentJob.split("_")[0] === job.array_job_id) refreshCurrent();
     queueRender();
   }
   // An answer to our own request (an action, a job's first read) may be older than what
@@ -145,6 +148,66 @@
     renderQueued = true;
     requestAnimationFrame(() => { renderQueued = false; render(); });
   }
+  // -- arrays: one row each, its counts per state, expandable to its tasks ----------
+  const expanded = new Set();
+  // How many indexes "1,3-5,10-20:2" names (Slurm's compact form).
+  function countIndexes(text) {
+    let n = 0;
+    for (const part of String(text || "").split(",")) {
+      const m = /^(\d+)(?:-(\d+)(?::(\d+))?)?$/.exec(part.trim());
+      if (!m) continue;
+      const a = +m[1], b = m[2] === undefined ? a : +m[2], step = +(m[3] || 1);
+      n += Math.floor((b - a) / step) + 1;
+    }
+    return n;
+  }
+  function aggregate(counts) {
+    if (counts.RUNNING) return "RUNNING";
+    if (counts.PENDING) return "PENDING";
+    for (const s of ["FAILED", "OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "CANCELLED", "COMPLETED"]) {
+      if (counts[s]) return s;
+    }
+    return "PENDING";
+  }
+  function countsText(counts) {
+    return STATES.filter((s) => counts[s]).map((s) => counts[s] + " " + s).join(", ");
+  }
+  // The rows of the list: jobs as they are, each array as one summary row.
+  function listRows() {
+    const rows = [], arrays = new Map();
+    for (const job of jobs.values()) {
+      if (!job.array_job_id) { rows.push(job); continue; }
+      let a = arrays.get(job.array_job_id);
+      if (!a) { a = { members: [], counts: {} }; arrays.set(job.array_job_id, a); }
+      a.members.push(job);
+      const n = job.array_task_id === null && job.array_tasks ? countIndexes(job.array_tasks) : 1;
+      a.counts[job.state] = (a.counts[job.state] || 0) + n;
+    }
+    for (const [id, a] of arrays) {
+      const first = a.members.reduce((x, y) => (x.submitted <= y.submitted ? x : y));
+      const state = aggregate(a.counts);
+      const waiting = a.members.find((m) => m.array_task_id === null && m.state === "PENDING");
+      const ended = a.members.map((m) => m.finished).filter(Boolean).sort();
+      const codes = a.members.map((m) => m.exit_code).filter((c) => c !== null && c !== undefined);
+      rows.push(Object.assign({}, first, {
+        id, state, summary: a, array_tasks: null, array_task_id: null,
+        reason: waiting ? waiting.reason : null,
+        started: a.members.map((m) => m.started).filter(Boolean).sort()[0] || null,
+        finished: TERMINAL.has(state) ? ended[ended.length - 1] || null : null,
+        exit_code: TERMINAL.has(state) && codes.length ? Math.max.apply(null, codes) : null,
+      }));
+    }
+    return rows;
+  }
+  function memberId(job) {
+    return job.array_task_id === null && job.array_tasks ? job.array_job_id + "_[" + job.array_tasks + "]" : job.id;
+  }
+  function byIndex(a, b) {
+    const ia = a.array_task_id === null ? countIndexes("0-" + String(a.array_tasks).split(/[-,:]/)[0]) - 1 : a.array_task_id;
+    const ib = b.array_task_id === null ? countIndexes("0-" + String(b.array_tasks).split(/[-,:]/)[0]) - 1 : b.array_task_id;
+    return ia - ib;
+  }
+
   function matches(job, stateFilter, text, user) {
     if (stateFilter && job.state !== stateFilter) return false;
     if (user && !job.user.toLowerCase().includes(user)) return false;
@@ -156,16 +219,33 @@
     if (a.submitted !== b.submitted) return a.submitted < b.submitted ? 1 : -1;
     return b.id.localeCompare(a.id, undefined, { numeric: true });
   }
-  function row(job) {
+  function row(job, member) {
     const tr = document.createElement("tr");
     tr.tabIndex = 0;
-    tr.dataset.id = job.id;
-    const link = el("a", job.id);
-    link.href = "jobs/" + encodeURIComponent(job.id);
-    const first = el("td"); first.appendChild(link); tr.appendChild(first);
+    const id = member ? memberId(job) : job.id;
+    tr.dataset.id = id;
+    const link = el("a", id);
+    link.href = "jobs/" + encodeURIComponent(id);
+    const first = el("td");
+    if (job.summary) {
+      const open = expanded.has(job.id);
+      const toggle = el("button", open ? "▾" : "▸", "expand");
+      toggle.type = "button";
+      toggle.setAttribute("aria-expanded", String(open));
+      toggle.setAttribute("aria-label", (open ? "Hide" : "Show") + " the tasks of array " + job.id);
+      toggle.dataset.array = job.id;
+      first.appendChild(toggle);
+      tr.classList.add("array");
+    }
+    if (member) tr.classList.add("task");
+    first.appendChild(link);
+    tr.appendChild(first);
     tr.appendChild(el("td", job.user, "col-user"));
     const name = el("td", job.name, "name"); name.title = job.name; tr.appendChild(name);
-    const st = el("td"); st.appendChild(el("span", job.state, "state state-" + job.state)); tr.appendChild(st);
+    const st = el("td"); st.appendChild(el("span", job.state, "state state-" + job.state));
+    if (job.summary) st.appendChild(el("div", countsText(job.summary.counts), "counts"));
+    else if (member && job.array_task_id === null && job.array_tasks) st.appendChild(el("div", countIndexes(job.array_tasks) + " tasks", "counts"));
+    tr.appendChild(st);
     tr.appendChild(el("td", job.reason && job.reason !== "None" ? job.reason : ""));
     tr.appendChild(el("td", duration(used(job)) + (job.time_limit ? " / " + duration(job.time_limit) : "")));
     tr.appendChild(el("td", job.cpus));
@@ -184,7 +264,7 @@
     const user = allUsers() ? $("filter-user").value.trim().toLowerCase() : "";
     let active = 0, finished = 0;
     const list = [];
-    for (const job of jobs.values()) {
+    for (const job of listRows()) {
       const done = TERMINAL.has(job.state);
       if (done) finished++; else active++;
       if ((tab === "finished") === done && matches(job, stateFilter, text, user)) list.push(job);
@@ -193,7 +273,12 @@
     $("count-active").textContent = "(" + active + ")";
     $("count-finished").textContent = "(" + finished + ")";
     const body = document.createDocumentFragment();
-    for (const job of list.slice(0, shown)) body.appendChild(row(job));
+    for (const job of list.slice(0, shown)) {
+      body.appendChild(row(job, false));
+      if (job.summary && expanded.has(job.id)) {
+        for (const m of job.summary.members.slice().sort(byIndex)) body.appendChild(row(m, true));
+      }
+    }
     // A live update redraws the rows: keep the keyboard's place on the focused one.
     const focused = document.activeElement && document.activeElement.closest ? document.activeElement.closest("#job-rows tr") : null;
     const focusedId = focused ? focused.dataset.id : null;
@@ -248,10 +333,35 @@
     field(dl, "Error file", job.error);
     field(dl, "Comment", job.comment);
     field(dl, "Backend", job.backend);
+    const isArray = !!job.array_counts;
+    if (isArray) {
+      field(dl, "Tasks", job.array_tasks + (job.array_throttle ? " (at most " + job.array_throttle + " at once)" : ""));
+      field(dl, "Tasks per state", countsText(job.array_counts));
+    } else if (job.array_job_id) {
+      field(dl, "Array", job.array_job_id + ", task " + job.array_task_id);
+    }
+    $("tasks-section").hidden = !isArray;
+    $("output-section").hidden = isArray;
+    if (isArray) showTaskLinks(job);
     const done = TERMINAL.has(job.state);
     $("act-cancel").disabled = done;
-    $("act-hold").disabled = job.state !== "PENDING" || job.reason === "JobHeldUser";
+    $("act-hold").disabled = isArray ? !(job.array_counts.PENDING) : job.state !== "PENDING" || job.reason === "JobHeldUser";
     $("act-release").disabled = job.reason !== "JobHeldUser";
+  }
+  function showTaskLinks(job) {
+    const list = $("task-links");
+    list.replaceChildren();
+    const id = job.array_job_id || job.id;
+    const members = [...jobs.values()].filter((m) => m.array_job_id === id).sort(byIndex);
+    for (const m of members) {
+      const li = el("li");
+      const mid = memberId(m);
+      const a = el("a", mid);
+      a.href = "jobs/" + encodeURIComponent(mid);
+      li.appendChild(a);
+      li.appendChild(el("span", " " + m.state + (m.exit_code !== null && m.exit_code !== undefined ? " (exit " + m.exit_code + ")" : ""), "state-" + m.state));
+      list.appendChild(li);
+    }
   }
   async function follow(job, stream, pre) {
     const abort = new AbortController();
@@ -288,15 +398,18 @@
       return;
     }
     document.title = "kbatch: " + job.name + " (" + job.id + ")";
-    job = merge(job);
+    if (job.array_counts) showJobFields(job);  // an array as a whole: not a row of the list
+    else job = merge(job);
     const apart = job.error && job.error !== job.output;
     $("error-section").hidden = !apart;
     $("dl-output").href = "api/v1/jobs/" + encodeURIComponent(id) + "/logs?stream=output";
     $("dl-output").setAttribute("download", "kbatch-" + id + ".out");
     $("dl-error").href = "api/v1/jobs/" + encodeURIComponent(id) + "/logs?stream=error";
     $("dl-error").setAttribute("download", "kbatch-" + id + ".err");
-    follow(job, "output", $("log-output"));
-    if (apart) follow(job, "error", $("log-error"));
+    if (!job.array_counts) {
+      follow(job, "output", $("log-output"));
+      if (apart) follow(job, "error", $("log-error"));
+    }
     try {
       const spec = await api("GET", "dashboard/jobs/" + encodeURIComponent(id) + "/spec");
       $("job-script").textContent = spec.script;
@@ -312,10 +425,20 @@
       $("act-edit").disabled = true;
     }
   }
+  // An array's page shows its tasks together: re-read it (at most every half second).
+  function refreshCurrent() {
+    if (refreshCurrent.timer) return;
+    refreshCurrent.timer = setTimeout(async () => {
+      refreshCurrent.timer = null;
+      try { showJobFields(await api("GET", "api/v1/jobs/" + encodeURIComponent(currentJob))); } catch (e) { /* shown on the next action */ }
+    }, 500);
+  }
   async function action(verb, question) {
     if (!window.confirm(question)) return;
     try {
-      const job = merge(await api("POST", "api/v1/jobs/" + encodeURIComponent(currentJob) + "/" + verb));
+      const answer = await api("POST", "api/v1/jobs/" + encodeURIComponent(currentJob) + "/" + verb);
+      const job = answer.array_counts ? answer : merge(answer);
+      if (answer.array_counts) showJobFields(answer);
       flash(verb + ": done for job " + job.id, true);
     } catch (e) { flash(verb + " failed: " + e.message); }
   }
@@ -409,14 +532,34 @@
     });
     $("more").addEventListener("click", () => { shown += PAGE; render(); });
     $("job-rows").addEventListener("click", (ev) => {
+      const toggle = ev.target.closest("button.expand");
+      if (toggle) {
+        const id = toggle.dataset.array;
+        if (expanded.has(id)) expanded.delete(id); else expanded.add(id);
+        render();
+        return;
+      }
       const tr = ev.target.closest("tr");
       if (tr && ev.target.tagName !== "A") location.href = "jobs/" + encodeURIComponent(tr.dataset.id);
     });
     $("job-rows").addEventListener("keydown", (ev) => {
+      if (ev.target.closest("button.expand")) return;  // Enter on the button toggles it
       const tr = ev.target.closest("tr");
       if (tr && ev.key === "Enter") location.href = "jobs/" + encodeURIComponent(tr.dataset.id);
     });
     $("new-job").addEventListener("click", () => openForm(null));
+    $("cancel-tasks").addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const which = $("cancel-tasks-list").value.trim();
+      const array = currentJob.split("_")[0];
+      const ref = array + "_[" + which + "]";
+      if (!window.confirm("Cancel tasks " + which + " of array " + array + "?")) return;
+      try {
+        const job = await api("POST", "api/v1/jobs/" + encodeURIComponent(ref) + "/cancel");
+        flash("cancel: done for " + job.id, true);
+        refreshCurrent();
+      } catch (e) { flash("cancel failed: " + e.message); }
+    });
     $("f-cancel").addEventListener("click", () => $("submit-dialog").close());
     $("submit-form").addEventListener("submit", submitForm);
     $("act-cancel").addEventListener("click", () => action("cancel", "Cancel job " + currentJob + "?"));
