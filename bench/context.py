@@ -27,6 +27,8 @@ class Counts:
     list_sizes: tuple[int, ...]  # jobs in the queue for the listing figures
     slurm_list_sizes: tuple[int, ...]  # the same for Slurm (filled with sbatch: slower)
     list_runs: int  # fresh `kqueue` / `squeue` processes per queue size
+    visibility_runs: int  # cancels and OOM kills whose visibility is timed (bench.visibility)
+    timeout_runs: int  # time limits likewise (Slurm enforces at least a minute: few)
     dependency_pairs: int  # (job, job waiting on it with afterok) pairs for the dependency latency
 
 
@@ -40,6 +42,8 @@ FULL = Counts(
     list_sizes=(1000, 10000),
     slurm_list_sizes=(1000, 10000),
     list_runs=15,
+    visibility_runs=10,
+    timeout_runs=3,
     dependency_pairs=15,
 )
 QUICK = Counts(
@@ -52,6 +56,8 @@ QUICK = Counts(
     list_sizes=(1000, 10000),
     slurm_list_sizes=(1000,),
     list_runs=5,
+    visibility_runs=3,
+    timeout_runs=1,
     dependency_pairs=5,
 )
 

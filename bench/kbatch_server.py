@@ -16,10 +16,10 @@ from tests.support.servers import KbatchServer as TestServer
 from bench.context import wait_until
 from bench.machine import peak_rss_mib
 from bench.workload import job_spec
-from kbatch.backends.local.store import JobStore
+from kbatch.backends.local.store import Insert, JobStore
 from kbatch.models import JobSpec
 
-__all__ = ["KbatchServer", "cli_path", "seed_jobs"]
+__all__ = ["KbatchServer", "QueuedServer", "cli_path", "seed_finished_jobs", "seed_jobs"]
 
 
 def cli_path(program: str = "kbatch") -> str:
@@ -69,6 +69,52 @@ def seed_jobs(state_dir: Path, spec: JobSpec, count: int, *, workdir: Path) -> f
                 paths=lambda job_id: (str(workdir / f"kbatch-{job_id}.out"), None),
                 idempotency_key=None,
                 now=time.time(),
+            )
+    finally:
+        store.close()
+    return time.perf_counter() - start
+
+
+def seed_finished_jobs(state_dir: Path, spec: JobSpec, count: int, *, workdir: Path) -> float:
+    """Insert ``count`` jobs that have ended (COMPLETED, exit code 0, their end hook run)
+    into the local store, as :func:`seed_jobs` does, a thousand per transaction.
+
+    Only while the server is stopped.  Rows are inserted as the server inserts them,
+    then marked ended with one UPDATE (what the reconciler writes at a job's end).
+    Returns the seconds it took.
+    """
+    user = getpass.getuser()
+    start = time.perf_counter()
+    store = JobStore(state_dir / "jobs.sqlite")
+    try:
+        first: int | None = None
+        done = 0
+        while done < count:
+            batch = min(1000, count - done)
+            now = time.time()
+            results = store.insert_many(
+                [
+                    Insert(
+                        user=user,
+                        spec=spec,
+                        paths=lambda job_id: (str(workdir / f"kbatch-{job_id}.out"), None),
+                        idempotency_key=None,
+                        now=now,
+                    )
+                    for _ in range(batch)
+                ]
+            )
+            if first is None:
+                record = results[0]
+                assert isinstance(record, tuple)
+                first = record[0].id
+            done += batch
+        with store.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'COMPLETED', reason = NULL, exit_code = 0, "
+                "started = submitted + 0.5, finished = submitted + 1, finalized = 1 "
+                "WHERE id >= ? AND state = 'PENDING'",
+                (first,),
             )
     finally:
         store.close()

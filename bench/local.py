@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from bench import arrays
+import msgspec
+
+from bench import arrays, visibility
 from bench.context import Context, wait_until
-from bench.kbatch_server import KbatchServer, QueuedServer, cli_path
+from bench.kbatch_server import KbatchServer, QueuedServer, cli_path, seed_finished_jobs
 from bench.measure import (
     add_rate,
     concurrent_rate,
@@ -23,10 +27,13 @@ from bench.report import Metric, SectionResult
 from bench.timing import Command
 from bench.workload import job_spec, write_scripts
 from kbatch.client import Client
+from kbatch.client.sync import PAGE_SIZE
+from kbatch.models import JobList
 
 __all__ = ["TITLE", "run"]
 
 TITLE = "2. Local backend"
+FINISHED = 100_000  # finished jobs in the store for the memory and `kqueue --all` figures
 
 
 def _wait_done(client: Client, job_id: str, timeout: float = 300) -> None:
@@ -206,6 +213,9 @@ def run(ctx: Context, result: SectionResult) -> None:
                 )
             )
 
+        def visible() -> None:
+            _visibility(ctx, result, client, work, scratch)
+
         run_step(result, ctx, "submit-to-start latency (HTTP API)", ("dispatch_api",), latency_api)
         run_step(
             result, ctx, "submit-to-start latency (kbatch submit)", ("dispatch_cli",), latency_cli
@@ -221,6 +231,13 @@ def run(ctx: Context, result: SectionResult) -> None:
         )
         run_step(result, ctx, "submit rate (kbatch submit)", ("submit_rate_cli",), rate_cli)
         run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+        run_step(
+            result,
+            ctx,
+            "visibility of a job's end",
+            ("visible_cancel", "visible_oom", "visible_timeout", "polling_visible_oom"),
+            visible,
+        )
         run_step(
             result,
             ctx,
@@ -249,6 +266,17 @@ def run(ctx: Context, result: SectionResult) -> None:
         "queue listing",
         tuple(f"kqueue_{n}" for n in counts.list_sizes),
         lambda: _listing(ctx, result, scratch),
+    )
+    run_step(
+        result,
+        ctx,
+        "finished jobs in the store",
+        (
+            f"server_peak_rss_finished_{FINISHED}",
+            f"kqueue_all_first_page_{FINISHED}",
+            f"kqueue_all_{FINISHED}",
+        ),
+        lambda: _finished(ctx, result, scratch),
     )
 
 
@@ -306,3 +334,150 @@ def _listing(ctx: Context, result: SectionResult, scratch: Path) -> None:
         )
     finally:
         queued.close()
+
+
+def _kbatch_system(client: Client, work: Path) -> visibility.System:
+    def submit(script: str, options: list[str]) -> Callable[[Path], str]:
+        def run(stamp: Path) -> str:
+            spec = job_spec(script, workdir=work, args=[str(stamp)], options=options)
+            return client.submit(spec).id
+
+        return run
+
+    def cancel(job_id: str) -> None:
+        client.cancel(job_id)
+
+    def time_limit(job_id: str) -> float:
+        limit = client.get(job_id).time_limit
+        assert limit is not None, f"job {job_id} has no time limit"
+        return float(limit)
+
+    return visibility.System(
+        name="kbatch",
+        submit_sleeper=submit("sleepy.sh", []),
+        submit_time_limited=submit("sleepy.sh", [f"--time={visibility.TIME_LIMIT}"]),
+        submit_oom=submit("oom.sh", [f"--mem={visibility.MEMORY_LIMIT}"]),
+        cancel=cancel,
+        state=lambda job_id: client.get(job_id).state.value,
+        time_limit=time_limit,
+        look="`Client.get`, the API `kqueue` reads",
+    )
+
+
+def _visibility(
+    ctx: Context, result: SectionResult, client: Client, work: Path, scratch: Path
+) -> None:
+    """Cancel, OOM kill and time limit to the end state in the API; the OOM kill again
+    with the polling memory limiter (for machines without cgroups)."""
+    counts = ctx.counts
+    visibility.measure(
+        result,
+        _kbatch_system(client, work),
+        work / "stamps-visibility",
+        count=counts.visibility_runs,
+        timeout_count=counts.visibility_runs,
+        note="`kbatch server` defaults (memory_limiter auto: cgroups where it can)",
+    )
+    config = scratch / "polling.toml"
+    config.write_text('[local]\nmemory_limiter = "polling"\n')
+    polling = KbatchServer(scratch / "state-polling", args=["--config", str(config)])
+    polling.start()
+    try:
+        (work / "stamps-polling").mkdir(parents=True, exist_ok=True)
+        with polling.client() as own:
+            system = _kbatch_system(own, work)
+            samples = visibility.oom_latencies(
+                system, counts.visibility_runs, work / "stamps-polling"
+            )
+    finally:
+        polling.stop()
+    result.add(
+        Metric.from_samples(
+            "polling_visible_oom",
+            f"over --mem={visibility.MEMORY_LIMIT} → OUT_OF_MEMORY visible (polling limiter)",
+            "s",
+            samples,
+            note='`memory_limiter = "polling"`: the supervisor reads the job\'s memory '
+            "every tick, as where no cgroup can be made",
+        )
+    )
+
+
+def _first_page(url: str, token: str) -> float:
+    """Seconds for the first page of ``kqueue --all`` (its first request, on a new
+    connection, as a fresh ``kqueue`` makes it): server, transfer and decoding."""
+    parts = urlsplit(url)
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
+    try:
+        conn.request(
+            "GET",
+            f"{parts.path.rstrip('/')}/api/v1/jobs?all=true&limit={PAGE_SIZE}",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    page = msgspec.json.decode(body, type=JobList)
+    seconds = time.perf_counter() - start
+    assert response.status == 200 and len(page.jobs) == PAGE_SIZE and page.next, response.status
+    return seconds
+
+
+def _finished(ctx: Context, result: SectionResult, scratch: Path) -> None:
+    """A store with 100,000 finished jobs: the server's memory, `kqueue --all`'s first page
+    and the whole of it."""
+    state = scratch / "finished-state"
+    work = scratch / "finished-work"
+    work.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    ctx.log(f"local: seeding {FINISHED:,} finished jobs")
+    seconds = seed_finished_jobs(
+        state, job_spec("trivial.sh", workdir=work), FINISHED, workdir=work
+    )
+    server = KbatchServer(state)
+    server.start()
+    try:
+        runs = ctx.counts.list_runs
+        samples = [_first_page(server.url, server.token) for _ in range(runs)]
+        result.add(
+            Metric.from_samples(
+                f"kqueue_all_first_page_{FINISHED}",
+                f"`kqueue --all`, {FINISHED:,} finished jobs: its first page ({PAGE_SIZE:,} jobs)",
+                "s",
+                samples,
+                note="the first request `kqueue --all` makes, on a new connection: server, "
+                "transfer, decoding",
+            )
+        )
+        command = Command(
+            f"kqueue_all_{FINISHED}", [cli_path("kqueue"), "--all"], server.env(), work
+        )
+        times = ctx.timer.time([command], runs=max(3, runs // 3))
+        result.add(
+            Metric.from_samples(
+                f"kqueue_all_{FINISHED}",
+                f"`kqueue --all`, {FINISHED:,} finished jobs, all pages",
+                "s",
+                times[command.name],
+                note=f"end to end, fresh process ({ctx.timer.method}); prints {FINISHED:,} rows",
+            )
+        )
+        peak = server.peak_rss_mib()
+        if peak is not None:
+            result.add(
+                Metric(
+                    f"server_peak_rss_finished_{FINISHED}",
+                    f"server peak memory (VmHWM), {FINISHED:,} finished jobs in the store",
+                    "MiB",
+                    peak,
+                    note="after the listings above",
+                )
+            )
+        result.notes.append(
+            f"The {FINISHED:,} finished jobs were seeded through `JobStore.insert_many` while "
+            f"the server was stopped ({seconds:.1f} s), then marked COMPLETED."
+        )
+    finally:
+        server.stop()

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import arrays
+from bench import arrays, visibility
 from bench.context import Context, wait_until
 from bench.machine import peak_rss_mib
 from bench.measure import (
@@ -25,6 +25,7 @@ from bench.report import Metric, SectionResult
 from bench.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm
 from bench.timing import Command
 from bench.workload import write_scripts
+from kbatch.units import parse_time_limit
 
 __all__ = ["TITLE", "run"]
 
@@ -237,11 +238,28 @@ def _measure(ctx: Context, result: SectionResult, cluster: SlurmCluster) -> None
             )
         )
 
+    def visible() -> None:
+        visibility.measure(
+            result,
+            _slurm_system(slurm, work),
+            work / "stamps-visibility",
+            count=counts.visibility_runs,
+            timeout_count=counts.timeout_runs,
+            note="task/cgroup on cgroup v1 enforces --mem",
+        )
+
     run_step(result, ctx, "submit-to-start latency", ("dispatch",), latency)
     run_step(result, ctx, "end of a job to start of its dependent", ("dependency",), dependency)
     run_step(result, ctx, "submit rate", ("submit_rate",), rate)
     run_step(result, ctx, "concurrent submit rate", ("submit_rate_concurrent",), rate_concurrent)
     run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+    run_step(
+        result,
+        ctx,
+        "visibility of a job's end",
+        ("visible_cancel", "visible_oom", "visible_timeout"),
+        visible,
+    )
     run_step(
         result,
         ctx,
@@ -265,6 +283,53 @@ def _measure(ctx: Context, result: SectionResult, cluster: SlurmCluster) -> None
         "queue listing",
         tuple(f"squeue_{n}" for n in counts.slurm_list_sizes),
         lambda: _listing(ctx, result, cluster, slurm, scripts),
+    )
+
+
+def _slurm_system(slurm: Slurm, work: Path) -> visibility.System:
+    scripts = {name: str(work / name) for name in ("sleepy.sh", "oom.sh")}
+
+    def state(job_id: str) -> str:
+        out = subprocess.run(
+            [slurm.squeue, "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+            env=slurm.env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        return out.stdout.strip()
+
+    def cancel(job_id: str) -> None:
+        scancel = shutil.which("scancel") or "/usr/bin/scancel"
+        subprocess.run([scancel, job_id], env=slurm.env, check=True, timeout=60)
+
+    def time_limit(job_id: str) -> float:
+        out = subprocess.run(
+            [slurm.squeue, "-h", "-t", "all", "-j", job_id, "-o", "%l"],
+            env=slurm.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        seconds = parse_time_limit(out.stdout.strip())
+        assert seconds is not None, f"Slurm job {job_id} has no time limit: {out.stdout!r}"
+        return float(seconds)
+
+    return visibility.System(
+        name="Slurm",
+        submit_sleeper=lambda stamp: slurm.submit(scripts["sleepy.sh"], str(stamp)),
+        submit_time_limited=lambda stamp: slurm.submit(
+            f"--time={visibility.TIME_LIMIT}", scripts["sleepy.sh"], str(stamp)
+        ),
+        submit_oom=lambda stamp: slurm.submit(
+            f"--mem={visibility.MEMORY_LIMIT}", scripts["oom.sh"], str(stamp)
+        ),
+        cancel=cancel,
+        state=state,
+        time_limit=time_limit,
+        look="`squeue -t all -j ID -o %T`, a process per look",
     )
 
 

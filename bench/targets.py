@@ -1,4 +1,4 @@
-"""What is compared with what, and the targets of issues 5 and 13.  Pure data.
+"""What is compared with what, and the targets of issues 5, 13 and 17.  Pure data.
 
 Metric references are ``section.metric[:stat]`` (see :mod:`bench.report`).
 """
@@ -58,6 +58,9 @@ COMPARISONS: list[Comparison] = [
         "local.server_peak_rss_10000",
         "slurm.slurmctld_peak_rss_10000",
     ),
+    Comparison("cancel → CANCELLED visible", "local.visible_cancel", "slurm.visible_cancel"),
+    Comparison("over --mem → OUT_OF_MEMORY visible", "local.visible_oom", "slurm.visible_oom"),
+    Comparison("--time → TIMEOUT visible", "local.visible_timeout", "slurm.visible_timeout"),
     Comparison(
         "end of a job → start of its dependent (`afterok`), median: kbatch vs Slurm",
         "local.dependency",
@@ -216,6 +219,66 @@ TARGETS: list[Target] = [
         op=">=",
         threshold=1,
         figure="Slurm ÷ kbatch",
+    ),
+    # Issue 17: close to the floor.
+    Target(
+        "HTTP API submissions, durable before the reply: 1,000/s or more from one client",
+        kind="value",
+        a="local.submit_rate_api",
+        op=">=",
+        threshold=1000,
+        figure="jobs/s",
+    ),
+    Target(
+        "HTTP API submissions, durable before the reply: 1,500/s or more from 4 clients",
+        kind="value",
+        a="local.submit_rate_api_concurrent",
+        op=">=",
+        threshold=1500,
+        figure="jobs/s",
+    ),
+    *[
+        target
+        for key, what in (
+            ("cancel", "cancel → CANCELLED"),
+            ("oom", "OOM kill → OUT_OF_MEMORY"),
+            ("timeout", "time limit → TIMEOUT"),
+        )
+        for target in (
+            Target(
+                f"{what} visible: at most a quarter of Slurm's",
+                kind="ratio",
+                a=f"local.visible_{key}",
+                b=f"slurm.visible_{key}",
+                op="<=",
+                threshold=0.25,
+                figure="kbatch ÷ Slurm",
+            ),
+            Target(
+                f"{what} visible: at most 0.3 s",
+                kind="value",
+                a=f"local.visible_{key}",
+                op="<=",
+                threshold=0.3,
+                figure="seconds",
+            ),
+        )
+    ],
+    Target(
+        "server memory with 100,000 finished jobs in the local store at most 100 MiB",
+        kind="value",
+        a="local.server_peak_rss_finished_100000",
+        op="<=",
+        threshold=100,
+        figure="MiB",
+    ),
+    Target(
+        "`kqueue --all` through 100,000 finished jobs: first page under 0.2 s",
+        kind="value",
+        a="local.kqueue_all_first_page_100000",
+        op="<",
+        threshold=0.2,
+        figure="seconds",
     ),
     Target(
         "a 1,000-task array of `true` at 100 tasks/s or more (submit → last end under 10 s)",

@@ -21,6 +21,22 @@ SCRIPTS: dict[str, str] = {
     "ends.sh": '#!/bin/sh\nsleep 1\ndate +%s.%N > "$1"\n',
     # Holds the CPUs so that the jobs behind it stay queued for the listing figures.
     "hold.sh": "#!/bin/sh\nsleep 1800\n",
+    # Writes the moment it starts to $1, then sleeps (exec: the sleep is the job's process):
+    # cancelled, or stopped by its time limit (bench.visibility).
+    "sleepy.sh": '#!/bin/sh\ndate +%s.%N > "$1"\nexec sleep 600\n',
+    # Writes the moment before it allocates to $1, then maps memory 8 MiB at a time, the
+    # kernel filling each map at once (MAP_POPULATE: no page fault per page), until it is
+    # killed for going over its memory limit (bench.visibility); 2 GiB at most.
+    "oom.sh": (
+        "#!/bin/sh\nexec python3 -c 'import mmap, sys, time\n"
+        'open(sys.argv[1], "w").write(repr(time.time()))\n'
+        "flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE\n"
+        "hog = []\n"
+        "while len(hog) < 256:  # 2 GiB at most, should nothing enforce the limit\n"
+        "    hog.append(mmap.mmap(-1, 8 << 20, flags=flags))\n"
+        "time.sleep(600)\n"
+        '\' "$1"\n'
+    ),
 }
 
 

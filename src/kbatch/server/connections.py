@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -38,6 +39,7 @@ __all__ = [
     "BoundedH11Protocol",
     "ConnectionLimits",
     "bounded_protocol",
+    "fast_http_available",
     "quiet_exception_handler",
     "raise_file_limit",
 ]
@@ -101,30 +103,80 @@ class ConnectionLimits:
         )
 
 
-class BoundedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header timer and a connection limit (see the module)."""
+class _OneWrite:
+    """A connection's transport whose writes of one turn of the event loop go out as one.
+
+    uvicorn writes a response's headers, then its body: two system calls, two TCP
+    segments, and on loopback the receiver's side of each is run by the sender.  Held
+    until the loop's next turn (the body follows at once, in the same step of the
+    handler), they go as one; a streamed response's later chunks each go at the turn
+    after they are written.  Everything else is the transport's own.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._loop = loop
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._parts:
+            self._loop.call_soon(self._flush)
+        self._parts.append(bytes(data))
+
+    def _flush(self) -> None:
+        if not self._parts:
+            return
+        data = b"".join(self._parts)
+        self._parts.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._parts.clear()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(len(p) for p in self._parts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Bounded:
+    """The header timer and connection limit (see the module), over either of uvicorn's
+    HTTP protocols: both keep ``connections``, ``cycle``, ``loop`` and ``transport``,
+    and make a new ``cycle`` when a request's headers are complete."""
 
     limits: ClassVar[ConnectionLimits] = ConnectionLimits()
     _refused = False
     _header_timer: asyncio.TimerHandle | None = None
+    connections: set[Any]
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if len(self.connections) >= self.limits.max_connections:
             self._refused = True
-            self.transport = transport
+            # uvloop's transports have asyncio.Transport's methods, not its class.
+            self.transport = cast(asyncio.Transport, transport)
             with contextlib.suppress(OSError):
-                transport.write(_BUSY)
+                self.transport.write(_BUSY)
             transport.close()
             self.limits.count("over the connection limit", self.loop)
             return
-        super().connection_made(transport)
+        super().connection_made(_OneWrite(transport, self.loop))  # type: ignore[misc]
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if self._refused:
             return
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
@@ -133,7 +185,7 @@ class BoundedH11Protocol(H11Protocol):
         if between_requests and self._header_timer is None:
             self._arm()  # a new request starts: its headers are on the clock
         before = self.cycle
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[misc]
         if self.cycle is not before:  # a request's headers are complete
             self._disarm()
 
@@ -156,9 +208,24 @@ class BoundedH11Protocol(H11Protocol):
         self.limits.count("slower than the header timeout", self.loop)
 
 
-def bounded_protocol(limits: ConnectionLimits) -> type[BoundedH11Protocol]:
-    """A protocol class (uvicorn's ``http=``) bound to ``limits``."""
-    return type("BoundedH11Protocol", (BoundedH11Protocol,), {"limits": limits})
+class BoundedH11Protocol(_Bounded, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with a header timer and a connection limit."""
+
+
+def fast_http_available() -> bool:
+    """Whether httptools (uvicorn's C HTTP parser) and uvloop are installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("httptools", "uvloop"))
+
+
+def bounded_protocol(limits: ConnectionLimits, *, fast: bool = False) -> type[asyncio.Protocol]:
+    """A protocol class (uvicorn's ``http=``) bound to ``limits``: on httptools with
+    ``fast`` (see :func:`fast_http_available`), else on h11."""
+    base: type[asyncio.Protocol] = BoundedH11Protocol
+    if fast:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = type("BoundedHttpToolsProtocol", (_Bounded, HttpToolsProtocol), {})
+    return type(base.__name__, (base,), {"limits": limits})
 
 
 def quiet_exception_handler(

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,7 @@ from kbatch.server.config import ServerConfig
 from kbatch.server.connections import (
     ConnectionLimits,
     bounded_protocol,
+    fast_http_available,
     quiet_exception_handler,
     raise_file_limit,
 )
@@ -343,10 +345,11 @@ def serve(config: ServerConfig) -> int:
         header_timeout=config.header_timeout,
         max_connections=raise_file_limit(config.max_connections),
     )
+    fast = config.http == "httptools" or (config.http == "auto" and fast_http_available())
     server = uvicorn.Server(
         uvicorn.Config(
             app,
-            http=bounded_protocol(limits),
+            http=bounded_protocol(limits, fast=fast),
             timeout_keep_alive=max(1, round(config.keepalive_timeout)),
             log_config=None,
             access_log=False,
@@ -368,9 +371,15 @@ def serve(config: ServerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_on_signal)
     write_private(config.state_dir / SERVER_FILE, json.dumps(info) + "\n")
-    log.info("kbatch server listening on %s (state in %s)", url, config.state_dir)
+    log.info(
+        "kbatch server listening on %s (state in %s; HTTP on %s)",
+        url,
+        config.state_dir,
+        "httptools and uvloop" if fast else "h11 and asyncio",
+    )
     try:
-        asyncio.run(_serve(server, sock, limits))
+        with asyncio.Runner(loop_factory=_loop_factory(fast)) as runner:
+            runner.run(_serve(server, sock, limits))
     except _Stopped:
         pass
     finally:
@@ -379,6 +388,16 @@ def serve(config: ServerConfig) -> int:
         _remove_server_file(config.state_dir, info)
         os.close(lock_fd)
     return 0
+
+
+def _loop_factory(fast: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop with the fast HTTP stack (its transports write with less
+    Python per call), else asyncio's own."""
+    if not fast:
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 async def _serve(server: uvicorn.Server, sock: socket.socket, limits: ConnectionLimits) -> None:

@@ -38,7 +38,7 @@ from kbatch.backends.local.accounts import AccountPolicy, check_paths, lookup
 from kbatch.backends.local.jobdir import Account, JobDir, LaunchSpec, Result
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
-from kbatch.backends.local.store import JobRecord, JobStore, PendingRow
+from kbatch.backends.local.store import Insert, JobRecord, JobStore, PendingRow
 from kbatch.backends.workqueue import WorkQueue, stop_workers
 from kbatch.dependencies import DependencyStatus, describe, evaluate, parse_dependency
 from kbatch.errors import (
@@ -63,6 +63,7 @@ log = logging.getLogger("kbatch.local")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 WORKERS = 8  # reconcilers at once: hooks wait on I/O (the hub), spawns on a thread
 SYNC_TIMEOUT = 10.0  # how long an API call waits for the reconciler to act on it
+DIR_CHECK_SECONDS = 1.0  # how long a submission's directory check is taken as still true
 
 
 def machine_capacity() -> Capacity:
@@ -80,6 +81,10 @@ class LocalConfig:
     kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL
     memory_limiter: str = "auto"  # auto, cgroup-v2, cgroup-v1, polling
     tick: float = 2.0  # reconcile at least this often (supervisors also wake us)
+    # What a 201 (any recorded change) survives: "normal", the server's crash or SIGKILL;
+    # "full", a power loss too (an fsync per commit, shared by concurrent submissions).
+    # See JobStore.
+    synchronous: str = "normal"
     python: str = field(default_factory=lambda: sys.executable)
     # Every job runs under the server's own Unix account: with hub users, the admin must
     # accept that they share it (see kbatch.server.config.check_shared_account) ...
@@ -160,6 +165,11 @@ class LocalBackend(Backend):
         self._begin_at = 0.0
         # Arrays' specs (their tasks run them), with their index sets: read once per array.
         self._array_specs: dict[int, tuple[JobSpec, IndexSet]] = {}
+        # Submissions waiting for the next group commit (see _insert).
+        self._inserts: builtins.list[tuple[Insert, asyncio.Future[tuple[JobRecord, bool]]]] = []
+        # Directories submissions named, seen to exist: when, and where they really are.
+        self._dirs_checked: dict[str, tuple[float, str]] = {}
+        self._state_real = os.path.realpath(config.state_dir)
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], *, state_dir: Path) -> LocalBackend:
@@ -186,19 +196,31 @@ class LocalBackend(Backend):
 
     async def start(self) -> None:
         self.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._state_real = os.path.realpath(self.config.state_dir)
         if self.config.runs_as_users:
             self._secure_state_dir()
-        self._store = JobStore(self.config.state_dir / "jobs.sqlite")
+        try:
+            self._store = JobStore(
+                self.config.state_dir / "jobs.sqlite", synchronous=self.config.synchronous
+            )
+        except ValueError as exc:
+            raise ConfigError(f"config [local]: {exc}") from exc
         self._last_started = self._store.last_started()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
         if len(str(self.socket_path)) < 100:
             loop = asyncio.get_running_loop()
-            self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Wakeup(self._woken),
-                local_addr=str(self.socket_path),
-                family=socket.AF_UNIX,
-            )
+            # A socket of our own: uvloop takes a Unix datagram socket only this way.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.bind(str(self.socket_path))
+                sock.setblocking(False)
+                self._transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _Wakeup(self._woken), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                raise
         self._tasks = [
             asyncio.create_task(self._worker(), name=f"kbatch-local-reconciler-{i}")
             for i in range(WORKERS)
@@ -252,8 +274,11 @@ class LocalBackend(Backend):
         """A supervisor's datagram: its job started or ended."""
         text = data.decode(errors="replace")
         if text.isascii() and text.isdigit() and len(text) <= 18:
+            # Its reconciler looks at it; an end frees resources, and _finish then wakes
+            # the scheduler.  A start frees nothing: no pass over every pending job.
             self._queue.put(int(text))
-        self._wake.set()
+        else:
+            self._wake.set()
 
     async def _loop(self) -> None:
         """The periodic resync: every running job is looked at, and the scheduler runs."""
@@ -345,7 +370,7 @@ class LocalBackend(Backend):
                 files["error"] = (paths.error, paths.error == other.error)
             await asyncio.to_thread(check_paths, account, workdir, files)
             return
-        if not os.path.isdir(workdir):
+        if not self._good_dir(workdir):
             raise SpecError(
                 f"the working directory {workdir} does not exist; create it or change -D/--chdir",
                 field="workdir",
@@ -354,7 +379,7 @@ class LocalBackend(Backend):
         for path, name in ((paths.output, "output"), (paths.error, "error")):
             if path is None:
                 continue
-            if not os.path.isdir(os.path.dirname(path)):
+            if not self._good_dir(os.path.dirname(path)):
                 raise SpecError(
                     f"the directory of the {name} file, {os.path.dirname(path)}, does not exist; "
                     f"create it first or change --{name}",
@@ -362,11 +387,42 @@ class LocalBackend(Backend):
                 )
             self._outside_state_dir(path, f"{name} file", f"--{name}", name)
 
+    def _good_dir(self, path: str) -> bool:
+        """Whether ``path`` is a directory; remembered (with where it really is) for
+        :data:`DIR_CHECK_SECONDS`, so that a burst of submissions from one directory
+        looks once.  A directory that changes meanwhile is no different from one that
+        changes between a submission and the job's start: the start fails, saying why."""
+        now = time.monotonic()
+        checked = self._dirs_checked.get(path)
+        if checked is not None and now - checked[0] < DIR_CHECK_SECONDS:
+            return True
+        if not os.path.isdir(path):
+            return False
+        if len(self._dirs_checked) >= 1024:
+            self._dirs_checked.clear()
+        self._dirs_checked[path] = (now, os.path.realpath(path))
+        return True
+
+    def _in_state_dir(self, real: str) -> bool:
+        state = self._state_real
+        return real == state or real.startswith(state + os.sep)
+
+    def _real(self, path: str) -> str:
+        """``os.path.realpath(path)``, from what :meth:`_good_dir` remembers when it can:
+        a directory it saw, or a name in one that is not a symbolic link."""
+        known = self._dirs_checked.get(path)
+        if known is not None:
+            return known[1]
+        directory, leaf = os.path.split(path)
+        known = self._dirs_checked.get(directory)
+        if known is not None and leaf not in ("", ".", "..") and not os.path.islink(path):
+            return os.path.join(known[1], leaf)
+        return os.path.realpath(path)
+
     def _outside_state_dir(self, path: str, what: str, option: str, field: str) -> None:
         """Refuse a path in the server's own state (its tokens, database, job records)."""
-        state = os.path.realpath(self.config.state_dir)
-        real = os.path.realpath(path)
-        if real == state or real.startswith(state + os.sep):
+        real = self._real(path)
+        if self._in_state_dir(real):
             raise SpecError(
                 f"the {what} {path} is inside the kbatch server's state directory; "
                 f"choose another with {option}",
@@ -380,28 +436,64 @@ class LocalBackend(Backend):
             resolved = output_paths(spec, job_id=str(job_id), user=user)
             return resolved.output, resolved.error
 
-        record, new = self.store.insert(
-            user=user,
-            spec=spec,
-            paths=paths,
-            idempotency_key=idempotency_key,
-            now=time.time(),
-            max_active=self.limits.max_submitted_jobs_per_user,
+        gated = spec.dependency is not None or spec.begin is not None
+        record, new = await self._insert(
+            Insert(
+                user=user,
+                spec=spec,
+                paths=paths,
+                idempotency_key=idempotency_key,
+                now=time.time(),
+                max_active=self.limits.max_submitted_jobs_per_user,
+                # Earlier jobs of this user wait: this one cannot start before them (reason
+                # Priority, written with the row), so no scheduling pass for it.
+                priority=not gated,
+            )
         )
         if not new:
             return await self.get(str(record.id))
-        self.events.publish(record.to_job())
-        if record.desired is Desired.RUN:
-            gated = spec.dependency is not None or spec.begin is not None
-            if not gated and self.store.pending_before(record.id, user):
-                # Earlier jobs of this user wait: this one cannot start before them, so a
-                # scheduling pass per submission would only slow a burst of submissions.
-                self._set(record.id, reason="Priority")
-            else:
-                await self._schedule()
-                if record.id in self._granted:  # submit-to-start latency matters: start it now
-                    await self._await_reconcile(record.id)
+        job = record.to_job()
+        self.events.publish(job)
+        if record.desired is not Desired.RUN or record.reason == "Priority":
+            # As written: what get() would read back (an array or a dependency it adds to).
+            plain = spec.array is None and spec.dependency is None
+            return job if plain else await self.get(job.id)
+        await self._schedule()
+        if record.id in self._granted:  # submit-to-start latency matters: start it now
+            await self._await_reconcile(record.id)
         return await self.get(str(record.id))
+
+    async def _insert(self, item: Insert) -> tuple[JobRecord, bool]:
+        """Store a submission, committed (on disk, see :class:`JobStore`) before this returns.
+
+        Group commit: the submissions that arrive in one turn of the event loop are
+        inserted in one transaction at the start of the next, and each waits for that
+        commit.  A commit is most of an insert's cost; with several clients at once
+        (what the batches are made of) they share it, and a lone client waits no longer
+        than before: its batch is itself, committed at once.
+        """
+        future: asyncio.Future[tuple[JobRecord, bool]] = asyncio.get_running_loop().create_future()
+        self._inserts.append((item, future))
+        if len(self._inserts) == 1:
+            asyncio.get_running_loop().call_soon(self._commit_inserts)
+        return await future
+
+    def _commit_inserts(self) -> None:
+        batch, self._inserts = self._inserts, []
+        try:
+            results = self.store.insert_many([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - each waiting request must get it: none is stored
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its request went away; the job is stored all the same
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     async def get(self, job_id: str) -> Job:
         ref = parse_job_ref(job_id)

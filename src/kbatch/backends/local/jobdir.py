@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from pathlib import Path
 from typing import TypeVar
 
@@ -79,6 +80,8 @@ class JobDir:
     result = property(lambda self: self.path / "result.json")
     cancel = property(lambda self: self.path / "cancel")
     log = property(lambda self: self.path / "supervisor.log")
+    # A FIFO the supervisor reads: a byte in it wakes it at once (a cancel), not a tick later.
+    wake = property(lambda self: self.path / "wake")
 
     def write(self, path: Path, value: msgspec.Struct, *, durable: bool = True) -> None:
         """Atomically: a reader sees the whole file or none of it.
@@ -94,6 +97,16 @@ class JobDir:
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+
+    def sync(self, path: Path) -> None:
+        """Make a file :meth:`write` wrote without ``durable`` survive a power loss too
+        (best effort: it stays written, as it was, if this fails)."""
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def read_started(self) -> Started | None:
         return self._read(self.started, Started)
@@ -130,3 +143,21 @@ class JobDir:
     def request_cancel(self) -> None:
         with contextlib.suppress(FileExistsError):
             self.cancel.touch(exist_ok=False)
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake the supervisor now (best effort: it looks at least once a tick anyway).
+
+        Never blocks: with no supervisor reading the FIFO the open fails (ENXIO), and
+        a full FIFO has wake-ups enough in it already."""
+        try:
+            fd = os.open(self.wake, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.write(fd, b"!")
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -211,15 +211,23 @@ class Supervisor:
         pgid = pid
         notify(spec.notify_socket, spec.job_id)
         pidfd = os.pidfd_open(pid)
+        wake = self._open_wake()
         deadline = None if spec.time_limit is None else time.monotonic() + spec.time_limit
         stop_reason: str | None = None  # "cancel", "timeout" or "oom"
         kill_at: float | None = None
         status = 0
         while True:
-            watched = [pidfd] if self.failed_read < 0 else [pidfd, self.failed_read]
-            ready, _, _ = select.select(watched, [], [], TICK)
+            watched = [fd for fd in (pidfd, self.failed_read, wake) if fd >= 0]
+            timeout = TICK
+            for moment in (deadline if stop_reason is None else None, kill_at):
+                if moment is not None:  # wake at the time limit itself, not a tick after
+                    timeout = max(0.0, min(timeout, moment - time.monotonic()))
+            ready, _, _ = select.select(watched, [], [], timeout)
             if self.failed_read in ready:
                 self._read_launch_error()
+            if wake in ready:
+                with contextlib.suppress(OSError):
+                    os.read(wake, 4096)
             if pidfd in ready:
                 _, status = os.waitpid(pid, 0)
                 break
@@ -241,6 +249,8 @@ class Supervisor:
                 self.limiter.kill_all()
                 kill_at = None
         os.close(pidfd)
+        if wake >= 0:
+            os.close(wake)
         if self.failed_read >= 0:
             self._read_launch_error()
         # Like Slurm, the job ends when its script does: nothing it started outlives it.
@@ -253,7 +263,7 @@ class Supervisor:
             timed_out=stop_reason == "timeout",
             oom=stop_reason == "oom" or self.limiter.oom_killed(),
         )
-        self.limiter.cleanup()
+        # The cgroup's removal (milliseconds) waits until the server knows: see main().
         if self.launch_error is not None:
             state, reason = JobState.FAILED, f"LaunchFailed: {self.launch_error}"
         elif state is JobState.FAILED and (said := self._reason_given()):
@@ -261,6 +271,16 @@ class Supervisor:
         return Result(
             state=state, exit_code=exit_code, reason=reason, started=started, finished=time.time()
         )
+
+    def _open_wake(self) -> int:
+        """The job directory's wake-up FIFO (see JobDir.poke), opened to read; -1 if not.
+
+        Opened read-write so that it never reads end-of-file between two writers."""
+        try:
+            os.mkfifo(self.jobdir.wake, 0o600)
+            return os.open(self.jobdir.wake, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return -1
 
     def _reason_given(self) -> str | None:
         """The first line the job left in its reason file, made safe to show, or None."""
@@ -284,8 +304,23 @@ class Supervisor:
 
     def _reap_group(self, pgid: int, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        while process_group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        delay = 0.001  # killed processes are mostly gone within a millisecond or two
+        while not _group_gone(pgid) and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+
+def _group_gone(pgid: int) -> bool:
+    """Whether no live process is left in the group: one signal 0 says so when the group
+    is empty (the usual case); a scan of /proc (milliseconds) only when it is not, as
+    its zombies count for the signal and not for us."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # a member of another account: look at /proc
+    return not process_group_members(pgid)
 
 
 def notify(socket_path: str | None, job_id: str) -> None:
@@ -332,12 +367,18 @@ def main(argv: list[str] | None = None) -> int:
             started=None,
             finished=time.time(),
         )
-    write_result(jobdir, result)
+    # The server reads the result as soon as it is told: tell it before the fsync (a few
+    # milliseconds of a cancel's or a time limit's visibility), then make it durable.
+    write_result(jobdir, result, durable=False)
     notify(spec.notify_socket, spec.job_id)
+    jobdir.sync(jobdir.result)
+    supervisor.limiter.cleanup()  # what is left of the job was killed in run(): bookkeeping
     return 0
 
 
-def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> None:
+def write_result(
+    jobdir: JobDir, result: Result, *, max_delay: float = 5.0, durable: bool = True
+) -> None:
     """Write ``result.json``, waiting for space as long as it takes.
 
     The supervisor keeps its lock meanwhile, so the server sees the job as
@@ -348,7 +389,7 @@ def write_result(jobdir: JobDir, result: Result, *, max_delay: float = 5.0) -> N
     delay = 0.1
     while True:
         try:
-            jobdir.write(jobdir.result, result)
+            jobdir.write(jobdir.result, result, durable=durable)
             return
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
