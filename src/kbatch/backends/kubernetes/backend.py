@@ -80,6 +80,7 @@ from kbatch.backends.kubernetes.notebook import (
     USERNAME_ANNOTATION,
     notebook_defaults,
 )
+from kbatch.backends.kubernetes.slim import slim_job, slim_pod
 from kbatch.backends.kubernetes.status import (
     desired_of,
     failed_create_reason,
@@ -405,10 +406,20 @@ class KubernetesBackend(Backend):
             self._client = AsyncClient(single, field_manager="kbatch")
         selector: dict[str, Any] = dict(self.selector)
         self._jobs = WatchCache(
-            self.client, K8sJob, labels=selector, namespace=self._scope, on_change=self._job_changed
+            self.client,
+            K8sJob,
+            labels=selector,
+            namespace=self._scope,
+            on_change=self._job_changed,
+            slim=slim_job,
         )
         self._pods = WatchCache(
-            self.client, Pod, labels=selector, namespace=self._scope, on_change=self._pod_changed
+            self.client,
+            Pod,
+            labels=selector,
+            namespace=self._scope,
+            on_change=self._pod_changed,
+            slim=slim_pod,
         )
         self._pods.start()
         self._jobs.start()
