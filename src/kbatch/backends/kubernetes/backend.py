@@ -31,6 +31,7 @@ import collections
 import contextlib
 import json
 import logging
+import operator
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -80,6 +81,7 @@ from kbatch.backends.kubernetes.notebook import (
     USERNAME_ANNOTATION,
     notebook_defaults,
 )
+from kbatch.backends.kubernetes.slim import slim_job, slim_pod
 from kbatch.backends.kubernetes.status import (
     desired_of,
     failed_create_reason,
@@ -366,6 +368,10 @@ class KubernetesBackend(Backend):
         self._events_warned = False
         self._notebooks: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         self._notebooks_lock = asyncio.Lock()
+        # list()'s order: each job's key, made when its model is, and every row sorted,
+        # made again only after a change (kqueue's pages each ask for the whole list)
+        self._list_keys: dict[str, str] = {}
+        self._listed: list[tuple[str, Job]] | None = None
 
     @classmethod
     def from_config(
@@ -405,10 +411,20 @@ class KubernetesBackend(Backend):
             self._client = AsyncClient(single, field_manager="kbatch")
         selector: dict[str, Any] = dict(self.selector)
         self._jobs = WatchCache(
-            self.client, K8sJob, labels=selector, namespace=self._scope, on_change=self._job_changed
+            self.client,
+            K8sJob,
+            labels=selector,
+            namespace=self._scope,
+            on_change=self._job_changed,
+            slim=slim_job,
         )
         self._pods = WatchCache(
-            self.client, Pod, labels=selector, namespace=self._scope, on_change=self._pod_changed
+            self.client,
+            Pod,
+            labels=selector,
+            namespace=self._scope,
+            on_change=self._pod_changed,
+            slim=slim_pod,
         )
         self._pods.start()
         self._jobs.start()
@@ -490,6 +506,8 @@ class KubernetesBackend(Backend):
             self._job_keys.pop(job_id, None)
             self._models.pop(job_id, None)
             self._views.pop(job_id, None)
+            self._list_keys.pop(job_id, None)
+            self._listed = None
             if not self._pods_by_job.get(job_id):
                 self._pods_by_job.pop(job_id, None)
             self._queue.forget(job_id)
@@ -542,6 +560,8 @@ class KubernetesBackend(Backend):
         )
         before = self._models.get(job_id)
         self._models[job_id] = model
+        self._list_keys[job_id] = _list_key(model)
+        self._listed = None
         self.events.publish(model)
         if view is not None:
             old = self._views.get(job_id)
@@ -1528,14 +1548,22 @@ class KubernetesBackend(Backend):
         limit: int | None = None,
         after: str | None = None,
     ) -> JobList:
-        jobs: list[Job] = []
-        for job_id, job in self._models.items():
-            if user is not None and job.user != user:
-                continue
-            view = self._views.get(job_id)
-            rows = [job] if view is None else view.rows()
-            jobs.extend(row for row in rows if states is None or row.state in states)
-        jobs.sort(key=_list_key)
+        listed = self._listed
+        if listed is None:
+            listed = []
+            for job_id, job in self._models.items():
+                view = self._views.get(job_id)
+                if view is None:
+                    listed.append((self._list_keys.get(job_id) or _list_key(job), job))
+                else:
+                    listed.extend((_list_key(row), row) for row in view.rows())
+            listed.sort(key=operator.itemgetter(0))
+            self._listed = listed
+        jobs = [
+            job
+            for _, job in listed
+            if (user is None or job.user == user) and (states is None or job.state in states)
+        ]
         page = paginate(jobs, limit=limit, after=after, key=_list_key)
         stale = self.health().stale_seconds
         if stale is not None:

@@ -30,6 +30,8 @@ log = logging.getLogger("kbatch.kubernetes.cache")
 Key = tuple[str, str]
 TOMBSTONES = 10_000  # deleted objects remembered, so late replies do not resurrect them
 OnChange = Callable[[Key, dict[str, Any] | None, dict[str, Any] | None], None]
+Slim = Callable[[dict[str, Any]], dict[str, Any]]
+LIST_CHUNK = 500  # objects per page of a (re-)list: its peak memory is a page's, not all
 
 
 def _resource_version(obj: dict[str, Any]) -> int | None:
@@ -46,6 +48,10 @@ class WatchCache:
     ``on_change(key, old, new)`` is called for every change (``new`` is None on
     deletion) after the first full list, and for every object of each re-list.
     An exception in ``on_change`` is logged and does not stop the cache.
+
+    ``slim`` turns each object into what is kept of it (:mod:`.slim`): the
+    cache holds, and ``on_change`` is given, only that.  It must keep
+    ``metadata.name``, ``metadata.namespace`` and ``metadata.resourceVersion``.
     """
 
     def __init__(
@@ -56,6 +62,7 @@ class WatchCache:
         labels: dict[str, Any],
         namespace: str = ALL_NS,
         on_change: OnChange | None = None,
+        slim: Slim | None = None,
         base_delay: float = 0.2,
         max_delay: float = 30.0,
     ) -> None:
@@ -74,6 +81,7 @@ class WatchCache:
         self._broken_since: float | None = None  # monotonic: when the watch last broke
         self._deleted: dict[Key, int] = {}  # key -> resourceVersion when deleted
         self._on_change = on_change
+        self._slim = slim
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -99,6 +107,8 @@ class WatchCache:
     def observe(self, obj: dict[str, Any]) -> None:
         """Take an object the server just returned (e.g. from a patch) before the
         watch delivers it, unless the cache already holds a newer version."""
+        if self._slim is not None:
+            obj = self._slim(obj)
         key = self._key(obj)
         current = self.objects.get(key)
         gone = self._deleted.get(key)
@@ -142,13 +152,17 @@ class WatchCache:
         """An item as a dict with its key, or None (logged) if it cannot be read."""
         try:
             obj = item.to_dict()
+            if self._slim is not None:
+                obj = self._slim(obj)
             return self._key(obj), obj
         except Exception:
             log.exception("%s: cannot read an object; skipped", self.kind)
             return None
 
     async def _relist(self) -> str:
-        listing = self.client.list(self.resource, namespace=self.namespace, labels=self.labels)
+        listing = self.client.list(
+            self.resource, namespace=self.namespace, labels=self.labels, chunk_size=LIST_CHUNK
+        )
         fresh: dict[Key, dict[str, Any]] = {}
         async for item in listing:
             decoded = self._decode(item)
