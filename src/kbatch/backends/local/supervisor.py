@@ -1,8 +1,10 @@
 """The per-job supervisor: ``python -m kbatch.backends.local.supervisor JOB_DIR LOCK_FD``.
 
-The server starts one per job in a new session.  It forks once so the server
-is not its parent (the server may die; the job must not), prints its pid, and
-then, detached from every terminal:
+The server starts one per job in a new session: forked by the pre-started
+launcher (``--launcher FD``, :mod:`kbatch.backends.local.launcher`), or as a
+new interpreter when there is none.  It forks once so that neither is its
+parent (the server may die; the job must not), and then, detached from every
+terminal:
 
 1. puts a memory limit in place (:mod:`kbatch.backends.local.limits`);
 2. starts the script in a process group of its own, stdout and stderr going to
@@ -42,7 +44,7 @@ from kbatch.models import JobState
 
 REASON_FILE_ENV = "KBATCH_REASON_FILE"  # as kbatch.notebook_runner reads it
 
-__all__ = ["main", "outcome", "write_result"]
+__all__ = ["detach_and_supervise", "main", "outcome", "write_result"]
 
 TICK = 0.1  # seconds between checks of time, memory and cancellation
 
@@ -344,8 +346,16 @@ def _daemonize() -> None:
 def main(argv: list[str] | None = None) -> int:
     make_undumpable()  # the job runs under our uid: keep it out of our /proc files
     args = sys.argv[1:] if argv is None else argv
-    jobdir = JobDir(Path(args[0]))
-    lock_fd = int(args[1])
+    if args[:1] == ["--launcher"]:  # the pre-started launcher (kbatch.backends.local.launcher)
+        from kbatch.backends.local.launcher import serve
+
+        return serve(int(args[1]))
+    return detach_and_supervise(Path(args[0]), int(args[1]))
+
+
+def detach_and_supervise(path: Path, lock_fd: int) -> int:
+    """Fork away from our parent (the server or the launcher), then supervise the job."""
+    jobdir = JobDir(path)
     _daemonize()
     os.set_inheritable(lock_fd, False)  # the job must not keep the lock alive
     log = os.open(jobdir.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
