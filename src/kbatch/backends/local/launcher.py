@@ -10,19 +10,21 @@ session of its own, with no descriptor of the server's but its end of a
 socket pair.  It imports the supervisor once and then, for each request (a
 job directory, and the job's ``lock`` descriptor passed with ``SCM_RIGHTS``),
 forks: the child closes every descriptor but the lock (the launcher's socket
-first), calls ``setsid`` and runs the supervisor exactly as
-``supervisor.main`` would after its own start, forking once more so that the
-supervisor is nobody's child.  A start costs two forks of a small process.
+first), calls ``setsid`` and supervises the job (:func:`supervisor.supervise`),
+exactly as a supervisor started as a new interpreter does once it has forked
+away from the server.  A start costs one fork of a small process.
 
 So a supervisor started this way is what the old one was: detached in its own
-session, reparented to init, with the environment of
+session, never the server's child, with the environment of
 ``supervisor_environment`` and no descriptor of the server's, the server's own
 Unix account (root with ``run_as_user``, the job becoming its account only in
 its own last step), in the server's cgroup (where its memory limit is made).
+It is the launcher's child, which only reaps it, until the launcher exits;
+then init's.
 
 The launcher exits when the server's end of the socket closes (the server
-stopped, or died: the kernel closes it), and never touches the jobs it
-started.  If it dies or stops answering, :class:`Launcher` says so
+stopped, or died: the kernel closes it), and never signals or waits on the
+jobs it started.  If it dies or stops answering, :class:`Launcher` says so
 (:class:`LauncherUnavailable`) and the backend falls back to starting the
 supervisor itself, after making sure that no supervisor for the job was
 started after all (see :func:`reclaim_lock`).
@@ -34,7 +36,9 @@ import array
 import asyncio
 import contextlib
 import errno
+import gc
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -42,6 +46,7 @@ from pathlib import Path
 
 __all__ = ["Launcher", "LauncherUnavailable", "reclaim_lock", "serve"]
 
+REAP_INTERVAL = 1.0  # seconds between looks for ended supervisors when no request comes
 REPLY_TIMEOUT = 10.0  # seconds the server waits for a fork; the launcher answers in ~1 ms
 MAX_REQUEST = 4096
 
@@ -74,6 +79,17 @@ def _receive(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     return data, list(fds)
 
 
+def _reap() -> None:
+    """Collect the supervisors that have ended (they are our children until we exit)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _supervise_in_child(sock_fd: int, jobdir: str, lock_fd: int) -> None:
     """In the forked child: never returns."""
     status = 1
@@ -86,7 +102,7 @@ def _supervise_in_child(sock_fd: int, jobdir: str, lock_fd: int) -> None:
         os.setsid()
         from kbatch.backends.local import supervisor
 
-        supervisor.detach_and_supervise(Path(jobdir), lock_fd)
+        supervisor.supervise(Path(jobdir), lock_fd)
         status = 0
     except BaseException:  # noqa: BLE001 - the forked child must never return into the loop
         with contextlib.suppress(Exception):
@@ -103,10 +119,18 @@ def serve(sock_fd: int) -> int:
     from kbatch.hardening import make_undumpable
 
     make_undumpable()  # the forks inherit it
-    del supervisor
+    supervisor.warm_up()
+    # Objects made so far are never collected, so a fork's garbage collector never walks
+    # (and so never copies) the pages they live in: each fork stays cheap.
+    gc.collect()
+    gc.freeze()
     sock = socket.socket(fileno=sock_fd)
     os.set_inheritable(sock_fd, False)
     while True:
+        _reap()
+        ready, _, _ = select.select([sock], [], [], REAP_INTERVAL)
+        if not ready:
+            continue
         try:
             request = _receive(sock)
         except OSError:
@@ -132,9 +156,6 @@ def serve(sock_fd: int) -> int:
             _supervise_in_child(sock_fd, os.fsdecode(data), lock_fd)
         os.close(lock_fd)
         sock.send(b"ok %d" % pid)
-        # The child forks the supervisor at once and exits: reap it before the next request.
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
 
 
 # -- the server's end ---------------------------------------------------------
