@@ -195,14 +195,6 @@ TARGETS: list[Target] = [
         figure="submit-to-start",
     ),
     Target(
-        "trivial jobs at least 100/s, first submit to last end (issue 12, as single jobs)",
-        kind="value",
-        a="local.e2e_rate",
-        op=">=",
-        threshold=100,
-        figure="jobs/s",
-    ),
-    Target(
         "`kqueue` no slower than `squeue`, 10,000 jobs queued (issue 17)",
         kind="ratio",
         a="local.kqueue_10000",
