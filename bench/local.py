@@ -212,6 +212,16 @@ def run(ctx: Context, result: SectionResult) -> None:
                     f"{failed} not COMPLETED",
                 )
             )
+            result.add(
+                Metric(
+                    "e2e_rate",
+                    "trivial jobs run, first submit → last end",
+                    "jobs/s",
+                    counts.e2e_jobs / seconds,
+                    better="higher",
+                    note=f"{counts.e2e_jobs} jobs in {seconds:.2f} s, the figure above",
+                )
+            )
 
         def visible() -> None:
             _visibility(ctx, result, client, work, scratch)
@@ -230,7 +240,7 @@ def run(ctx: Context, result: SectionResult) -> None:
             rate_api_concurrent,
         )
         run_step(result, ctx, "submit rate (kbatch submit)", ("submit_rate_cli",), rate_cli)
-        run_step(result, ctx, "end-to-end time", ("e2e",), e2e)
+        run_step(result, ctx, "end-to-end time", ("e2e", "e2e_rate"), e2e)
         run_step(
             result,
             ctx,
@@ -263,6 +273,13 @@ def run(ctx: Context, result: SectionResult) -> None:
     run_step(
         result,
         ctx,
+        "end-to-end time without the launcher",
+        ("e2e_rate_no_launcher",),
+        lambda: _e2e_without_launcher(ctx, result, scratch, work),
+    )
+    run_step(
+        result,
+        ctx,
         "queue listing",
         tuple(f"kqueue_{n}" for n in counts.list_sizes),
         lambda: _listing(ctx, result, scratch),
@@ -278,6 +295,42 @@ def run(ctx: Context, result: SectionResult) -> None:
         ),
         lambda: _finished(ctx, result, scratch),
     )
+
+
+def _e2e_without_launcher(ctx: Context, result: SectionResult, scratch: Path, work: Path) -> None:
+    """The same trivial jobs with ``[local] launcher = false``: a new interpreter per
+    supervisor, as before the launcher; the baseline of ``e2e_rate`` in the same run."""
+    config = scratch / "no-launcher.toml"
+    config.write_text("[local]\nlauncher = false\n")
+    count = max(ctx.counts.e2e_jobs // 5, 20)  # about 20 jobs/s: a fifth keeps it short
+    server = KbatchServer(scratch / "state-no-launcher", args=["--config", str(config)])
+    server.start()
+    client = server.client()
+    try:
+        trivial = job_spec("trivial.sh", workdir=work)
+
+        def submit() -> str:
+            return client.submit(trivial).id
+
+        def drain(last_id: str) -> None:
+            _drain(client, last_id)
+
+        drain(sequential_rate(3, submit).last_id)  # warm up, as above
+        seconds, _ = end_to_end(count, submit, drain)
+        result.add(
+            Metric(
+                "e2e_rate_no_launcher",
+                "trivial jobs run, first submit → last end, without the launcher",
+                "jobs/s",
+                count / seconds,
+                better="higher",
+                note=f"{count} jobs in {seconds:.2f} s; `[local] launcher = false`: "
+                "`python -m kbatch.backends.local.supervisor` per job",
+            )
+        )
+    finally:
+        client.close()
+        server.stop()
 
 
 def _listing(ctx: Context, result: SectionResult, scratch: Path) -> None:

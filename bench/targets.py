@@ -49,6 +49,16 @@ COMPARISONS: list[Comparison] = [
         "submit-to-start, median: HTTP API vs `sbatch`", "local.dispatch_api", "slurm.dispatch"
     ),
     Comparison("trivial jobs, first submit to last end", "local.e2e", "slurm.e2e"),
+    Comparison(
+        "trivial jobs per second: the launcher vs a new interpreter per supervisor",
+        "local.e2e_rate",
+        "local.e2e_rate_no_launcher",
+    ),
+    Comparison(
+        "`kbatch submit` of a script vs bare `python -c pass`",
+        "local.submit_call_cli",
+        "cli.python_pass",
+    ),
     Comparison("`kqueue` vs `squeue`, 1,000 jobs queued", "local.kqueue_1000", "slurm.squeue_1000"),
     Comparison(
         "`kqueue` vs `squeue`, 10,000 jobs queued", "local.kqueue_10000", "slurm.squeue_10000"
@@ -158,6 +168,40 @@ TARGETS: list[Target] = [
         op="<",
         threshold=1,
         figure="kbatch ÷ Slurm",
+    ),
+    Target(
+        "`kbatch submit` of a script, one process end to end, at most 60 ms (issue 17)",
+        kind="value",
+        a="local.submit_call_cli",
+        op="<=",
+        threshold=0.06,
+        figure="kbatch submit",
+    ),
+    Target(
+        "`kbatch submit` of a script at most 4x bare `python -c pass` (issue 17)",
+        kind="ratio",
+        a="local.submit_call_cli",
+        b="cli.python_pass",
+        op="<=",
+        threshold=4,
+        figure="kbatch ÷ python",
+    ),
+    Target(
+        "submit-to-start through the HTTP API at most 15 ms, median (issue 17)",
+        kind="value",
+        a="local.dispatch_api",
+        op="<=",
+        threshold=0.015,
+        figure="submit-to-start",
+    ),
+    Target(
+        "`kqueue` no slower than `squeue`, 10,000 jobs queued (issue 17)",
+        kind="ratio",
+        a="local.kqueue_10000",
+        b="slurm.squeue_10000",
+        op="<=",
+        threshold=1,
+        figure="kqueue ÷ squeue",
     ),
     Target(
         "`kqueue` with 10,000 jobs under 0.3 s end to end",

@@ -18,22 +18,22 @@ when ``--params-yaml`` is used (the optional ``notebooks`` extra of the distribu
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass, field
-from importlib.resources import files
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kbatch.directives import ParsedOptions
 from kbatch.errors import SpecError
 from kbatch.models import MAX_SCRIPT_BYTES
 from kbatch.notebook_runner import parse_value
 from kbatch.patterns import check_pattern
+
+if TYPE_CHECKING:
+    import ast
 
 __all__ = [
     "NOTEBOOK_OPTIONS",
@@ -141,6 +141,8 @@ def parameter_names(source: str, language: str | None) -> list[str]:
         kept = [
             "" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()
         ]
+        import ast  # only for a notebook: `kbatch submit script.sh` does without it
+
         try:
             tree = ast.parse("\n".join(kept))
         except SyntaxError:
@@ -299,7 +301,7 @@ def _job_notebook(notebook: Notebook, parameters: dict[str, Any]) -> dict[str, A
         if cell.get("cell_type") == "code":
             cell = {**cell, "outputs": [], "execution_count": None}
         if needs_ids and "id" not in cell:  # nbformat 4.5 wants them; papermill would warn
-            cell = {**cell, "id": uuid.uuid4().hex[:8]}
+            cell = {**cell, "id": os.urandom(4).hex()}  # uuid would import platform
         cells.append(cell)
     content["cells"] = cells
     return content
@@ -405,6 +407,8 @@ def notebook_job_script(
     if not output.endswith(".ipynb"):
         raise SpecError(f"--nb-output {output}: the executed notebook's name must end in .ipynb")
     check_pattern(output)
+    from importlib.resources import files  # 8 ms: only for a notebook
+
     runner = files("kbatch").joinpath("notebook_runner.py").read_text(encoding="utf-8")
     return build_notebook_script(
         notebook, parameters, output=output, runner_source=runner, sweep_columns=columns

@@ -68,8 +68,11 @@ async def test_a_job_that_ends_while_the_disk_is_full_ends_in_its_real_state(
 ) -> None:
     spec = JobSpec(script="#!/bin/sh\nsleep 1\nexit 7\n", workdir=str(tmp_path))
     job = await backend.submit("u", spec, idempotency_key=None)
+    started = backend.jobs_dir / job.id / "started.json"
     async with asyncio.timeout(20):
-        while await state(backend, job.id) is not JobState.RUNNING:
+        # RUNNING is recorded just before the supervisor starts; the job has started (and
+        # so may end while the disk is full) once the supervisor has written started.json.
+        while await state(backend, job.id) is not JobState.RUNNING or not started.exists():
             await asyncio.sleep(0.05)
     filler = fill(small_disk)
     await asyncio.sleep(3)  # the job has ended; its result cannot be written
@@ -78,7 +81,7 @@ async def test_a_job_that_ends_while_the_disk_is_full_ends_in_its_real_state(
     async with asyncio.timeout(30):
         while not (done := await backend.get(job.id)).state.is_terminal:
             await asyncio.sleep(0.1)
-    assert (done.state, done.exit_code) == (JobState.FAILED, 7)
+    assert (done.state, done.exit_code) == (JobState.FAILED, 7), done.reason
 
 
 async def test_a_submission_to_a_full_disk_is_refused_and_the_server_recovers(

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 FORBIDDEN = (
     "starlette",
@@ -63,3 +68,50 @@ def test_help_imports_almost_nothing() -> None:
 
 def test_the_check_itself_can_fail() -> None:
     assert _bad(imported_after("import kbatch.server.app")) != []
+
+
+def _refusing_server() -> tuple[socket.socket, threading.Thread]:
+    """A listener that answers every request with a 400: the CLI gets as far as sending."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_submitting_a_script_loads_no_notebook_machinery(tmp_path: Path) -> None:
+    """`kbatch submit script.sh`: what it needs, not what a notebook would (reading the
+    runner with importlib.resources costs more than the rest of kbatch's own modules)."""
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\ntrue\n")
+    code = (
+        "import sys, contextlib, io\n"
+        "from kbatch.cli.main import main\n"
+        "with contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    main(['submit', '--parsable', {str(script)!r}])\n"
+        "import json; print(json.dumps(sorted(sys.modules)))"
+    )
+    listener, _ = _refusing_server()
+    env = {
+        **os.environ,
+        "KBATCH_URL": f"http://127.0.0.1:{listener.getsockname()[1]}",
+        "KBATCH_CONFIG_DIR": str(tmp_path / "config"),
+        "KBATCH_STATE_DIR": str(tmp_path / "state"),
+    }
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+        ).stdout
+    finally:
+        listener.close()
+    modules = set(json.loads(out.splitlines()[-1]))
+    assert "http.client" in modules  # it did get as far as sending
+    assert not modules & {"importlib.resources", "argparse"}, modules

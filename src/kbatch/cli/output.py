@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -17,15 +18,18 @@ __all__ = ["elapsed", "is_group", "label", "print_job", "print_json", "print_tab
 # the ESC of ANSI/OSC sequences among them), DEL, and bidi overrides.  The server
 # refuses them in what users send; this keeps any that reach the CLI (an older
 # server, a backend's reason) from forging rows or rewriting the screen.
-_UNSAFE = dict.fromkeys(
-    [*range(0x00, 0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)],
-    "?",
+_UNSAFE_RANGES = ((0x00, 0x20), (0x7F, 0xA0), (0x202A, 0x202F), (0x2066, 0x206A))
+_UNSAFE = dict.fromkeys([c for low, high in _UNSAFE_RANGES for c in range(low, high)], "?")
+# The same set as a character class: finding that none is there (the rule) is one scan in C,
+# where str.translate looks every character up in a dict (a third of kqueue's time at 10,000).
+_UNSAFE_CHARS = re.compile(
+    "[" + "".join(f"\\u{low:04x}-\\u{high - 1:04x}" for low, high in _UNSAFE_RANGES) + "]"
 )
 
 
 def shown(text: str) -> str:
     """``text`` with every character a terminal would interpret replaced by ``?``."""
-    return text.translate(_UNSAFE)
+    return text.translate(_UNSAFE) if _UNSAFE_CHARS.search(text) else text
 
 
 def elapsed(job: Job, now: datetime | None = None) -> float:
@@ -84,9 +88,10 @@ def print_table(jobs: Sequence[Job], *, show_user: bool = False) -> None:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     # One format string and one write: 10,000 rows print in a third of the time.
     line = "  ".join(f"{{:<{width}}}" for width in widths).format
-    sys.stdout.write(
-        "".join(line(*row).rstrip().translate(_UNSAFE) + "\n" for row in [headers, *rows])
-    )
+    lines = [line(*row).rstrip() for row in [headers, *rows]]
+    if _UNSAFE_CHARS.search("".join(lines)):  # rarely: then each line is made safe
+        lines = [shown(row) for row in lines]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def print_job(job: Job, extra: dict[str, str] | None = None) -> None:

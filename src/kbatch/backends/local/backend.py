@@ -36,6 +36,7 @@ from kbatch.backends.base import Backend, decode_section, not_pending
 from kbatch.backends.derive import check_spec, job_environment, output_paths
 from kbatch.backends.local.accounts import AccountPolicy, check_paths, lookup
 from kbatch.backends.local.jobdir import Account, JobDir, LaunchSpec, Result
+from kbatch.backends.local.launcher import Launcher, LauncherUnavailable, reclaim_lock
 from kbatch.backends.local.limits import process_group_members
 from kbatch.backends.local.scheduler import Capacity, Demand, schedule
 from kbatch.backends.local.store import Insert, JobRecord, JobStore, PendingRow
@@ -64,6 +65,8 @@ DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 WORKERS = 8  # reconcilers at once: hooks wait on I/O (the hub), spawns on a thread
 SYNC_TIMEOUT = 10.0  # how long an API call waits for the reconciler to act on it
 DIR_CHECK_SECONDS = 1.0  # how long a submission's directory check is taken as still true
+LAUNCHER_BACKOFF = 1.0  # seconds before a launcher that failed is started again (doubling)
+LAUNCHER_MAX_BACKOFF = 60.0
 
 
 def machine_capacity() -> Capacity:
@@ -86,6 +89,9 @@ class LocalConfig:
     # See JobStore.
     synchronous: str = "normal"
     python: str = field(default_factory=lambda: sys.executable)
+    # Supervisors are forked by a pre-started launcher (kbatch.backends.local.launcher);
+    # false: each one is a new interpreter (``python -m kbatch.backends.local.supervisor``).
+    launcher: bool = True
     # Every job runs under the server's own Unix account: with hub users, the admin must
     # accept that they share it (see kbatch.server.config.check_shared_account) ...
     jobs_share_server_account: bool = False
@@ -170,6 +176,9 @@ class LocalBackend(Backend):
         # Directories submissions named, seen to exist: when, and where they really are.
         self._dirs_checked: dict[str, tuple[float, str]] = {}
         self._state_real = os.path.realpath(config.state_dir)
+        self._launcher: Launcher | None = None
+        self._launcher_retry_at = 0.0  # monotonic time before which a failed one is not restarted
+        self._launcher_backoff = LAUNCHER_BACKOFF
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], *, state_dir: Path) -> LocalBackend:
@@ -221,6 +230,7 @@ class LocalBackend(Backend):
             except BaseException:
                 sock.close()
                 raise
+        self._start_launcher()
         self._tasks = [
             asyncio.create_task(self._worker(), name=f"kbatch-local-reconciler-{i}")
             for i in range(WORKERS)
@@ -264,6 +274,9 @@ class LocalBackend(Backend):
             self._begin_timer.cancel()
         await stop_workers(self._queue, self._tasks)
         self._tasks = []
+        if self._launcher is not None:
+            await self._launcher.stop()  # the supervisors it started go on
+            self._launcher = None
         if self._transport is not None:
             self._transport.close()
         if self._store is not None:
@@ -1177,9 +1190,7 @@ class LocalBackend(Backend):
             running = self._record(record.id)
             self.events.publish(running.to_job())
             try:
-                self._spawned.append(
-                    await asyncio.to_thread(self._spawn_supervisor, jobdir, lock_fd)
-                )
+                await self._spawn(jobdir, lock_fd)
             except OSError as exc:
                 log.error("job %s: cannot start its supervisor: %s", record.id, exc)
                 await self._finish(
@@ -1256,6 +1267,65 @@ class LocalBackend(Backend):
         except (OSError, sqlite3.Error) as exc:
             log.error("job %s: its results could not be kept: %s", record.id, exc)
         shutil.rmtree(code, ignore_errors=True)
+
+    async def _spawn(self, jobdir: JobDir, lock_fd: int) -> None:
+        """Start the job's supervisor, holding ``lock_fd``; OSError if none could be started.
+
+        Through the launcher, a fork of a small pre-started process (about a millisecond);
+        without one (switched off, or failed), a new interpreter as before.  A launcher that
+        fails mid-request may or may not have forked the supervisor: it is killed, and the
+        supervisor started another way only if none holds the job's lock.
+        """
+        launcher = self._usable_launcher()
+        if launcher is not None:
+            try:
+                await launcher.spawn(jobdir.path, lock_fd)
+            except LauncherUnavailable as exc:
+                log.warning("the supervisor launcher failed (%s); starting it again later", exc)
+                self._launcher_failed(launcher)
+                if not reclaim_lock(jobdir.lock, lock_fd):
+                    return  # it did start the supervisor before it failed
+            else:
+                self._launcher_backoff = LAUNCHER_BACKOFF
+                return
+        self._spawned.append(await asyncio.to_thread(self._spawn_supervisor, jobdir, lock_fd))
+
+    def _start_launcher(self) -> None:
+        if not self.config.launcher:
+            return
+        launcher = Launcher(self.config.python, environment=supervisor_environment())
+        try:
+            launcher.start()
+        except OSError as exc:
+            log.warning(
+                "cannot start the supervisor launcher (%s); starting supervisors one by one", exc
+            )
+            self._launcher_retry_at = time.monotonic() + self._launcher_backoff
+            self._launcher_backoff = min(self._launcher_backoff * 2, LAUNCHER_MAX_BACKOFF)
+            return
+        self._launcher = launcher
+
+    def _usable_launcher(self) -> Launcher | None:
+        """The launcher if it runs; a dead one is replaced (no sooner than its backoff allows)."""
+        launcher = self._launcher
+        if launcher is not None and launcher.alive():
+            return launcher
+        if launcher is not None:
+            log.warning("the supervisor launcher (pid %s) exited; starting a new one", launcher.pid)
+            self._launcher_failed(launcher)
+        if not self.config.launcher or time.monotonic() < self._launcher_retry_at:
+            return None
+        self._start_launcher()
+        return self._launcher
+
+    def _launcher_failed(self, launcher: Launcher) -> None:
+        """Kill and reap it (then nothing it was asked can still happen); retry after a while."""
+        launcher.kill()
+        if self._launcher is not launcher:
+            return  # another reconciler saw it fail first
+        self._launcher = None
+        self._launcher_retry_at = time.monotonic() + self._launcher_backoff
+        self._launcher_backoff = min(self._launcher_backoff * 2, LAUNCHER_MAX_BACKOFF)
 
     def _spawn_supervisor(self, jobdir: JobDir, lock_fd: int) -> subprocess.Popen[bytes]:
         """fork and exec (in a worker thread: a fork of a large server takes milliseconds)."""

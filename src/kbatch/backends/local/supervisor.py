@@ -1,8 +1,10 @@
 """The per-job supervisor: ``python -m kbatch.backends.local.supervisor JOB_DIR LOCK_FD``.
 
-The server starts one per job in a new session.  It forks once so the server
-is not its parent (the server may die; the job must not), prints its pid, and
-then, detached from every terminal:
+The server starts one per job in a new session: forked by the pre-started
+launcher (``--launcher FD``, :mod:`kbatch.backends.local.launcher`), or as a
+new interpreter when there is none.  It forks once so that neither is its
+parent (the server may die; the job must not), and then, detached from every
+terminal:
 
 1. puts a memory limit in place (:mod:`kbatch.backends.local.limits`);
 2. starts the script in a process group of its own, stdout and stderr going to
@@ -32,8 +34,9 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from pathlib import Path
+
+import msgspec
 
 from kbatch.backends.local.jobdir import Account, JobDir, LaunchSpec, Result, Started
 from kbatch.backends.local.limits import MemoryLimiter, memory_limiter, process_group_members
@@ -42,7 +45,7 @@ from kbatch.models import JobState
 
 REASON_FILE_ENV = "KBATCH_REASON_FILE"  # as kbatch.notebook_runner reads it
 
-__all__ = ["main", "outcome", "write_result"]
+__all__ = ["detach_and_supervise", "main", "outcome", "supervise", "warm_up", "write_result"]
 
 TICK = 0.1  # seconds between checks of time, memory and cancellation
 
@@ -165,11 +168,9 @@ class Supervisor:
         program not run), it says why on a second pipe, closed on exec.
         """
         null_fd = os.open(os.devnull, os.O_RDONLY)
-        self.reason_fd = os.open(
-            self.jobdir.path / "reason",
-            os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-        )
+        # An anonymous file (no inode to make on disk, nothing left behind), the job's own.
+        self.reason_fd = os.memfd_create("kbatch-reason", os.MFD_CLOEXEC)
+        os.fchmod(self.reason_fd, 0o600)
         if self.spec.run_as is not None:
             os.fchown(self.reason_fd, self.spec.run_as.uid, self.spec.run_as.gid)
         go_read, go_write = os.pipe()
@@ -303,6 +304,12 @@ class Supervisor:
             self.launch_error = data.decode(errors="replace")
 
     def _reap_group(self, pgid: int, timeout: float = 5.0) -> None:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return  # nothing left in the group, not even a zombie: no need to read all of /proc
+        except PermissionError:
+            pass
         deadline = time.monotonic() + timeout
         delay = 0.001  # killed processes are mostly gone within a millisecond or two
         while not _group_gone(pgid) and time.monotonic() < deadline:
@@ -335,22 +342,53 @@ def _daemonize() -> None:
     """Fork so that the server's child exits at once and the supervisor is nobody's child."""
     if os.fork() > 0:
         os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1):
-        os.dup2(devnull, fd)
-    os.close(devnull)
+
+
+def warm_up() -> None:
+    """Do once, in the launcher, what every supervisor it forks would do first: msgspec
+    builds its decoders and encoders on first use (milliseconds, in every fork)."""
+    spec = LaunchSpec(job_id="0", argv=["true"], environment={}, workdir="/", output="", error=None)
+    msgspec.json.decode(msgspec.json.encode(spec), type=LaunchSpec)
+    msgspec.json.encode(Started(pid=0, pgid=0, started=0.0, limiter="none"))
+    msgspec.json.encode(
+        Result(state=JobState.COMPLETED, exit_code=0, reason=None, started=None, finished=0.0)
+    )
+
+
+def _log(jobdir: JobDir, text: str) -> None:
+    """Add to the job's ``supervisor.log`` (made only when there is something to say)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(jobdir.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, text.encode(errors="replace"))
+        finally:
+            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
     make_undumpable()  # the job runs under our uid: keep it out of our /proc files
     args = sys.argv[1:] if argv is None else argv
-    jobdir = JobDir(Path(args[0]))
-    lock_fd = int(args[1])
+    if args[:1] == ["--launcher"]:  # the pre-started launcher (kbatch.backends.local.launcher)
+        from kbatch.backends.local.launcher import serve
+
+        return serve(int(args[1]))
+    return detach_and_supervise(Path(args[0]), int(args[1]))
+
+
+def detach_and_supervise(path: Path, lock_fd: int) -> int:
+    """Fork away from our parent (the server), then supervise the job."""
     _daemonize()
+    return supervise(path, lock_fd)
+
+
+def supervise(path: Path, lock_fd: int) -> int:
+    """Supervise the job in ``path`` to its end, holding ``lock_fd`` (in a session of our own)."""
+    jobdir = JobDir(path)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
     os.set_inheritable(lock_fd, False)  # the job must not keep the lock alive
-    log = os.open(jobdir.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(log, 2)
-    os.close(log)
     spec = jobdir.read_launch()
     supervisor = Supervisor(jobdir, spec)
     signal.signal(signal.SIGTERM, supervisor._on_sigterm)
@@ -359,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = supervisor.run()
     except Exception as exc:  # noqa: BLE001 - any failure must still leave a result
-        traceback.print_exc()
+        import traceback
+
+        _log(jobdir, traceback.format_exc())
         result = Result(
             state=JobState.FAILED,
             exit_code=None,
@@ -394,8 +434,7 @@ def write_result(
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            with contextlib.suppress(OSError):
-                os.write(2, f"kbatch: cannot write the job's result ({exc}); retrying\n".encode())
+            _log(jobdir, f"kbatch: cannot write the job's result ({exc}); retrying\n")
             time.sleep(delay)
             delay = min(delay * 2, max_delay)
 
