@@ -113,6 +113,9 @@ for root, dirs, names in os.walk(state_dir):
     for name in names:
         path = os.path.join(root, name)
         rel = os.path.relpath(path, state_dir)
+        if not os.path.isfile(path):  # a FIFO (a supervisor's wake-up) would block a read
+            files[rel] = "not a regular file"
+            continue
         try:
             with open(path, "rb") as handle:
                 found(handle.read(), "file:" + rel)
