@@ -256,6 +256,15 @@ TARGETS: list[Target] = [
         figure="Slurm ÷ kbatch",
     ),
     Target(
+        "submitting a 10,000-task array no slower than Slurm (HTTP API vs `sbatch`)",
+        kind="ratio",
+        a="slurm.array_submit",
+        b="local.array_submit_api",
+        op=">=",
+        threshold=1,
+        figure="Slurm ÷ kbatch",
+    ),
+    Target(
         "`kqueue` with a 10,000-task array pending no slower than `squeue`",
         kind="ratio",
         a="slurm.squeue_array_10000",
