@@ -3,8 +3,8 @@
 ``after:ID[:ID...]`` (they have started, or ended), ``afterany`` (they have
 ended), ``afterok`` (they completed), ``afternotok`` (they ended otherwise),
 ``singleton`` (no earlier job of this name and user is still active); terms
-joined by ``,`` must all hold, by ``?`` any one.  ``aftercorr`` needs arrays,
-which kbatch does not have yet: it is refused by name.
+joined by ``,`` must all hold, by ``?`` any one.  ``aftercorr`` (task N of an array
+after task N of another) is not supported yet: it is refused by name.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def parse_dependency(text: str) -> Dependency:
         kind = kind.lower()
         if kind == "aftercorr":
             raise SpecError(
-                f"--dependency={text}: aftercorr is for job arrays, which kbatch does not "
-                "have yet; use afterok",
+                f"--dependency={text}: aftercorr (task N of an array waits for task N of "
+                "another) is not supported yet; use afterok:ID to wait for every task of "
+                "the other array",
                 field="dependency",
             )
         if kind not in _KINDS:

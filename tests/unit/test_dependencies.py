@@ -48,7 +48,7 @@ def test_grammar(text: str, shown: str, ids: tuple[str, ...]) -> None:
         ("singleton:4", "no job ids"),
         ("afterok:1+60", r"\(\+time\)"),
         ("afterok:1/2", "not a job id"),
-        ("aftercorr:9", "arrays"),
+        ("aftercorr:9", "not supported yet; use afterok:ID"),
     ],
 )
 def test_refusals_say_what_to_change(text: str, fragment: str) -> None:
